@@ -1,0 +1,37 @@
+# The two commands of the README's quick start: `make run` and `make test`.
+# Both create .venv when it is missing and reinstall when pyproject.toml changed.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STAMP_TEST := $(VENV)/.installed-test
+
+.PHONY: run test lint bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "perpflow needs Python 3.11 ($(PYTHON) not found); set PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+$(STAMP_TEST): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@ $(STAMP)
+
+# The main job on the embedded default: broker + store in-process, replay of the bundled
+# real sample through the topics, every topic archived in ClickHouse, a summary at the end.
+run: $(STAMP)
+	$(BIN)/perpflow up --source replay --data data/binance-um-futures --speed max --until-drained
+
+test: $(STAMP_TEST)
+	$(BIN)/ruff check streams schemas connectors training tests benchmarks
+	$(BIN)/python -m pytest
+
+bench: $(STAMP_TEST)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,196 @@
+"""The ClickHouse sink: every archived topic → its table, at-least-once, idempotent.
+
+Batches are bounded by rows and by time; offsets are committed only after the insert succeeded,
+so a crash replays the last batch, and the tables (ReplacingMergeTree on event_id) absorb the
+repeat. While ClickHouse is unavailable the sink pauses its partitions and retries with backoff.
+Undecodable messages go to `deadletter` with the reason before their offset is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pyarrow as pa
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from connectors.clickhouse_store import Store
+from schemas import event_ids
+from schemas.catalog import Topic, archived
+from schemas.codec import Codec, DecodeError, default_codec
+from schemas.tables import arrow_schema, columns, to_json_if_nested
+from streams import metrics
+from streams.broker import consumer_config, producer_config
+
+log = logging.getLogger(__name__)
+
+GROUP = "perpflow-sink"
+
+
+class _TopicBatch:
+    def __init__(self, topic: Topic, name: str):
+        self.topic = topic
+        self.name = name  # the Kafka topic name (may carry a run prefix)
+        self.schema = arrow_schema(topic)
+        self.nested = [c.name for c in columns(topic) if c.nested]
+        self.record_name = None
+        self.rows: list[dict] = []
+
+
+class ClickHouseSink:
+    def __init__(self, bootstrap: str, store: Store, topics: list[Topic] | None = None, prefix: str = "",
+                 group: str = GROUP, batch_rows: int = 50_000, batch_seconds: float = 1.0,
+                 codec: Codec | None = None):
+        self.store = store
+        self.codec = codec or default_codec()
+        self.group = group
+        self.batch_rows = batch_rows
+        self.batch_seconds = batch_seconds
+        self.topics = {prefix + t.name: t for t in (topics or archived())}
+        self.dlq_topic = prefix + "deadletter"
+        self.consumer = Consumer(consumer_config(bootstrap, group, **{"max.poll.interval.ms": 600_000}))
+        self.dlq = Producer(producer_config(bootstrap))
+        self.batches = {name: _TopicBatch(t, name) for name, t in self.topics.items()}
+        self._next_offsets: dict[tuple[str, int], int] = {}
+        self.committed: dict[tuple[str, int], int] = {}
+        self.rows_inserted = 0
+        self.dead_letters = 0
+        self.stop_event = threading.Event()
+        self._pending_rows = 0
+        self._batch_started = time.monotonic()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        self.consumer.subscribe(list(self.topics), on_revoke=lambda c, parts: self.flush())
+        try:
+            while not self.stop_event.is_set():
+                for msg in self.consumer.consume(2_000, timeout=0.1):
+                    self._take(msg)
+                if self._pending_rows and (
+                    self._pending_rows >= self.batch_rows
+                    or time.monotonic() - self._batch_started >= self.batch_seconds
+                ):
+                    self.flush()
+                elif not self._pending_rows:
+                    self._batch_started = time.monotonic()
+                self._export_lag()
+            self.flush()
+        finally:
+            self.consumer.close()
+            self.dlq.flush(10)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def caught_up(self, targets: dict[tuple[str, int], int]) -> bool:
+        """True when every partition in `targets` has been archived and committed up to its offset."""
+        return all(self.committed.get(k, 0) >= off for k, off in targets.items() if off > 0)
+
+    # -- per message ------------------------------------------------------------------------
+    def _take(self, msg) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("sink consumer error: %s", err)
+            return
+        name, partition, offset, value = msg.topic(), msg.partition(), msg.offset(), msg.value()
+        batch = self.batches[name]
+        metrics.MESSAGES_CONSUMED.labels(self.group, name).inc()
+        metrics.BYTES_CONSUMED.labels(self.group, name).inc(len(value or b""))
+        self._next_offsets[(name, partition)] = offset + 1
+        try:
+            record_name, record = self.codec.decode(value)
+            if batch.record_name is None:
+                batch.record_name = self.codec.full_name(batch.topic.schema)
+            if record_name != batch.record_name:
+                raise DecodeError("wrong_schema", f"{record_name} on a topic of {batch.record_name}")
+        except DecodeError as exc:
+            self._dead_letter(msg, exc)
+            return
+        for col in batch.nested:
+            record[col] = to_json_if_nested(record[col])
+        record["kafka_partition"] = partition
+        record["kafka_offset"] = offset
+        batch.rows.append(record)
+        self._pending_rows += 1
+
+    def _dead_letter(self, msg, exc: DecodeError) -> None:
+        key = msg.key()
+        record = {
+            "event_id": event_ids.dead_letter(msg.topic(), msg.partition(), msg.offset()),
+            "event_time": int(time.time() * 1000),
+            "source_topic": msg.topic(),
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "key": key.decode("utf-8", "replace") if key else None,
+            "reason": exc.reason,
+            "error": exc.detail[:2000],
+            "payload": msg.value() or b"",
+        }
+        self.dlq.produce(self.dlq_topic, key=msg.topic().encode(), value=self.codec.encode("dead_letter", record))
+        self.dlq.poll(0)
+        self.dead_letters += 1
+        metrics.DEAD_LETTERS.labels(msg.topic(), exc.reason).inc()
+        log.warning("dead letter from %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+
+    # -- batches ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Insert every pending batch, then commit the offsets they came from."""
+        for batch in self.batches.values():
+            if batch.rows:
+                self._insert(batch)
+        # dead letters must be safely in their topic before the offsets that produced them move on
+        if self.dlq.flush(30) > 0:
+            raise RuntimeError("dead-letter messages could not be delivered; not committing offsets")
+        if self._next_offsets:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._next_offsets.items()]
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.committed.update(self._next_offsets)
+            self._next_offsets.clear()
+            metrics.SINK_BATCHES.inc()
+        self._pending_rows = 0
+        self._batch_started = time.monotonic()
+
+    def _insert(self, batch: _TopicBatch) -> None:
+        table = pa.Table.from_pylist(batch.rows, schema=batch.schema)
+        delay, paused = 0.5, False
+        while True:
+            started = time.perf_counter()
+            try:
+                self.store.insert_arrow(batch.topic.table, table)
+                break
+            except Exception as exc:
+                metrics.SINK_INSERT_FAILURES.labels(batch.topic.table).inc()
+                if self.stop_event.is_set() and delay > 8:
+                    raise
+                log.warning("insert into %s failed (%s); retrying in %.1f s", batch.topic.table,
+                            str(exc).splitlines()[0][:200], delay)
+                if not paused:  # keep the group membership while waiting, fetch nothing new
+                    self.consumer.pause(self.consumer.assignment())
+                    paused = True
+                _sleep_polling(self.consumer, delay)
+                delay = min(delay * 2, 30.0)
+        if paused:
+            self.consumer.resume(self.consumer.assignment())
+        metrics.SINK_INSERT_SECONDS.labels(batch.topic.table).observe(time.perf_counter() - started)
+        metrics.SINK_ROWS.labels(batch.topic.table).inc(len(batch.rows))
+        self.rows_inserted += len(batch.rows)
+        newest = max(r["event_time"] for r in batch.rows)
+        metrics.EVENT_TIME_LAG.labels(self.group, batch.name).set(time.time() - newest / 1000)
+        batch.rows = []
+
+    def _export_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            key = (tp.topic, tp.partition)
+            pos = self._next_offsets.get(key, self.committed.get(key))
+            if high >= 0 and pos is not None:
+                metrics.CONSUMER_LAG.labels(self.group, tp.topic, str(tp.partition)).set(max(high - pos, 0))
+
+
+def _sleep_polling(consumer: Consumer, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        consumer.poll(0.1)  # paused: serves heartbeats and callbacks, returns no records
+

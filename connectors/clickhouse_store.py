@@ -1,0 +1,111 @@
+"""The ClickHouse store, reached through clickhouse-connect: a server over HTTP, or chDB
+in-process (`chdb:///abs/path`) on the embedded default.
+
+chDB allows one process per data path, so the embedded store has an owner: the process that
+holds `$PERPFLOW_HOME/run/store.lock`. Other commands go through the owner's API (see
+`streams.stack`) or are told exactly who holds the store — they never open it a second time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from pathlib import Path
+
+import clickhouse_connect
+import pyarrow as pa
+
+from schemas.catalog import Topic
+from schemas.tables import create_table_sql
+from streams.errors import PerpflowError
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+QUERY_FORMATS = {"table": "PrettyCompactMonoBlock", "tsv": "TabSeparated", "csv": "CSVWithNames"}
+
+
+class StoreBusy(PerpflowError):
+    def __init__(self, path: Path, holder: str):
+        super().__init__(
+            f"the embedded ClickHouse store {path} is held by {holder}; chDB allows one process per store. "
+            "Run this command while `perpflow up` serves it, or after it exits."
+        )
+        self.holder = holder
+
+
+class Store:
+    """A clickhouse-connect client plus a lock: chDB's client is used from several threads."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._lock_file = None
+        if settings.embedded_store:
+            self._claim_embedded(settings)
+        try:
+            self.client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
+        except Exception as exc:
+            self.release()
+            raise PerpflowError(f"cannot open ClickHouse at {settings.clickhouse_dsn}: {exc}") from exc
+
+    def _claim_embedded(self, settings: Settings) -> None:
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        path = settings.run_dir / "store.lock"
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreBusy(settings.home_dir / "clickhouse", holder) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_file = fh
+
+    def ensure_tables(self, topics: list[Topic]) -> None:
+        with self._lock:
+            for t in topics:
+                self.client.command(create_table_sql(t))
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        with self._lock:
+            self.client.insert_arrow(table, data)
+
+    def query_rows(self, sql: str, readonly: bool = True) -> list[tuple]:
+        with self._lock:
+            return self.client.query(sql, settings={"readonly": 1} if readonly else None).result_rows
+
+    def command(self, sql: str) -> None:
+        with self._lock:
+            self.client.command(sql)
+
+    def query_text(self, sql: str, fmt: str = "table") -> str:
+        """Run a read-only query and let ClickHouse render it (table, tsv or csv)."""
+        if fmt not in QUERY_FORMATS:
+            raise PerpflowError(f"unknown format {fmt!r}; choose one of {', '.join(QUERY_FORMATS)}")
+        try:
+            with self._lock:
+                raw = self.client.raw_query(sql, settings={"readonly": 1}, fmt=QUERY_FORMATS[fmt])
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "READONLY" in msg or "readonly" in msg:
+                msg = "perpflow sql is read-only: " + msg
+            raise PerpflowError(msg) from None
+        return raw.decode()
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing drops the flock
+            self._lock_file = None
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.release()

@@ -1,0 +1,206 @@
+"""The replay source: recorded history → md.klines, md.markprice, md.funding, in event-time order
+across symbols, as closed bars, at full speed or N× real time.
+
+Event times: a bar is known at its close (`close_time` = open + interval − 1 ms, as Binance
+reports it); a funding settlement at its funding time. Events with the same time go klines, then
+marks, then funding, then by symbol — one deterministic order, so two replays publish the same
+sequence.
+
+Per-bar mark price. The recorded data has mark-price klines only every 8 h, and a stale 8 h mark
+would fake a premium. So each closed bar publishes one md.markprice record whose mark price is the
+bar's close (source `replay:close-as-mark`: mark premium is zero by construction, no precision is
+invented), whose funding_rate is the last *settled* rate at or before the bar's close (an as-of
+join; the live stream shows a predicted rate, which the files do not have), and whose
+next_funding_time is the next settlement on the symbol's funding grid. The 8 h mark klines are
+used where they are exact: the mark price at a settlement (the open of the mark kline starting
+then) goes into md.funding, as Binance's /fapi/v1/fundingRate reports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from confluent_kafka import Producer
+
+from connectors.history_files import LoadReport, SymbolHistory, load_history
+from schemas import event_ids
+from schemas.codec import Codec, default_codec
+from streams import metrics
+from streams.broker import producer_config
+from streams.console import ProgressLine
+
+log = logging.getLogger(__name__)
+
+INTERVAL_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
+               "1h": 3_600_000, "2h": 7_200_000, "4h": 14_400_000, "8h": 28_800_000, "1d": 86_400_000}
+DEFAULT_FUNDING_MS = 8 * 3_600_000
+
+KIND_KLINE, KIND_MARK, KIND_FUNDING = 0, 1, 2
+TOPIC_OF_KIND = {KIND_KLINE: "md.klines", KIND_MARK: "md.markprice", KIND_FUNDING: "md.funding"}
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x != x else x
+
+
+@dataclass
+class _Prepared:
+    """One symbol's history as plain Python lists (fast per-event access) plus derived columns."""
+
+    history: SymbolHistory
+    kline_rows: list = field(default_factory=list)
+    mark_funding_rate: list = field(default_factory=list)
+    next_funding: list = field(default_factory=list)
+    funding_rows: list = field(default_factory=list)
+    funding_marks: list = field(default_factory=list)
+
+
+def _prepare(h: SymbolHistory, start_ms: int | None) -> _Prepared:
+    k, f, m = h.klines, h.funding, h.marks
+    interval_ms = INTERVAL_MS[h.interval]
+    p = _Prepared(h)
+    close_time = k["open_time"].to_numpy() + interval_ms - 1
+    p.kline_rows = list(zip(
+        k["open_time"].tolist(), close_time.tolist(), k["open"].tolist(), k["high"].tolist(), k["low"].tolist(),
+        k["close"].tolist(), k["volume"].tolist(), k["quote_volume"].tolist(),
+        [None if t != t else int(t) for t in k["trades"].astype("float64").tolist()],
+        k["taker_buy_volume"].tolist(), k["taker_buy_quote_volume"].tolist(), strict=True))
+    f_time = f["funding_time"].to_numpy()
+    f_rate = f["funding_rate"].to_numpy()
+    # as-of: the last settlement at or before each bar's close
+    idx = np.searchsorted(f_time, close_time, side="right") - 1
+    p.mark_funding_rate = [None if i < 0 else float(f_rate[i]) for i in idx.tolist()]
+    step = int(np.median(np.diff(f_time))) if len(f_time) > 1 else DEFAULT_FUNDING_MS
+    anchor = int(f_time[0]) if len(f_time) else 0
+    p.next_funding = ((close_time - anchor) // step + 1) * step + anchor
+    p.next_funding = p.next_funding.tolist()
+    # funding events: the as-of row before start is context for marks, not an event to publish
+    keep = f_time >= (start_ms if start_ms is not None else -(2**62))
+    p.funding_rows = list(zip(f_time[keep].tolist(), f_rate[keep].tolist(), strict=True))
+    m_open_time = m["open_time"].to_numpy() if len(m) else np.array([], dtype=np.int64)
+    m_open = m["open"].to_numpy() if len(m) else np.array([])
+    j = np.searchsorted(m_open_time, f_time[keep])
+    exact = (j < len(m_open_time)) & (m_open_time[np.minimum(j, max(len(m_open_time) - 1, 0))] == f_time[keep]) \
+        if len(m_open_time) else np.zeros(len(j), dtype=bool)
+    p.funding_marks = [float(m_open[jj]) if ok else None for jj, ok in zip(j.tolist(), exact.tolist(), strict=True)]
+    return p
+
+
+def build_timeline(prepared: list[_Prepared]) -> np.ndarray:
+    """Event-time order across symbols: rows of (event_time, kind, symbol index, row index)."""
+    parts = []
+    for s, p in enumerate(prepared):
+        n = len(p.kline_rows)
+        close = np.fromiter((r[1] for r in p.kline_rows), dtype=np.int64, count=n)
+        rows = np.arange(n, dtype=np.int64)
+        for kind in (KIND_KLINE, KIND_MARK):
+            parts.append(np.column_stack([close, np.full(n, kind), np.full(n, s), rows]))
+        nf = len(p.funding_rows)
+        ftime = np.fromiter((r[0] for r in p.funding_rows), dtype=np.int64, count=nf)
+        parts.append(np.column_stack([ftime, np.full(nf, KIND_FUNDING), np.full(nf, s),
+                                      np.arange(nf, dtype=np.int64)]))
+    timeline = np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
+    order = np.lexsort((timeline[:, 3], timeline[:, 2], timeline[:, 1], timeline[:, 0]))
+    return timeline[order]
+
+
+@dataclass
+class ReplayResult:
+    published: dict[str, int]
+    report: LoadReport
+    seconds: float
+
+
+class ReplaySource:
+    def __init__(self, bootstrap: str, data_dir: str, symbols: list[str] | None, start_ms: int | None,
+                 end_ms: int | None, speed: float | None = None, prefix: str = "", codec: Codec | None = None,
+                 source_name: str = "replay"):
+        self.bootstrap = bootstrap
+        self.data_dir = data_dir
+        self.symbols = symbols
+        self.start_ms, self.end_ms = start_ms, end_ms
+        self.speed = speed  # None = as fast as the broker takes it
+        self.prefix = prefix
+        self.codec = codec or default_codec()
+        self.source_name = source_name
+        self.stop_event = threading.Event()
+
+    def load(self) -> tuple[list[_Prepared], LoadReport]:
+        histories, report = load_history(self.data_dir, self.symbols, self.start_ms, self.end_ms)
+        for problem in report.problems:
+            log.warning("replay input: %s", problem)
+        for reason, count in report.skipped_rows.items():
+            metrics.REPLAY_SKIPPED_ROWS.labels(reason).inc(count)
+        return [_prepare(histories[s], self.start_ms) for s in sorted(histories)], report
+
+    def run(self) -> ReplayResult:
+        started = time.monotonic()
+        prepared, report = self.load()
+        timeline = build_timeline(prepared)
+        producer = Producer(producer_config(self.bootstrap))
+        topics = {k: self.prefix + v for k, v in TOPIC_OF_KIND.items()}
+        published = dict.fromkeys(topics.values(), 0)
+        nbytes = dict.fromkeys(topics.values(), 0)
+        progress = ProgressLine("replay", total=len(timeline), unit="events")
+        encode, produce, poll = self.codec.encode, producer.produce, producer.poll
+        wall0 = time.monotonic()
+        t0 = int(timeline[0, 0]) if len(timeline) else 0
+        for i, (event_time, kind, s, row) in enumerate(timeline.tolist()):
+            if self.stop_event.is_set():
+                break
+            if self.speed:
+                ahead = (event_time - t0) / 1000 / self.speed - (time.monotonic() - wall0)
+                if ahead > 0:
+                    producer.poll(0)
+                    self.stop_event.wait(ahead)
+            p = prepared[s]
+            symbol = p.history.symbol
+            if kind == KIND_KLINE:
+                value = encode("kline", self._kline(symbol, p.history.interval, p.kline_rows[row]))
+            elif kind == KIND_MARK:
+                value = encode("mark_price", {
+                    "event_id": event_ids.mark_price(symbol, event_time), "event_time": event_time,
+                    "symbol": symbol, "mark_price": p.kline_rows[row][5], "index_price": None,
+                    "estimated_settle_price": None, "funding_rate": p.mark_funding_rate[row],
+                    "next_funding_time": p.next_funding[row], "source": f"{self.source_name}:close-as-mark"})
+            else:
+                funding_time, rate = p.funding_rows[row]
+                value = encode("funding", {
+                    "event_id": event_ids.funding(symbol, funding_time), "event_time": funding_time,
+                    "symbol": symbol, "funding_time": funding_time, "funding_rate": rate,
+                    "mark_price": p.funding_marks[row], "source": self.source_name})
+            topic = topics[kind]
+            while True:
+                try:
+                    produce(topic, value, symbol.encode())
+                    break
+                except BufferError:  # back-pressure: the local queue is full, let the broker catch up
+                    poll(0.05)
+            published[topic] += 1
+            nbytes[topic] += len(value)
+            if i % 5000 == 0:
+                poll(0)
+                progress.update(i + 1)
+        remaining = producer.flush(60)
+        if remaining:
+            raise RuntimeError(f"{remaining} replay messages were not delivered to the broker")
+        progress.done(sum(published.values()))
+        for topic, n in published.items():
+            metrics.MESSAGES_PRODUCED.labels(topic).inc(n)
+            metrics.BYTES_PRODUCED.labels(topic).inc(nbytes[topic])
+            metrics.REPLAY_EVENTS.labels(topic).inc(n)
+        return ReplayResult(published, report, time.monotonic() - started)
+
+    def _kline(self, symbol: str, interval: str, r: tuple) -> dict:
+        open_time, close_time, o, h, low, c, v, qv, trades, tbv, tbqv = r
+        return {
+            "event_id": event_ids.kline(symbol, interval, open_time), "event_time": close_time,
+            "symbol": symbol, "interval": interval, "open_time": open_time, "close_time": close_time,
+            "open": o, "high": h, "low": low, "close": c, "volume": v,
+            "quote_volume": _nan_to_none(qv), "trades": trades, "taker_buy_volume": _nan_to_none(tbv),
+            "taker_buy_quote_volume": _nan_to_none(tbqv), "is_closed": True, "source": self.source_name,
+        }

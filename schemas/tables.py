@@ -1,0 +1,94 @@
+"""ClickHouse archive tables derived from the topic catalog and the Avro schemas.
+
+One table per archived topic (`md.klines` → `md_klines`): the record's fields, then where the
+row came from (partition, offset) and when it was archived. ReplacingMergeTree sorted by a key
+that ends in `event_id`, so replaying the same events leaves the same rows (read with FINAL).
+Nested values (arrays, maps, records) are stored as JSON strings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from schemas.catalog import Topic
+from schemas.codec import default_codec
+
+_PRIMITIVE = {
+    "string": ("String", pa.string()),
+    "double": ("Float64", pa.float64()),
+    "float": ("Float32", pa.float32()),
+    "long": ("Int64", pa.int64()),
+    "int": ("Int32", pa.int32()),
+    "boolean": ("Bool", pa.bool_()),
+    "bytes": ("String", pa.binary()),
+}
+_TIMESTAMP = ("DateTime64(3, 'UTC')", pa.timestamp("ms", tz="UTC"))
+_JSON = ("String", pa.string())
+
+SOURCE_COLUMNS = (
+    ("kafka_partition", "Int32", pa.int32()),
+    ("kafka_offset", "Int64", pa.int64()),
+)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    ch_type: str
+    arrow_type: pa.DataType
+    nested: bool = False  # stored as a JSON string
+
+
+def _column(name: str, avro_type) -> Column:
+    nullable = False
+    if isinstance(avro_type, list):
+        branches = [b for b in avro_type if b != "null"]
+        if len(branches) != 1:
+            raise ValueError(f"{name}: only [null, T] unions map to a column, got {avro_type}")
+        nullable, avro_type = len(branches) != len(avro_type), branches[0]
+    nested = False
+    if isinstance(avro_type, dict) and avro_type.get("logicalType") == "timestamp-millis":
+        ch, arrow = _TIMESTAMP
+    elif isinstance(avro_type, dict) and avro_type.get("type") in _PRIMITIVE:
+        ch, arrow = _PRIMITIVE[avro_type["type"]]
+    elif isinstance(avro_type, str) and avro_type in _PRIMITIVE:
+        ch, arrow = _PRIMITIVE[avro_type]
+    else:
+        (ch, arrow), nested = _JSON, True
+    return Column(name, f"Nullable({ch})" if nullable else ch, arrow, nested)
+
+
+def columns(topic: Topic) -> list[Column]:
+    schema = default_codec().schema(topic.schema)
+    return [_column(f["name"], f["type"]) for f in schema["fields"]]
+
+
+def arrow_schema(topic: Topic) -> pa.Schema:
+    cols = [pa.field(c.name, c.arrow_type) for c in columns(topic)]
+    cols += [pa.field(name, arrow) for name, _, arrow in SOURCE_COLUMNS]
+    return pa.schema(cols)
+
+
+def create_table_sql(topic: Topic, database: str = "default") -> str:
+    cols = [f"`{c.name}` {c.ch_type}" for c in columns(topic)]
+    cols += [f"`{name}` {ch}" for name, ch, _ in SOURCE_COLUMNS]
+    cols.append("`archived_at` DateTime64(3, 'UTC') DEFAULT now64(3)")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {database}.`{topic.table}` (\n  "
+        + ",\n  ".join(cols)
+        + "\n) ENGINE = ReplacingMergeTree\n"
+        f"PARTITION BY toYYYYMM(event_time)\nORDER BY ({', '.join(topic.order_by)})"
+    )
+
+
+def to_json_if_nested(value) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), default=_bytes_hex)
+
+
+def _bytes_hex(value):
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(type(value).__name__)

@@ -1,0 +1,247 @@
+"""The `perpflow` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streams.errors import PerpflowError
+from streams.settings import Settings
+
+app = typer.Typer(
+    name="perpflow",
+    help="Kafka stream processing that trades Binance USDT-M perpetual futures with supervised learning.\n\n"
+    "Quick start: `perpflow up --source replay --data data/binance-um-futures --speed max --until-drained`, "
+    "then `perpflow sql \"SELECT symbol, count() FROM md_klines FINAL GROUP BY symbol\"`.\n\n"
+    "Configuration comes from PERPFLOW_* environment variables (see README).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class Source(StrEnum):
+    replay = "replay"
+    none = "none"
+
+
+class Format(StrEnum):
+    table = "table"
+    tsv = "tsv"
+    csv = "csv"
+
+
+def _settings() -> Settings:
+    try:
+        s = Settings()
+    except Exception as exc:  # pydantic ValidationError: name the variable
+        raise PerpflowError(f"invalid PERPFLOW_* setting: {str(exc).splitlines()[1:3]}") from None
+    logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return s
+
+
+def parse_time(value: str | None, option: str) -> int | None:
+    """YYYY-MM-DD or an ISO-8601 time (UTC unless it says otherwise) → epoch ms."""
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        hint = "use YYYY-MM-DD or YYYY-MM-DDTHH:MM"
+        raise typer.BadParameter(f"{value!r} is not a date; {hint}", param_hint=option) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return int(t.timestamp() * 1000)
+
+
+def parse_speed(value: str) -> float | None:
+    if value == "max":
+        return None
+    try:
+        speed = float(value.rstrip("x"))
+    except ValueError:
+        speed = 0.0
+    if speed <= 0:
+        raise typer.BadParameter(f"{value!r}: use 'max' or a positive factor such as 60", param_hint="--speed")
+    return speed
+
+
+def _terminate_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt  # unwinds like Ctrl-C: components stop, the broker is stopped
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+def up(
+    source: Source = typer.Option(Source.replay, help="Where market data comes from: a replay of files, or none."),
+    data: Path = typer.Option(Path("data/binance-um-futures"), help="Directory of historical files for the replay "
+                              "(freqtrade futures layout, or Binance monthly kline CSV/ZIP dumps)."),
+    symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
+    start: str = typer.Option(None, help="First bar to replay (UTC date or time, inclusive)."),
+    end: str = typer.Option(None, help="Where the replay stops (UTC, exclusive)."),
+    speed: str = typer.Option("max", help="'max' (as fast as the broker takes it) or N for N× real time."),
+    until_drained: bool = typer.Option(False, "--until-drained", help="Exit once the replay finished and "
+                                       "every topic is archived, printing a summary."),
+) -> None:
+    """Start the stack (embedded broker and store unless configured), create topics and tables, run the
+    replay source and the ClickHouse sink, serve /metrics."""
+    from streams.up import UpOptions, run_up
+
+    start_ms, end_ms, speed_f = parse_time(start, "--start"), parse_time(end, "--end"), parse_speed(speed)
+    if start_ms is not None and end_ms is not None and end_ms <= start_ms:
+        raise typer.BadParameter("--end must be after --start", param_hint="--end")
+    if source is Source.replay and not data.is_dir():
+        raise typer.BadParameter(f"{data} is not a directory", param_hint="--data")
+    settings = _settings()
+    wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
+    _terminate_on_sigterm()
+    opts = UpOptions(source.value, str(data), wanted, start_ms, end_ms, speed_f, until_drained)
+    summary = run_up(settings, opts)
+    if until_drained:
+        _print_summary(summary)
+
+
+def _print_summary(s) -> None:
+    table = Table(title=f"perpflow up — drained in {s.seconds:.1f} s")
+    table.add_column("topic")
+    table.add_column("published by replay", justify="right")
+    table.add_column("messages in topic", justify="right")
+    table.add_column("rows archived (FINAL)", justify="right")
+    for topic, n in s.topic_messages.items():
+        if n or s.rows_archived.get(topic):
+            table.add_row(topic, f"{s.published.get(topic, 0):,}", f"{n:,}", f"{s.rows_archived.get(topic, 0):,}")
+    out.print(table)
+    skipped = sum(s.skipped_rows.values())
+    out.print(f"input rows skipped: {skipped:,}" + (f" {s.skipped_rows}" if skipped else "")
+              + f"; dead letters: {s.dead_letters:,}")
+    for p in s.problems:
+        out.print(f"  [yellow]input problem:[/] {p}")
+
+
+@app.command()
+def topics(
+    watch: bool = typer.Option(False, "--watch", help="Refresh until Ctrl-C."),
+    interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch."),
+) -> None:
+    """Topics (partitions, end offsets, msgs/s over the last minute) and consumer groups with lag."""
+    from rich.live import Live
+
+    from streams.stack import StackInfo
+    from streams.topic_health import Snapshot, TopicHealth
+
+    settings = _settings()
+    info = StackInfo.load(settings)
+    bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else "")
+    if not bootstrap:
+        raise PerpflowError("no broker: `perpflow up` is not running for "
+                            f"{settings.home_dir} and PERPFLOW_KAFKA_BOOTSTRAP is empty")
+    local = TopicHealth(bootstrap)
+
+    def snapshot() -> Snapshot:
+        if info and info.bootstrap == bootstrap:  # the running stack keeps a minute of history
+            try:
+                with urllib.request.urlopen(info.api_url + "/topics", timeout=10) as r:
+                    return Snapshot.from_json(json.loads(r.read()))
+            except OSError:
+                pass
+        return local.sample()
+
+    if not watch:
+        out.print(_health_tables(snapshot()))
+        return
+    with Live(_health_tables(snapshot()), console=out, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(_health_tables(snapshot()))
+        except KeyboardInterrupt:
+            pass
+
+
+def _health_tables(snap):
+    from rich.console import Group
+
+    t = Table(title=f"topics (rates over {snap.window_s:.0f} s)")
+    for col, just in [("topic", "left"), ("partitions", "right"), ("end offset", "right"), ("msgs/s", "right")]:
+        t.add_column(col, justify=just)
+    for row in snap.topics:
+        rate = "–" if row.msgs_per_s is None else f"{row.msgs_per_s:,.1f}"
+        t.add_row(row.topic, str(row.partitions), f"{row.end_offset:,}", rate)
+    g = Table(title="consumer groups")
+    for col in ("group", "topic", "partition", "committed", "end offset", "lag"):
+        g.add_column(col, justify="left" if col in ("group", "topic") else "right")
+    for row in snap.groups:
+        g.add_row(row.group, row.topic, str(row.partition), f"{row.committed:,}", f"{row.end_offset:,}",
+                  f"{row.lag:,}")
+    return Group(t, g)
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="A read-only ClickHouse query, e.g. \"SELECT count() FROM md_klines\"."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Run a read-only query against the configured ClickHouse (through `perpflow up` when it holds the
+    embedded store)."""
+    from connectors.clickhouse_store import Store
+    from streams.stack import StackInfo
+
+    settings = _settings()
+    info = StackInfo.load(settings) if settings.embedded_store else None
+    if info is not None:
+        req = urllib.request.Request(info.api_url + "/sql", method="POST",
+                                     data=json.dumps({"query": query, "format": format.value}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                sys.stdout.write(r.read().decode())
+            return
+        except urllib.error.HTTPError as exc:
+            raise PerpflowError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
+        except OSError as exc:
+            raise PerpflowError(f"`perpflow up` (pid {info.pid}) holds the embedded store but its API at "
+                                f"{info.api_url} does not answer ({exc}); wait for it or stop it") from None
+    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
+        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'} yet: run `make run` "
+                            "(or `perpflow up ... --until-drained`) first")
+    store = Store(settings)
+    try:
+        sys.stdout.write(store.query_text(query, format.value))
+    finally:
+        store.close()
+
+
+def main() -> None:
+    """Console entry point: usage errors and PerpflowError become one clear line, not a traceback."""
+    try:
+        rv = app(standalone_mode=False)
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "perpflow"
+        err.print(f"{cmd}: {exc.format_message()} (see '{cmd} --help')", highlight=False, markup=False)
+        sys.exit(2)
+    except click.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except PerpflowError as exc:
+        err.print(f"perpflow: {exc}", highlight=False, markup=False)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,74 @@
+"""The small HTTP API every long-running perpflow process serves on loopback (by default):
+
+- GET  /metrics  Prometheus exposition
+- GET  /health   liveness
+- GET  /topics   the latest topic-health snapshot (JSON)
+- POST /sql      a read-only query against the store this process owns (body: JSON
+                 {"query": ..., "format": "table|tsv|csv"}) — how `perpflow sql` reaches an embedded
+                 chDB store while `perpflow up` holds it
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streams.errors import PerpflowError
+
+
+class ControlApi:
+    def __init__(self, host: str, port: int, store=None, health=None):
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet: requests are not news
+                pass
+
+            def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path == "/metrics":
+                    self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+                elif self.path == "/health":
+                    self._send(200, b'{"status":"ok"}')
+                elif self.path == "/topics" and api.health is not None:
+                    snap = api.health.latest or api.health.sample()
+                    self._send(200, json.dumps(snap.to_json()).encode())
+                else:
+                    self._send(404, b'{"error":"not found"}')
+
+            def do_POST(self):
+                if self.path != "/sql" or api.store is None:
+                    self._send(404, b'{"error":"not found"}')
+                    return
+                try:
+                    req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                    text = api.store.query_text(req["query"], req.get("format", "table"))
+                    self._send(200, text.encode(), "text/plain; charset=utf-8")
+                except PerpflowError as exc:
+                    self._send(400, json.dumps({"error": str(exc)}).encode())
+                except Exception as exc:
+                    self._send(500, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+
+        self.store, self.health = store, health
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.host, self.port = host, self.server.server_address[1]
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, name="control-api", daemon=True)
+
+    def start(self) -> ControlApi:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

