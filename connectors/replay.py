@@ -74,19 +74,19 @@ def _prepare(h: SymbolHistory, start_ms: int | None) -> _Prepared:
     # as-of: the last settlement at or before each bar's close
     idx = np.searchsorted(f_time, close_time, side="right") - 1
     p.mark_funding_rate = [None if i < 0 else float(f_rate[i]) for i in idx.tolist()]
-    step = int(np.median(np.diff(f_time))) if len(f_time) > 1 else DEFAULT_FUNDING_MS
-    anchor = int(f_time[0]) if len(f_time) else 0
-    p.next_funding = ((close_time - anchor) // step + 1) * step + anchor
-    p.next_funding = p.next_funding.tolist()
+    # settlements sit on a grid of whole hours from 00:00 UTC (8 h: 00/08/16); recorded times may be a few ms late
+    hour = 3_600_000
+    step = max(round(float(np.median(np.diff(f_time))) / hour), 1) * hour if len(f_time) > 1 else DEFAULT_FUNDING_MS
+    p.next_funding = ((close_time // step + 1) * step).tolist()
     # funding events: the as-of row before start is context for marks, not an event to publish
     keep = f_time >= (start_ms if start_ms is not None else -(2**62))
     p.funding_rows = list(zip(f_time[keep].tolist(), f_rate[keep].tolist(), strict=True))
-    m_open_time = m["open_time"].to_numpy() if len(m) else np.array([], dtype=np.int64)
-    m_open = m["open"].to_numpy() if len(m) else np.array([])
-    j = np.searchsorted(m_open_time, f_time[keep])
-    exact = (j < len(m_open_time)) & (m_open_time[np.minimum(j, max(len(m_open_time) - 1, 0))] == f_time[keep]) \
-        if len(m_open_time) else np.zeros(len(j), dtype=bool)
-    p.funding_marks = [float(m_open[jj]) if ok else None for jj, ok in zip(j.tolist(), exact.tolist(), strict=True)]
+    # the mark price at a settlement: the open of the mark kline that starts then (within a second)
+    m_open_time = m["open_time"].to_numpy(dtype=np.int64) if len(m) else np.array([], dtype=np.int64)
+    m_open = m["open"].to_numpy(dtype=np.float64) if len(m) else np.array([])
+    j = np.searchsorted(m_open_time, f_time[keep], side="right") - 1
+    ok = (j >= 0) & (f_time[keep] - m_open_time[np.maximum(j, 0)] <= 1000) if len(m_open_time) else j < -1
+    p.funding_marks = [float(m_open[jj]) if good else None for jj, good in zip(j.tolist(), ok.tolist(), strict=True)]
     return p
 
 

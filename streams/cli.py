@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from streams.errors import PerpflowError
 from streams.settings import Settings
+
+UsageError = typer.BadParameter.__mro__[1]  # typer vendors click; its UsageError is not exported by name
 
 app = typer.Typer(
     name="perpflow",
@@ -32,7 +33,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
 
 
 class Source(StrEnum):
@@ -233,15 +233,15 @@ def main() -> None:
     """Console entry point: usage errors and PerpflowError become one clear line, not a traceback."""
     try:
         rv = app(standalone_mode=False)
-    except click.UsageError as exc:
+    except UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx else "perpflow"
-        err.print(f"{cmd}: {exc.format_message()} (see '{cmd} --help')", highlight=False, markup=False)
+        print(f"{cmd}: {exc.format_message()} (see '{cmd} --help')", file=sys.stderr)
         sys.exit(2)
-    except click.Abort:
+    except typer.Abort:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
     except PerpflowError as exc:
-        err.print(f"perpflow: {exc}", highlight=False, markup=False)
+        print(f"perpflow: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
