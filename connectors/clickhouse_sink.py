@@ -34,7 +34,7 @@ class _TopicBatch:
         self.name = name  # the Kafka topic name (may carry a run prefix)
         self.schema = arrow_schema(topic)
         self.nested = [c.name for c in columns(topic) if c.nested]
-        self.record_name = None
+        self.record_name = default_codec().full_name(topic.schema)
         self.rows: list[dict] = []
 
 
@@ -65,8 +65,7 @@ class ClickHouseSink:
         self.consumer.subscribe(list(self.topics), on_revoke=lambda c, parts: self.flush())
         try:
             while not self.stop_event.is_set():
-                for msg in self.consumer.consume(2_000, timeout=0.1):
-                    self._take(msg)
+                self._take_all(self.consumer.consume(5_000, timeout=0.1))
                 if self._pending_rows and (
                     self._pending_rows >= self.batch_rows
                     or time.monotonic() - self._batch_started >= self.batch_seconds
@@ -88,32 +87,38 @@ class ClickHouseSink:
         return all(self.committed.get(k, 0) >= off for k, off in targets.items() if off > 0)
 
     # -- per message ------------------------------------------------------------------------
-    def _take(self, msg) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                log.warning("sink consumer error: %s", err)
-            return
-        name, partition, offset, value = msg.topic(), msg.partition(), msg.offset(), msg.value()
-        batch = self.batches[name]
-        metrics.MESSAGES_CONSUMED.labels(self.group, name).inc()
-        metrics.BYTES_CONSUMED.labels(self.group, name).inc(len(value or b""))
-        self._next_offsets[(name, partition)] = offset + 1
-        try:
-            record_name, record = self.codec.decode(value)
-            if batch.record_name is None:
-                batch.record_name = self.codec.full_name(batch.topic.schema)
-            if record_name != batch.record_name:
-                raise DecodeError("wrong_schema", f"{record_name} on a topic of {batch.record_name}")
-        except DecodeError as exc:
-            self._dead_letter(msg, exc)
-            return
-        for col in batch.nested:
-            record[col] = to_json_if_nested(record[col])
-        record["kafka_partition"] = partition
-        record["kafka_offset"] = offset
-        batch.rows.append(record)
-        self._pending_rows += 1
+    def _take_all(self, msgs: list) -> None:
+        """Decode a consumed batch into per-topic rows; metrics are counted once per batch."""
+        decode, batches, next_offsets = self.codec.decode, self.batches, self._next_offsets
+        counts: dict[str, list[int]] = {}
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("sink consumer error: %s", err)
+                continue
+            name, partition, offset, value = msg.topic(), msg.partition(), msg.offset(), msg.value()
+            batch = batches[name]
+            c = counts.setdefault(name, [0, 0])
+            c[0] += 1
+            c[1] += len(value) if value else 0
+            next_offsets[(name, partition)] = offset + 1
+            try:
+                record_name, record = decode(value)
+                if record_name != batch.record_name:
+                    raise DecodeError("wrong_schema", f"{record_name} on a topic of {batch.record_name}")
+            except DecodeError as exc:
+                self._dead_letter(msg, exc)
+                continue
+            for col in batch.nested:
+                record[col] = to_json_if_nested(record[col])
+            record["kafka_partition"] = partition
+            record["kafka_offset"] = offset
+            batch.rows.append(record)
+            self._pending_rows += 1
+        for name, (n, nbytes) in counts.items():
+            metrics.MESSAGES_CONSUMED.labels(self.group, name).inc(n)
+            metrics.BYTES_CONSUMED.labels(self.group, name).inc(nbytes)
 
     def _dead_letter(self, msg, exc: DecodeError) -> None:
         key = msg.key()

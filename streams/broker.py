@@ -63,8 +63,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel kills the broker if perpflow dies, even by SIGKILL."""
+def die_with_parent() -> None:
+    """Call in a child process: the kernel kills it when its parent dies, even by SIGKILL."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # not Linux: the parent's exit handlers are the only guard
@@ -101,7 +101,7 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out,
             # own session: Ctrl-C reaches perpflow, which drains and then stops the broker
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         if out is not subprocess.DEVNULL:
             out.close()

@@ -108,6 +108,8 @@ def up(
     start_ms, end_ms, speed_f = parse_time(start, "--start"), parse_time(end, "--end"), parse_speed(speed)
     if start_ms is not None and end_ms is not None and end_ms <= start_ms:
         raise typer.BadParameter("--end must be after --start", param_hint="--end")
+    if until_drained and source is not Source.replay:
+        raise typer.BadParameter("needs --source replay (a live source never drains)", param_hint="--until-drained")
     if source is Source.replay and not data.is_dir():
         raise typer.BadParameter(f"{data} is not a directory", param_hint="--data")
     settings = _settings()

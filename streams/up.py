@@ -6,6 +6,8 @@ Ctrl-C/SIGTERM, or with `until_drained` until the replay finished and the sink c
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from connectors.clickhouse_sink import ClickHouseSink
 from connectors.replay import ReplayResult, ReplaySource
 from schemas.catalog import archived
-from streams.broker import end_offsets
+from streams.broker import die_with_parent, end_offsets
 from streams.settings import Settings
 from streams.stack import Stack
 
@@ -49,13 +51,58 @@ class _Worker(threading.Thread):
         super().__init__(name=name, daemon=True)
         self._target_fn = target
         self.error: BaseException | None = None
-        self.result = None
 
     def run(self) -> None:
         try:
-            self.result = self._target_fn()
+            self._target_fn()
         except BaseException as exc:  # reported by the main thread
             self.error = exc
+
+
+def _replay_process(bootstrap: str, opts: UpOptions, conn) -> None:
+    """Child-process body: the replay encodes and produces on its own core while the parent's sink
+    decodes and inserts on the other (one process would share one GIL between them)."""
+    die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    replay = ReplaySource(bootstrap, opts.data, opts.symbols, opts.start_ms, opts.end_ms, opts.speed)
+    # Ctrl-C is the parent's to handle; the parent stops the replay with SIGTERM
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: replay.stop_event.set())
+    try:
+        conn.send(("ok", replay.run()))
+    except BaseException as exc:  # sent to the parent, which raises it
+        conn.send(("error", exc))
+
+
+class _ReplayProcess:
+    def __init__(self, bootstrap: str, opts: UpOptions):
+        ctx = multiprocessing.get_context("spawn")
+        self._recv, send = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_replay_process, args=(bootstrap, opts, send),
+                                   name="perpflow-replay", daemon=True)
+        self.process.start()
+        self.error: BaseException | None = None
+        self.result: ReplayResult | None = None
+
+    def poll(self) -> bool:
+        """True once the replay has finished (result or error set)."""
+        if self.result is None and self.error is None and self._recv.poll():
+            status, value = self._recv.recv()
+            if status == "ok":
+                self.result = value
+            else:
+                self.error = value
+        elif self.result is None and self.error is None and not self.process.is_alive():
+            self.error = RuntimeError(f"the replay process died (exit code {self.process.exitcode})")
+        return self.result is not None or self.error is not None
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()  # SIGTERM: the replay stops producing and flushes
+            self.process.join(15)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
 
 def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
@@ -66,27 +113,24 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                               batch_seconds=settings.sink_batch_seconds)
         sink_thread = _Worker("clickhouse-sink", sink.run)
         sink_thread.start()
-        replay = replay_thread = None
-        if opts.source == "replay":
-            replay = ReplaySource(stack.bootstrap, opts.data, opts.symbols, opts.start_ms, opts.end_ms, opts.speed)
-            replay_thread = _Worker("replay", replay.run)
-            replay_thread.start()
+        replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
         try:
             while True:
-                for t in (sink_thread, replay_thread):
-                    if t is not None and t.error is not None:
-                        raise t.error
-                if opts.until_drained and replay_thread is not None and not replay_thread.is_alive():
-                    result: ReplayResult = replay_thread.result
-                    _wait_drained(stack.bootstrap, sink, sink_thread)
-                    summary.published = result.published
-                    summary.skipped_rows = dict(result.report.skipped_rows)
-                    summary.problems = list(result.report.problems)
-                    break
-                time.sleep(0.2)
+                if sink_thread.error is not None:
+                    raise sink_thread.error
+                if replay is not None and replay.poll():
+                    if replay.error is not None:
+                        raise replay.error
+                    if opts.until_drained:
+                        _wait_drained(stack.bootstrap, sink, sink_thread)
+                        summary.published = replay.result.published
+                        summary.skipped_rows = dict(replay.result.report.skipped_rows)
+                        summary.problems = list(replay.result.report.problems)
+                        break
+                time.sleep(0.1)
         finally:
             if replay:
-                replay.stop_event.set()
+                replay.stop()
             sink.stop()
             sink_thread.join(60)
         if sink_thread.error is not None:
