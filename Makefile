@@ -24,7 +24,8 @@ $(STAMP_TEST): pyproject.toml | $(BIN)/python
 # The main job on the embedded default: broker + store in-process, replay of the bundled
 # real sample through the topics, every topic archived in ClickHouse, a summary at the end.
 run: $(STAMP)
-	$(BIN)/perpflow up --source replay --data data/binance-um-futures --speed max --until-drained
+	$(BIN)/perpflow up --source replay --data data/binance-um-futures --symbols BTCUSDT,ETHUSDT,1000PEPEUSDT \
+		--speed max --until-drained
 
 test: $(STAMP_TEST)
 	$(BIN)/ruff check streams schemas connectors training tests benchmarks

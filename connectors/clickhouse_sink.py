@@ -49,7 +49,7 @@ class ClickHouseSink:
         self.batch_seconds = batch_seconds
         self.topics = {prefix + t.name: t for t in (topics or archived())}
         self.dlq_topic = prefix + "deadletter"
-        self.consumer = Consumer(consumer_config(bootstrap, group, **{"max.poll.interval.ms": 600_000}))
+        self.consumer = Consumer(consumer_config(bootstrap, group, **{"max.poll.interval.ms": 600_000, "fetch.wait.max.ms": 50}))
         self.dlq = Producer(producer_config(bootstrap))
         self.batches = {name: _TopicBatch(t, name) for name, t in self.topics.items()}
         self._next_offsets: dict[tuple[str, int], int] = {}
@@ -62,7 +62,9 @@ class ClickHouseSink:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        self.consumer.subscribe(list(self.topics), on_revoke=lambda c, parts: self.flush())
+        self.consumer.subscribe(
+            list(self.topics), on_revoke=lambda c, parts: self.flush(),
+            on_assign=lambda c, parts: log.info("sink joined group %s: %d partitions", self.group, len(parts)))
         try:
             while not self.stop_event.is_set():
                 self._take_all(self.consumer.consume(5_000, timeout=0.1))
@@ -78,6 +80,7 @@ class ClickHouseSink:
         finally:
             self.consumer.close()
             self.dlq.flush(10)
+            self.dlq = None  # release the client now, not whenever the sink object is collected
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -87,7 +87,9 @@ class Stack:
         log.info("topics ready (%d created) on %s", len(created), self.bootstrap)
         self.store.ensure_tables(archived())
         self.health = TopicHealth(self.bootstrap)
-        threading.Thread(target=self.health.run, args=(self._stop,), name="topic-health", daemon=True).start()
+        self._health_thread = threading.Thread(target=self.health.run, args=(self._stop,), name="topic-health",
+                                               daemon=True)
+        self._health_thread.start()
         self.api = ControlApi(s.metrics_host, s.metrics_port, self.store, self.health).start()
         broker_pid = self.broker.process.pid if self.broker else None
         info = StackInfo(os.getpid(), self.bootstrap, self.api.url, s.clickhouse_dsn, broker_pid)
@@ -105,6 +107,9 @@ class Stack:
         if self.api:
             self.api.stop()
             self.api = None
+        if self.health:  # its Kafka clients must be gone before the broker is
+            self._health_thread.join(10)
+            self.health = None
         if self.store:
             self.store.close()
             self.store = None

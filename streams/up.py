@@ -122,6 +122,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                     if replay.error is not None:
                         raise replay.error
                     if opts.until_drained:
+                        log.info("replay finished; waiting for the sink to archive everything")
                         _wait_drained(stack.bootstrap, sink, sink_thread)
                         summary.published = replay.result.published
                         summary.skipped_rows = dict(replay.result.report.skipped_rows)
