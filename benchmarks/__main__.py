@@ -1,16 +1,24 @@
-"""`python -m benchmarks [--quick] [codec] [archive_path]`: the machine, then each benchmark in turn."""
+"""`python -m benchmarks [--quick] [NAME ...]`: the machine and versions, then each benchmark in turn;
+exits non-zero when a benchmark failed its checks (a missed throughput target is not a failure)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import subprocess
 import sys
 from importlib.metadata import version
 
-from benchmarks import archive_path, codec
+import confluent_kafka
+
+from benchmarks import _data, archive_path, codec
 
 BENCHMARKS = {"codec": codec.run, "archive_path": archive_path.run}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=_data.ROOT).stdout.strip()
 
 
 def main() -> int:
@@ -21,13 +29,14 @@ def main() -> int:
     unknown = set(args.names) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
-    import confluent_kafka
+    sys.stdout.reconfigure(line_buffering=True)  # in order with the replay's progress lines on stderr
 
     print(f"nproc {len(os.sched_getaffinity(0))}, {platform.machine()}, Python {platform.python_version()}, "
-          f"fastavro {version('fastavro')}, confluent-kafka {confluent_kafka.version()[0]} "
+          f"fastavro {version('fastavro')}, confluent-kafka {version('confluent-kafka')} "
           f"(librdkafka {confluent_kafka.libversion()[0]}), chdb {version('chdb')}, "
-          f"clickhouse-connect {version('clickhouse-connect')}, pyarrow {version('pyarrow')}"
-          + (", --quick" if args.quick else ""))
+          f"clickhouse-connect {version('clickhouse-connect')}, pyarrow {version('pyarrow')}")
+    dirty = " + uncommitted changes" if _git("status", "--porcelain") else ""
+    print(f"perpflow {_git('rev-parse', '--short', 'HEAD') or 'unknown'}{dirty}" + (", --quick" if args.quick else ""))
     failed = []
     for name in args.names or BENCHMARKS:
         print()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data/binance-um-futures")  # the full real history (~1.4 years, 3 symbols)
+SHARED = ROOT.parent / "shared" / "data" / "binance-um-futures"  # the full real history, beside a checkout
 BUNDLED = ROOT / "data" / "binance-um-futures"  # the small real sample shipped with the repository
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "1000PEPEUSDT"]
 START_MS = 1_685_577_600_000  # 2023-06-01 00:00 UTC: ~301k 5m bars for the three symbols

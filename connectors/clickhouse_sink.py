@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from operator import itemgetter
 
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
@@ -29,13 +30,28 @@ GROUP = "perpflow-sink"
 
 
 class _TopicBatch:
+    """Pending rows of one topic, kept as tuples of field values: columns are built once per insert."""
+
     def __init__(self, topic: Topic, name: str):
         self.topic = topic
         self.name = name  # the Kafka topic name (may carry a run prefix)
         self.schema = arrow_schema(topic)
+        fields = [c.name for c in columns(topic)]
+        self.values = itemgetter(*fields)
+        self.event_time_index = fields.index("event_time")
         self.nested = [c.name for c in columns(topic) if c.nested]
         self.record_name = default_codec().full_name(topic.schema)
-        self.rows: list[dict] = []
+        self.clear()
+
+    def clear(self) -> None:
+        self.rows: list[tuple] = []
+        self.partitions: list[int] = []
+        self.offsets: list[int] = []
+
+    def table(self) -> pa.Table:
+        cols = [*zip(*self.rows, strict=True), self.partitions, self.offsets]
+        return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, self.schema, strict=True)],
+                                    schema=self.schema)
 
 
 class ClickHouseSink:
@@ -49,7 +65,7 @@ class ClickHouseSink:
         self.batch_seconds = batch_seconds
         self.topics = {prefix + t.name: t for t in (topics or archived())}
         self.dlq_topic = prefix + "deadletter"
-        self.consumer = Consumer(consumer_config(bootstrap, group, **{"max.poll.interval.ms": 600_000, "fetch.wait.max.ms": 50}))
+        self.consumer = Consumer(consumer_config(bootstrap, group, **{"max.poll.interval.ms": 600_000}))
         self.dlq = Producer(producer_config(bootstrap))
         self.batches = {name: _TopicBatch(t, name) for name, t in self.topics.items()}
         self._next_offsets: dict[tuple[str, int], int] = {}
@@ -115,9 +131,9 @@ class ClickHouseSink:
                 continue
             for col in batch.nested:
                 record[col] = to_json_if_nested(record[col])
-            record["kafka_partition"] = partition
-            record["kafka_offset"] = offset
-            batch.rows.append(record)
+            batch.rows.append(batch.values(record))
+            batch.partitions.append(partition)
+            batch.offsets.append(offset)
             self._pending_rows += 1
         for name, (n, nbytes) in counts.items():
             metrics.MESSAGES_CONSUMED.labels(self.group, name).inc(n)
@@ -161,7 +177,7 @@ class ClickHouseSink:
         self._batch_started = time.monotonic()
 
     def _insert(self, batch: _TopicBatch) -> None:
-        table = pa.Table.from_pylist(batch.rows, schema=batch.schema)
+        table = batch.table()
         delay, paused = 0.5, False
         while True:
             started = time.perf_counter()
@@ -184,9 +200,9 @@ class ClickHouseSink:
         metrics.SINK_INSERT_SECONDS.labels(batch.topic.table).observe(time.perf_counter() - started)
         metrics.SINK_ROWS.labels(batch.topic.table).inc(len(batch.rows))
         self.rows_inserted += len(batch.rows)
-        newest = max(r["event_time"] for r in batch.rows)
+        newest = max(r[batch.event_time_index] for r in batch.rows)
         metrics.EVENT_TIME_LAG.labels(self.group, batch.name).set(time.time() - newest / 1000)
-        batch.rows = []
+        batch.clear()
 
     def _export_lag(self) -> None:
         for tp in self.consumer.assignment():

@@ -158,21 +158,13 @@ class ReplaySource:
                     producer.poll(0)
                     self.stop_event.wait(ahead)
             p = prepared[s]
-            symbol = p.history.symbol
             if kind == KIND_KLINE:
-                value = encode("kline", self._kline(symbol, p.history.interval, p.kline_rows[row]))
+                value = encode("kline", self.kline_record(p, row))
             elif kind == KIND_MARK:
-                value = encode("mark_price", {
-                    "event_id": event_ids.mark_price(symbol, event_time), "event_time": event_time,
-                    "symbol": symbol, "mark_price": p.kline_rows[row][5], "index_price": None,
-                    "estimated_settle_price": None, "funding_rate": p.mark_funding_rate[row],
-                    "next_funding_time": p.next_funding[row], "source": f"{self.source_name}:close-as-mark"})
+                value = encode("mark_price", self.mark_record(p, row))
             else:
-                funding_time, rate = p.funding_rows[row]
-                value = encode("funding", {
-                    "event_id": event_ids.funding(symbol, funding_time), "event_time": funding_time,
-                    "symbol": symbol, "funding_time": funding_time, "funding_rate": rate,
-                    "mark_price": p.funding_marks[row], "source": self.source_name})
+                value = encode("funding", self.funding_record(p, row))
+            symbol = p.history.symbol
             topic = topics[kind]
             while True:
                 try:
@@ -195,12 +187,31 @@ class ReplaySource:
             metrics.REPLAY_EVENTS.labels(topic).inc(n)
         return ReplayResult(published, report, time.monotonic() - started)
 
-    def _kline(self, symbol: str, interval: str, r: tuple) -> dict:
-        open_time, close_time, o, h, low, c, v, qv, trades, tbv, tbqv = r
+    # -- the records, one per event kind (also used by benchmarks/codec.py) ----------------------
+    def kline_record(self, p: _Prepared, row: int) -> dict:
+        symbol, interval = p.history.symbol, p.history.interval
+        open_time, close_time, o, h, low, c, v, qv, trades, tbv, tbqv = p.kline_rows[row]
         return {
             "event_id": event_ids.kline(symbol, interval, open_time), "event_time": close_time,
             "symbol": symbol, "interval": interval, "open_time": open_time, "close_time": close_time,
             "open": o, "high": h, "low": low, "close": c, "volume": v,
             "quote_volume": _nan_to_none(qv), "trades": trades, "taker_buy_volume": _nan_to_none(tbv),
             "taker_buy_quote_volume": _nan_to_none(tbqv), "is_closed": True, "source": self.source_name,
+        }
+
+    def mark_record(self, p: _Prepared, row: int) -> dict:
+        symbol, close_time = p.history.symbol, p.kline_rows[row][1]
+        return {
+            "event_id": event_ids.mark_price(symbol, close_time), "event_time": close_time, "symbol": symbol,
+            "mark_price": p.kline_rows[row][5], "index_price": None, "estimated_settle_price": None,
+            "funding_rate": p.mark_funding_rate[row], "next_funding_time": p.next_funding[row],
+            "source": f"{self.source_name}:close-as-mark",
+        }
+
+    def funding_record(self, p: _Prepared, row: int) -> dict:
+        symbol, (funding_time, rate) = p.history.symbol, p.funding_rows[row]
+        return {
+            "event_id": event_ids.funding(symbol, funding_time), "event_time": funding_time, "symbol": symbol,
+            "funding_time": funding_time, "funding_rate": rate, "mark_price": p.funding_marks[row],
+            "source": self.source_name,
         }

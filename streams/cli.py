@@ -82,11 +82,15 @@ def parse_speed(value: str) -> float | None:
     return speed
 
 
-def _terminate_on_sigterm() -> None:
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT unwind like Ctrl-C: components stop, the broker is stopped. SIGINT is set
+    explicitly because a process started in the background of a non-interactive shell inherits it ignored."""
+
     def handler(signum, frame):
-        raise KeyboardInterrupt  # unwinds like Ctrl-C: components stop, the broker is stopped
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 @app.command()
@@ -114,7 +118,7 @@ def up(
         raise typer.BadParameter(f"{data} is not a directory", param_hint="--data")
     settings = _settings()
     wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
-    _terminate_on_sigterm()
+    _stop_on_signals()
     opts = UpOptions(source.value, str(data), wanted, start_ms, end_ms, speed_f, until_drained)
     summary = run_up(settings, opts)
     if until_drained:
@@ -231,6 +235,21 @@ def sql(
         store.close()
 
 
+@app.command()
+def worker() -> None:
+    """Run one Faust worker (the decision-chain agents) against PERPFLOW_KAFKA_BOOTSTRAP or the broker of
+    the running `perpflow up`."""
+    from streams.stack import StackInfo
+    from streams.worker import run_worker
+
+    settings = _settings()
+    info = StackInfo.load(settings)
+    bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else "")
+    if not bootstrap:
+        raise PerpflowError("no broker: set PERPFLOW_KAFKA_BOOTSTRAP or start `perpflow up` first")
+    run_worker(settings, bootstrap)
+
+
 def main() -> None:
     """Console entry point: usage errors and PerpflowError become one clear line, not a traceback."""
     try:
@@ -247,3 +266,7 @@ def main() -> None:
         print(f"perpflow: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -72,3 +72,4 @@ class ControlApi:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.store = self.health = None  # the handler class refers back here: let their clients go now

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     """Port of the /metrics + control API server of `perpflow up`; 0 = any free port."""
+    worker_metrics_port: int = 9465
+    """Port of the /metrics server of a `perpflow worker`; 0 = any free port."""
+    run_worker: bool = True
+    """Whether `perpflow up` starts a Faust worker (off when workers run as their own deployment)."""
     log_level: str = "INFO"
     sink_batch_rows: int = 50_000
     sink_batch_seconds: float = 1.0

@@ -18,6 +18,7 @@ from schemas.catalog import archived
 from streams.broker import die_with_parent, end_offsets
 from streams.settings import Settings
 from streams.stack import Stack
+from streams.worker import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,14 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                               batch_seconds=settings.sink_batch_seconds)
         sink_thread = _Worker("clickhouse-sink", sink.run)
         sink_thread.start()
+        worker = WorkerProcess(settings, stack.bootstrap) if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
         try:
             while True:
                 if sink_thread.error is not None:
                     raise sink_thread.error
+                if worker is not None:
+                    worker.check()
                 if replay is not None and replay.poll():
                     if replay.error is not None:
                         raise replay.error
@@ -132,6 +136,8 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
         finally:
             if replay:
                 replay.stop()
+            if worker:
+                worker.stop()
             sink.stop()
             sink_thread.join(60)
         if sink_thread.error is not None:

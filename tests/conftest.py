@@ -31,7 +31,8 @@ def home(tmp_path) -> Path:
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERPFLOW_")}
-    env.update({"PERPFLOW_HOME": str(home), "PERPFLOW_METRICS_PORT": "0", "PERPFLOW_LOG_LEVEL": "WARNING",
+    env.update({"PERPFLOW_HOME": str(home), "PERPFLOW_METRICS_PORT": "0", "PERPFLOW_WORKER_METRICS_PORT": "0",
+                "PERPFLOW_LOG_LEVEL": "WARNING",
                 "TZ": "UTC"})
     env.update(extra)
     return env

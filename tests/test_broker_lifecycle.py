@@ -57,20 +57,36 @@ def start_up(home: Path) -> tuple[subprocess.Popen, dict]:
     return proc, info
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_up_and_its_broker(home, sig):
     proc, info = start_up(home)
+    kids = wait_for(lambda: (k := children(proc.pid)) and len(k) >= 2 and k, 30, "broker and worker children")
     proc.send_signal(sig)
     proc.wait(30)
-    assert not alive(info["broker_pid"])
+    assert proc.returncode in (0, 130)
+    assert not any(alive(k) for k in kids)
     assert not (home / "run" / "stack.json").exists(), "a clean exit removes stack.json"
 
 
-def test_killed_parent_leaves_no_orphan_broker(home):
+def test_killed_parent_leaves_no_orphan_broker_or_worker(home):
     proc, info = start_up(home)
+    kids = wait_for(lambda: (k := children(proc.pid)) and len(k) >= 2 and k, 30, "broker and worker children")
+    assert info["broker_pid"] in kids
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    wait_for(lambda: not alive(info["broker_pid"]), 10, "the orphaned broker to die")
+    wait_for(lambda: not any(alive(k) for k in kids), 10, f"the orphaned children {kids} to die")
 
 
 def test_second_up_on_the_same_home_is_refused_clearly(home):

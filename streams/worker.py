@@ -1,0 +1,63 @@
+"""`perpflow worker`: one Faust worker process running the decision-chain agents.
+
+Agent modules are imported here so that they register on the app; the decision-chain issues add
+them to AGENT_MODULES. The worker serves its own /metrics."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import faust
+
+from streams.app import create_app
+from streams.broker import die_with_parent
+from streams.control_api import ControlApi
+from streams.settings import Settings
+
+AGENT_MODULES: list[str] = []
+
+
+def run_worker(settings: Settings, bootstrap: str) -> None:
+    app = create_app(bootstrap)
+    for module in AGENT_MODULES:
+        importlib.import_module(module).register(app, settings)
+    api = ControlApi(settings.metrics_host, settings.worker_metrics_port).start()
+    try:
+        worker = faust.Worker(app, loglevel=settings.log_level.lower(), redirect_stdouts=False, quiet=True)
+        worker.execute_from_commandline()
+    finally:
+        api.stop()
+
+
+class WorkerProcess:
+    """A `perpflow worker` child of `perpflow up`: logs to run/worker.log, dies with its parent."""
+
+    def __init__(self, settings: Settings, bootstrap: str):
+        self.log_path: Path = settings.run_dir / "worker.log"
+        # the child reads its settings from the environment: pass this process's explicitly
+        env = {**os.environ, "PERPFLOW_KAFKA_BOOTSTRAP": bootstrap, "PERPFLOW_HOME": str(settings.home_dir),
+               "PERPFLOW_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
+               "PERPFLOW_METRICS_HOST": settings.metrics_host, "PERPFLOW_LOG_LEVEL": settings.log_level}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent)
+
+    def check(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise RuntimeError(f"the Faust worker exited with code {code}; see {self.log_path}")
+
+    def stop(self, grace: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # Faust stops its agents, commits and flushes on SIGTERM
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
