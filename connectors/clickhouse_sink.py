@@ -71,6 +71,7 @@ class ClickHouseSink:
         self._next_offsets: dict[tuple[str, int], int] = {}
         self.committed: dict[tuple[str, int], int] = {}
         self.rows_inserted = 0
+        self.first_insert_at: float | None = None  # monotonic time of the first successful insert
         self.dead_letters = 0
         self.stop_event = threading.Event()
         self._pending_rows = 0
@@ -200,6 +201,8 @@ class ClickHouseSink:
         metrics.SINK_INSERT_SECONDS.labels(batch.topic.table).observe(time.perf_counter() - started)
         metrics.SINK_ROWS.labels(batch.topic.table).inc(len(batch.rows))
         self.rows_inserted += len(batch.rows)
+        if self.first_insert_at is None:
+            self.first_insert_at = time.monotonic()
         newest = max(r[batch.event_time_index] for r in batch.rows)
         metrics.EVENT_TIME_LAG.labels(self.group, batch.name).set(time.time() - newest / 1000)
         batch.clear()

@@ -135,6 +135,9 @@ def _print_summary(s) -> None:
         if n or s.rows_archived.get(topic):
             table.add_row(topic, f"{s.published.get(topic, 0):,}", f"{n:,}", f"{s.rows_archived.get(topic, 0):,}")
     out.print(table)
+    archived = sum(s.rows_archived.values())
+    if s.archive_seconds > 0:
+        out.print(f"archived {archived:,} rows, {archived / s.archive_seconds:,.0f} rows/s from the first insert")
     skipped = sum(s.skipped_rows.values())
     out.print(f"input rows skipped: {skipped:,}" + (f" {s.skipped_rows}" if skipped else "")
               + f"; dead letters: {s.dead_letters:,}")

@@ -43,6 +43,7 @@ class UpSummary:
     problems: list[str] = field(default_factory=list)
     dead_letters: int = 0
     seconds: float = 0.0
+    archive_seconds: float = 0.0  # from the sink's first insert until drained: the sustained archive rate
 
 
 class _Worker(threading.Thread):
@@ -128,6 +129,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                     if opts.until_drained:
                         log.info("replay finished; waiting for the sink to archive everything")
                         _wait_drained(stack.bootstrap, sink, sink_thread)
+                        summary.archive_seconds = time.monotonic() - (sink.first_insert_at or time.monotonic())
                         summary.published = replay.result.published
                         summary.skipped_rows = dict(replay.result.report.skipped_rows)
                         summary.problems = list(replay.result.report.problems)
