@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import time
+import urllib.request
 
 import pandas as pd
 import pytest
@@ -104,10 +105,26 @@ def test_while_up_holds_the_store_sql_and_topics_go_through_it(replayed):
         assert "md.klines" in topics.stdout and "perpflow-sink" in topics.stdout
         info = json.loads(stack.read_text())
         assert info["pid"] == up.pid
+        with urllib.request.urlopen(info["api_url"] + "/metrics", timeout=10) as r:
+            exposition = r.read().decode()
+        archived = metric(exposition, 'perpflow_sink_rows_total{table="md_klines"}')
+        assert archived > 0, "the sink counts the rows it archived"
+        consumed = metric(exposition, 'perpflow_messages_consumed_total{group="perpflow-sink",topic="md.klines"}')
+        assert consumed >= archived
+        assert 'perpflow_consumer_lag{group="perpflow-sink",partition="' in exposition
+        assert 'perpflow_event_time_lag_seconds{group="perpflow-sink",topic="md.klines"}' in exposition
+        assert 'perpflow_topic_end_offset{partition="' in exposition
     finally:
         up.terminate()
         up.wait(60)
     assert up.returncode in (0, 130), up.stderr.read()
+
+
+def metric(exposition: str, name: str) -> float:
+    for line in exposition.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
 
 
 def test_sql_without_a_store_says_what_to_run(tmp_path):
