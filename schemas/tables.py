@@ -72,12 +72,13 @@ def arrow_schema(topic: Topic) -> pa.Schema:
     return pa.schema(cols)
 
 
-def create_table_sql(topic: Topic, database: str = "default") -> str:
+def create_table_sql(topic: Topic) -> str:
+    """DDL in the client's current database (the DSN's, e.g. http://…:8123/perpflow)."""
     cols = [f"`{c.name}` {c.ch_type}" for c in columns(topic)]
     cols += [f"`{name}` {ch}" for name, ch, _ in SOURCE_COLUMNS]
     cols.append("`archived_at` DateTime64(3, 'UTC') DEFAULT now64(3)")
     return (
-        f"CREATE TABLE IF NOT EXISTS {database}.`{topic.table}` (\n  "
+        f"CREATE TABLE IF NOT EXISTS `{topic.table}` (\n  "
         + ",\n  ".join(cols)
         + "\n) ENGINE = ReplacingMergeTree\n"
         f"PARTITION BY toYYYYMM(event_time)\nORDER BY ({', '.join(topic.order_by)})"

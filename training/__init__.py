@@ -1,1 +1,1 @@
-"""training"""
+"""Offline labeling, model training, the model registry and backtests (built on the ClickHouse archive)."""
