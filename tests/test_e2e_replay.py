@@ -95,11 +95,14 @@ def test_while_up_holds_the_store_sql_and_topics_go_through_it(replayed):
             assert up.poll() is None, up.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        time.sleep(8)  # a few bars at 600× (one 5m bar per 0.5 s) and a couple of health samples
-        result = run_cli(home, "sql", COUNT_SQL, "--format", "tsv", timeout=60)
-        assert result.returncode == 0, result.stderr
-        btc = int(result.stdout.splitlines()[0].split("\t")[1])
-        assert btc > 2016, "new bars of 2024-01-08 arrive while up runs"
+        deadline = time.monotonic() + 90  # new bars of 2024-01-08 arrive while up runs (one per 0.5 s at 600×)
+        while True:
+            result = run_cli(home, "sql", COUNT_SQL, "--format", "tsv", timeout=60)
+            assert result.returncode == 0, result.stderr
+            if int(result.stdout.splitlines()[0].split("\t")[1]) > 2016:
+                break
+            assert time.monotonic() < deadline, f"no new bars archived: {result.stdout}"
+            time.sleep(1)
         topics = run_cli(home, "topics", timeout=60)
         assert topics.returncode == 0, topics.stderr
         assert "md.klines" in topics.stdout and "perpflow-sink" in topics.stdout

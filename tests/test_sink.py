@@ -89,15 +89,20 @@ def test_undecodable_messages_become_dead_letters(topics, store):
     wrong_topic = codec.encode("funding", {"event_id": "f", "event_time": T0, "symbol": "BTCUSDT",
                                            "funding_time": T0, "funding_rate": 1e-4, "mark_price": None,
                                            "source": "t"})
+    unknown = b"\xc3\x01" + bytes(8) + good[10:]  # a writer schema nobody registered
     produce(topics, [("md.klines", "BTCUSDT", good), ("md.klines", "BTCUSDT", b'{"not": "avro"}'),
-                     ("md.klines", "BTCUSDT", wrong_topic), ("md.klines", "BTCUSDT", good[:-4])])
+                     ("md.klines", "BTCUSDT", wrong_topic), ("md.klines", "BTCUSDT", good[:-4]),
+                     ("md.klines", "BTCUSDT", unknown)])
     sink = ClickHouseSink(topics, store)
     run_until_caught_up(sink, topics)
-    assert sink.dead_letters == 3
+    assert sink.dead_letters == 4
     assert store.query_rows("SELECT count() FROM md_klines FINAL")[0][0] == 1
     reasons = store.query_rows("SELECT reason, source_topic, length(payload) FROM deadletter FINAL ORDER BY offset")
     assert reasons == [("bad_magic", "md.klines", 15), ("wrong_schema", "md.klines", len(wrong_topic)),
-                       ("corrupt_body", "md.klines", len(good) - 4)]
+                       ("corrupt_body", "md.klines", len(good) - 4), ("unknown_fingerprint", "md.klines", len(good))]
+    # the dead letter keeps the original bytes, so nothing is lost
+    payload = store.query_rows("SELECT hex(payload) FROM deadletter FINAL WHERE reason = 'unknown_fingerprint'")
+    assert payload == [(unknown.hex().upper(),)]
 
 
 class FlakyStore:

@@ -1,0 +1,54 @@
+"""The store's user queries are read-only per query, and that never leaks into perpflow's own writes
+(chDB keeps settings in one session per process)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from connectors.clickhouse_store import Store
+from schemas.catalog import archived, topic
+from schemas.tables import arrow_schema
+from streams.errors import PerpflowError
+from streams.settings import Settings
+
+
+@pytest.fixture
+def store(home):
+    s = Store(Settings(home=home, clickhouse_url=""))
+    s.ensure_tables(archived())
+    yield s
+    s.close()
+
+
+def funding_row(i: int) -> pa.Table:
+    schema = arrow_schema(topic("md.funding"))
+    row = {"event_id": f"f{i}", "event_time": 1_704_067_200_000 + i, "symbol": "BTCUSDT",
+           "funding_time": 1_704_067_200_000 + i, "funding_rate": 1e-4, "mark_price": None, "source": "t",
+           "kafka_partition": 0, "kafka_offset": i}
+    return pa.Table.from_pylist([row], schema=schema)
+
+
+@pytest.mark.parametrize("sql", [
+    "DROP TABLE md_funding",
+    "DROP TABLE md_funding -- a trailing comment must not hide the guard",
+    "INSERT INTO md_funding (event_id) VALUES ('x')",
+    "TRUNCATE TABLE md_funding;",
+    "ALTER TABLE md_funding DELETE WHERE 1",
+    "CREATE TABLE x (a Int8) ENGINE = Memory",
+    "SET readonly = 0",
+])
+def test_user_queries_cannot_write(store, sql):
+    store.insert_arrow("md_funding", funding_row(1))
+    with pytest.raises(PerpflowError):
+        store.query_text(sql, "tsv")
+    assert store.query_rows("SELECT count() FROM md_funding") == [(1,)]
+
+
+def test_read_only_queries_do_not_stop_later_inserts(store):
+    store.insert_arrow("md_funding", funding_row(1))
+    assert store.query_text("SELECT count() FROM md_funding", "tsv") == "1\n"
+    assert store.query_text("SELECT count() FROM md_funding SETTINGS max_threads = 1", "tsv") == "1\n"
+    assert "md_funding" in store.query_text("SHOW TABLES", "tsv").split()
+    store.insert_arrow("md_funding", funding_row(2))  # would raise READONLY if the setting leaked
+    assert store.query_rows("SELECT count() FROM md_funding") == [(2,)]
