@@ -52,3 +52,12 @@ def test_read_only_queries_do_not_stop_later_inserts(store):
     assert "md_funding" in store.query_text("SHOW TABLES", "tsv").split()
     store.insert_arrow("md_funding", funding_row(2))  # would raise READONLY if the setting leaked
     assert store.query_rows("SELECT count() FROM md_funding") == [(2,)]
+
+
+def test_sql_names_the_process_that_holds_the_embedded_store(store, home):
+    from tests.conftest import run_cli
+
+    result = run_cli(home, "sql", "SELECT 1")  # this test process holds the store, with no API to go through
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "held by pid" in line and "one process per store" in line
