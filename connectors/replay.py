@@ -110,9 +110,20 @@ def build_timeline(prepared: list[_Prepared]) -> np.ndarray:
 
 @dataclass
 class ReplayResult:
-    published: dict[str, int]
+    published: dict[str, int]  # messages per topic
+    published_bytes: dict[str, int]
     report: LoadReport
     seconds: float
+
+    def export_metrics(self) -> None:
+        """Count the replay in this process's metrics (`perpflow up` runs the replay in a child process
+        and calls this again on the result it receives, so its /metrics shows the replay too)."""
+        for topic, n in self.published.items():
+            metrics.MESSAGES_PRODUCED.labels(topic).inc(n)
+            metrics.BYTES_PRODUCED.labels(topic).inc(self.published_bytes[topic])
+            metrics.REPLAY_EVENTS.labels(topic).inc(n)
+        for reason, count in self.report.skipped_rows.items():
+            metrics.REPLAY_SKIPPED_ROWS.labels(reason).inc(count)
 
 
 class ReplaySource:
@@ -133,8 +144,6 @@ class ReplaySource:
         histories, report = load_history(self.data_dir, self.symbols, self.start_ms, self.end_ms)
         for problem in report.problems:
             log.warning("replay input: %s", problem)
-        for reason, count in report.skipped_rows.items():
-            metrics.REPLAY_SKIPPED_ROWS.labels(reason).inc(count)
         return [_prepare(histories[s], self.start_ms) for s in sorted(histories)], report
 
     def run(self) -> ReplayResult:
@@ -181,11 +190,9 @@ class ReplaySource:
         if remaining:
             raise RuntimeError(f"{remaining} replay messages were not delivered to the broker")
         progress.done(sum(published.values()))
-        for topic, n in published.items():
-            metrics.MESSAGES_PRODUCED.labels(topic).inc(n)
-            metrics.BYTES_PRODUCED.labels(topic).inc(nbytes[topic])
-            metrics.REPLAY_EVENTS.labels(topic).inc(n)
-        return ReplayResult(published, report, time.monotonic() - started)
+        result = ReplayResult(published, nbytes, report, time.monotonic() - started)
+        result.export_metrics()
+        return result
 
     # -- the records, one per event kind (also used by benchmarks/codec.py) ----------------------
     def kline_record(self, p: _Prepared, row: int) -> dict:

@@ -1,6 +1,7 @@
-"""`perpflow up`: start what is not configured externally, then run the pipeline pieces of this
-process — replay source and ClickHouse sink (the Faust worker joins when it has agents) — until
-Ctrl-C/SIGTERM, or with `until_drained` until the replay finished and the sink caught up.
+"""`perpflow up`: start what is not configured externally, then run the pipeline — the replay source
+(its own process), the ClickHouse sink (a thread of this one, which owns the store) and a Faust worker
+(its own process) — until Ctrl-C/SIGTERM, or with `until_drained` until the replay finished and the
+sink caught up.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class UpSummary:
     archive_seconds: float = 0.0  # from the sink's first insert until drained: the sustained archive rate
 
 
-class _Worker(threading.Thread):
+class _ReportingThread(threading.Thread):
     """A thread that remembers the exception that ended it."""
 
     def __init__(self, name: str, target):
@@ -92,6 +93,7 @@ class _ReplayProcess:
             status, value = self._recv.recv()
             if status == "ok":
                 self.result = value
+                value.export_metrics()
             else:
                 self.error = value
         elif self.result is None and self.error is None and not self.process.is_alive():
@@ -113,7 +115,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
     with Stack(settings) as stack:
         sink = ClickHouseSink(stack.bootstrap, stack.store, batch_rows=settings.sink_batch_rows,
                               batch_seconds=settings.sink_batch_seconds)
-        sink_thread = _Worker("clickhouse-sink", sink.run)
+        sink_thread = _ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
         worker = WorkerProcess(settings, stack.bootstrap) if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
@@ -155,7 +157,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
     return summary
 
 
-def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _Worker) -> None:
+def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _ReportingThread) -> None:
     """Until the sink has archived and committed everything now in the archived topics."""
     topics = [t.name for t in archived()]
     while True:
