@@ -14,5 +14,9 @@ def funding(symbol: str, funding_time_ms: int) -> str:
     return f"funding:{symbol}:{funding_time_ms:013d}"
 
 
+def features(symbol: str, interval: str, open_time_ms: int) -> str:
+    return f"features:{symbol}:{interval}:{open_time_ms:013d}"
+
+
 def dead_letter(source_topic: str, partition: int, offset: int) -> str:
     return f"dlq:{source_topic}:{partition}:{offset}"

@@ -238,6 +238,60 @@ def sql(
         store.close()
 
 
+features_app = typer.Typer(help="Features of closed 5m bars: the registry in streams/features/registry.py.",
+                            no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("build")
+def features_build(
+    symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
+    start: str = typer.Option(..., help="First bar to write (UTC date or time, inclusive)."),
+    end: str = typer.Option(..., help="Where the bars to write stop (UTC, exclusive)."),
+) -> None:
+    """Compute features from the archived md_klines, md_markprice, md_funding (and md_openinterest) with the
+    streaming engine's code and write them to the `features` table. History before --start (2000 bars) warms the
+    state; only bars in [start, end) are written. Needs the store to itself: not while `perpflow up` holds the
+    embedded store."""
+    from connectors.clickhouse_store import Store, StoreBusy
+    from streams.features.offline import MARGIN_BARS, build_features
+
+    start_ms, end_ms = parse_time(start, "--start"), parse_time(end, "--end")
+    if end_ms <= start_ms:  # type: ignore[operator]
+        raise typer.BadParameter("--end must be after --start", param_hint="--end")
+    settings = _settings()
+    wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
+    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
+        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'} yet: archive market data first with "
+                            "`perpflow up --source replay ... --until-drained` (or `make run`)")
+    try:
+        store = Store(settings)
+    except StoreBusy as exc:
+        raise PerpflowError(f"`perpflow features build` writes to the embedded store {settings.home_dir / 'clickhouse'}"
+                            f", which {exc.holder} holds (`perpflow up`); chDB allows one process per store and "
+                            "the build does not go through up's API. Stop `perpflow up` (Ctrl-C), then build "
+                            "again.") from None
+    started = time.monotonic()
+    try:
+        rows = build_features(store, wanted, start_ms, end_ms)  # type: ignore[arg-type]
+    finally:
+        store.close()
+    table = Table(title=f"features built in {time.monotonic() - started:.1f} s "
+                        f"(warm-up from {MARGIN_BARS} bars before --start)")
+    for col in ("symbol", "rows written", "ready", "first ready bar", "gap rows"):
+        table.add_column(col, justify="left" if col == "symbol" else "right")
+    for symbol, rs in rows.items():
+        first = next((r["open_time"] for r in rs if r["ready"]), None)
+        table.add_row(symbol, f"{len(rs):,}", f"{sum(r['ready'] for r in rs):,}",
+                      "–" if first is None else datetime.fromtimestamp(first / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+                      f"{sum(r['gap_bars'] > 0 for r in rs):,}")
+    out.print(table)
+    empty = [s for s, rs in rows.items() if not rs]
+    if empty:
+        out.print(f"[yellow]no md_klines rows in the window for {', '.join(empty)}[/]: archive them first "
+                  "(`perpflow up --source replay --symbols ... --until-drained`)")
+
+
 @app.command()
 def worker() -> None:
     """Run one Faust worker (the decision-chain agents) against PERPFLOW_KAFKA_BOOTSTRAP or the broker of
