@@ -29,6 +29,19 @@ def home(tmp_path) -> Path:
     return tmp_path / "home"
 
 
+@pytest.fixture
+def store(home):
+    """A real chDB store in the test's own PERPFLOW_HOME, with every archive table."""
+    from connectors.clickhouse_store import Store
+    from schemas.catalog import archived
+    from streams.settings import Settings
+
+    s = Store(Settings(home=home, clickhouse_url=""))
+    s.ensure_tables(archived())
+    yield s
+    s.close()
+
+
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERPFLOW_")}
     env.update({"PERPFLOW_HOME": str(home), "PERPFLOW_METRICS_PORT": "0", "PERPFLOW_WORKER_METRICS_PORT": "0",

@@ -26,6 +26,7 @@ from streams.features.engine import BtcSnapshot, SymbolFeatures
 from streams.features.offline import FeatureRun, compute, ensure_features_table, sort_events
 from streams.features.registry import FEATURES, NAMES, READY_BARS, SCHEMA_VERSION
 from tests.conftest import SAMPLE, run_cli
+from tests.test_indicators import ref_atr
 
 REL, ABS = 1e-9, 1e-12
 BAR, HOUR, DAY = 300_000, 3_600_000, 86_400_000
@@ -64,17 +65,6 @@ def assert_close(rows: list[dict], name: str, want) -> None:
 
 
 # ------------------------------------------------------------------------------------ independent references
-def ref_atr(h: list[float], lo: list[float], c: list[float], n: int = 14) -> list[float | None]:
-    trs = [h[0] - lo[0]] + [max(h[i] - lo[i], abs(h[i] - c[i - 1]), abs(lo[i] - c[i - 1])) for i in range(1, len(c))]
-    out: list[float | None] = [None] * len(c)
-    atr = sum(trs[:n]) / n
-    out[n - 1] = atr
-    for i in range(n, len(c)):
-        atr = (atr * (n - 1) + trs[i]) / n
-        out[i] = atr
-    return out
-
-
 def ref_rsi(c: list[float], n: int = 14) -> list[float | None]:
     changes = [c[i] - c[i - 1] for i in range(1, len(c))]
     gains, losses = [max(x, 0.0) for x in changes], [max(-x, 0.0) for x in changes]
@@ -109,7 +99,7 @@ def test_features_match_independent_computations(symbol):
     assert [r["open_time"] for r in rows] == k["open_time"].tolist()
     h, lo, c = k["high"].tolist(), k["low"].tolist(), k["close"].tolist()
     close = k["close"]
-    atr = ref_atr(h, lo, c)
+    atr = ref_atr(h, lo, c, 14)
     assert_close(rows, "atr_14", atr)
     assert_close(rows, "rsi_14", ref_rsi(c))
     assert_close(rows, "ema_21", close.ewm(span=21, adjust=False).mean())
@@ -326,7 +316,7 @@ def test_features_build_through_the_cli(tmp_path):
         rows = got.astype(object).where(got.notna(), None).to_dict("records")
         h, lo, c = bars["high"].tolist(), bars["low"].tolist(), bars["close"].tolist()
         assert_close(rows, "rsi_14", ref_rsi(c))
-        assert_close(rows, "atr_14", ref_atr(h, lo, c))
+        assert_close(rows, "atr_14", ref_atr(h, lo, c, 14))
         assert_close(rows, "ema_21", bars["close"].ewm(span=21, adjust=False).mean())
 
     with open(home / "run" / "store.lock", "a+") as held:  # as `perpflow up` holds it

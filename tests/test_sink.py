@@ -16,7 +16,6 @@ from schemas import event_ids
 from schemas.catalog import archived, topic
 from schemas.codec import default_codec
 from streams.broker import consumer_config, end_offsets, ensure_topics, producer_config
-from streams.settings import Settings
 
 T0 = 1_704_067_200_000  # 2024-01-01 00:00 UTC
 
@@ -28,14 +27,6 @@ def kline(symbol: str, i: int) -> dict:
             "open": 100.0 + i, "high": 101.0 + i, "low": 99.0 + i, "close": 100.5 + i, "volume": 10.0 * i,
             "quote_volume": None, "trades": i, "taker_buy_volume": None, "taker_buy_quote_volume": None,
             "is_closed": True, "source": "test"}
-
-
-@pytest.fixture
-def store(home):
-    s = Store(Settings(home=home, clickhouse_url=""))
-    s.ensure_tables(archived())
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -6,19 +6,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from connectors.clickhouse_store import Store
-from schemas.catalog import archived, topic
+from schemas.catalog import topic
 from schemas.tables import arrow_schema
 from streams.errors import PerpflowError
-from streams.settings import Settings
-
-
-@pytest.fixture
-def store(home):
-    s = Store(Settings(home=home, clickhouse_url=""))
-    s.ensure_tables(archived())
-    yield s
-    s.close()
 
 
 def funding_row(i: int) -> pa.Table:
