@@ -70,43 +70,69 @@ class Ema:
         return obj
 
 
-class WilderAtr:
-    """ATR: first = mean of the first n true ranges (bar 0: high − low), then (prev·(n−1) + tr)/n; warmup n."""
+class WilderMean:
+    """Wilder's smoothing, shared by ATR, RSI and ADX: the mean of the first n values, then (prev·(n−1) + x)/n;
+    warmup n."""
 
-    __slots__ = ("n", "warmup", "value", "tr", "_prev_close", "_count", "_sum")
+    __slots__ = ("n", "warmup", "value", "_count", "_sum")
 
-    def __init__(self, n: int = 14) -> None:
+    def __init__(self, n: int) -> None:
         self.n = _check_n(n)
         self.warmup = n
         self.value: float | None = None
-        self.tr: float | None = None  # the last bar's true range
-        self._prev_close: float | None = None
         self._count = 0
         self._sum = 0.0
 
-    def update(self, high: float, low: float, close: float) -> float | None:
-        tr = true_range(high, low, self._prev_close)
-        self._prev_close = close
-        self.tr = tr
+    def update(self, x: float) -> float | None:
         n = self.n
         if self.value is not None:
-            self.value = (self.value * (n - 1) + tr) / n
+            self.value = (self.value * (n - 1) + x) / n
         else:
             self._count += 1
-            self._sum += tr
+            self._sum += x
             if self._count == n:
                 self.value = self._sum / n
         return self.value
 
     def to_state(self) -> dict[str, Any]:
-        return {"n": self.n, "value": self.value, "tr": self.tr, "prev_close": self._prev_close,
-                "count": self._count, "sum": self._sum}
+        return {"n": self.n, "value": self.value, "count": self._count, "sum": self._sum}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> WilderMean:
+        obj = cls(state["n"])
+        obj.value, obj._count, obj._sum = state["value"], state["count"], state["sum"]
+        return obj
+
+
+class WilderAtr:
+    """ATR: first = mean of the first n true ranges (bar 0: high − low), then (prev·(n−1) + tr)/n; warmup n."""
+
+    __slots__ = ("n", "warmup", "tr", "_prev_close", "_mean")
+
+    def __init__(self, n: int = 14) -> None:
+        self.n = _check_n(n)
+        self.warmup = n
+        self.tr: float | None = None  # the last bar's true range
+        self._prev_close: float | None = None
+        self._mean = WilderMean(n)
+
+    @property
+    def value(self) -> float | None:
+        return self._mean.value
+
+    def update(self, high: float, low: float, close: float) -> float | None:
+        self.tr = true_range(high, low, self._prev_close)
+        self._prev_close = close
+        return self._mean.update(self.tr)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"n": self.n, "tr": self.tr, "prev_close": self._prev_close, "mean": self._mean.to_state()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> WilderAtr:
         obj = cls(state["n"])
-        obj.value, obj.tr, obj._prev_close = state["value"], state["tr"], state["prev_close"]
-        obj._count, obj._sum = state["count"], state["sum"]
+        obj.tr, obj._prev_close = state["tr"], state["prev_close"]
+        obj._mean = WilderMean.from_state(state["mean"])
         return obj
 
 
@@ -120,18 +146,23 @@ class WilderRsi:
     """RSI: gain/loss averages seeded with the mean of the first n close changes, then (prev·(n−1) + x)/n;
     100 − 100/(1 + gain/loss), 100 when loss = 0, 50 when both are 0; warmup n+1 (n changes need n+1 closes)."""
 
-    __slots__ = ("n", "warmup", "value", "avg_gain", "avg_loss", "_prev", "_count", "_sum_gain", "_sum_loss")
+    __slots__ = ("n", "warmup", "value", "_prev", "_gain", "_loss")
 
     def __init__(self, n: int = 14) -> None:
         self.n = _check_n(n)
         self.warmup = n + 1
         self.value: float | None = None
-        self.avg_gain: float | None = None
-        self.avg_loss: float | None = None
         self._prev: float | None = None
-        self._count = 0
-        self._sum_gain = 0.0
-        self._sum_loss = 0.0
+        self._gain = WilderMean(n)
+        self._loss = WilderMean(n)
+
+    @property
+    def avg_gain(self) -> float | None:
+        return self._gain.value
+
+    @property
+    def avg_loss(self) -> float | None:
+        return self._loss.value
 
     def update(self, close: float) -> float | None:
         prev = self._prev
@@ -139,33 +170,22 @@ class WilderRsi:
         if prev is None:
             return None
         change = close - prev
-        gain = change if change > 0.0 else 0.0
-        loss = -change if change < 0.0 else 0.0
-        n = self.n
-        if self.avg_gain is not None:
-            self.avg_gain = (self.avg_gain * (n - 1) + gain) / n
-            self.avg_loss = (self.avg_loss * (n - 1) + loss) / n  # type: ignore[operator]
-        else:
-            self._count += 1
-            self._sum_gain += gain
-            self._sum_loss += loss
-            if self._count < n:
-                return None
-            self.avg_gain = self._sum_gain / n
-            self.avg_loss = self._sum_loss / n
-        self.value = _rsi(self.avg_gain, self.avg_loss)  # type: ignore[arg-type]
+        gain = self._gain.update(change if change > 0.0 else 0.0)
+        loss = self._loss.update(-change if change < 0.0 else 0.0)
+        if gain is None or loss is None:
+            return None
+        self.value = _rsi(gain, loss)
         return self.value
 
     def to_state(self) -> dict[str, Any]:
-        return {"n": self.n, "value": self.value, "avg_gain": self.avg_gain, "avg_loss": self.avg_loss,
-                "prev": self._prev, "count": self._count, "sum_gain": self._sum_gain, "sum_loss": self._sum_loss}
+        return {"n": self.n, "value": self.value, "prev": self._prev, "gain": self._gain.to_state(),
+                "loss": self._loss.to_state()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> WilderRsi:
         obj = cls(state["n"])
-        obj.value, obj.avg_gain, obj.avg_loss = state["value"], state["avg_gain"], state["avg_loss"]
-        obj._prev, obj._count = state["prev"], state["count"]
-        obj._sum_gain, obj._sum_loss = state["sum_gain"], state["sum_loss"]
+        obj.value, obj._prev = state["value"], state["prev"]
+        obj._gain, obj._loss = WilderMean.from_state(state["gain"]), WilderMean.from_state(state["loss"])
         return obj
 
 
@@ -211,14 +231,13 @@ class WilderAdx:
     (prev·(n−1) + dx)/n. Warmup 2n (ADX first at 0-based bar 2n−1, i.e. bar 27 for n=14); ±DI and DX have
     warmup n+1 (`di_warmup`)."""
 
-    __slots__ = ("n", "warmup", "di_warmup", "value", "plus_di", "minus_di", "dx", "_prev_high", "_prev_low",
-                 "_prev_close", "_count", "_s_tr", "_s_pdm", "_s_mdm", "_dx_count", "_dx_sum")
+    __slots__ = ("n", "warmup", "di_warmup", "plus_di", "minus_di", "dx", "_prev_high", "_prev_low",
+                 "_prev_close", "_count", "_s_tr", "_s_pdm", "_s_mdm", "_adx")
 
     def __init__(self, n: int = 14) -> None:
         self.n = _check_n(n)
         self.warmup = 2 * n
         self.di_warmup = n + 1
-        self.value: float | None = None
         self.plus_di: float | None = None
         self.minus_di: float | None = None
         self.dx: float | None = None
@@ -229,8 +248,11 @@ class WilderAdx:
         self._s_tr = 0.0
         self._s_pdm = 0.0
         self._s_mdm = 0.0
-        self._dx_count = 0
-        self._dx_sum = 0.0
+        self._adx = WilderMean(n)
+
+    @property
+    def value(self) -> float | None:
+        return self._adx.value
 
     def update(self, high: float, low: float, close: float) -> float | None:
         ph, pl, pc = self._prev_high, self._prev_low, self._prev_close
@@ -241,7 +263,7 @@ class WilderAdx:
         down = pl - low  # type: ignore[operator]
         pdm = up if (up > down and up > 0.0) else 0.0
         mdm = down if (down > up and down > 0.0) else 0.0
-        tr = max(high - low, abs(high - pc), abs(low - pc))  # type: ignore[operator]
+        tr = true_range(high, low, pc)
         n = self.n
         if self._count >= n:
             s_tr = self._s_tr
@@ -264,28 +286,21 @@ class WilderAdx:
         total = pdi + mdi
         dx = 100.0 * abs(pdi - mdi) / total if total > 0.0 else 0.0
         self.plus_di, self.minus_di, self.dx = pdi, mdi, dx
-        if self.value is not None:
-            self.value = (self.value * (n - 1) + dx) / n
-        else:
-            self._dx_count += 1
-            self._dx_sum += dx
-            if self._dx_count == n:
-                self.value = self._dx_sum / n
-        return self.value
+        return self._adx.update(dx)
 
     def to_state(self) -> dict[str, Any]:
-        return {"n": self.n, "value": self.value, "plus_di": self.plus_di, "minus_di": self.minus_di, "dx": self.dx,
+        return {"n": self.n, "plus_di": self.plus_di, "minus_di": self.minus_di, "dx": self.dx,
                 "prev_high": self._prev_high, "prev_low": self._prev_low, "prev_close": self._prev_close,
                 "count": self._count, "s_tr": self._s_tr, "s_pdm": self._s_pdm, "s_mdm": self._s_mdm,
-                "dx_count": self._dx_count, "dx_sum": self._dx_sum}
+                "adx": self._adx.to_state()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> WilderAdx:
         obj = cls(state["n"])
-        obj.value, obj.plus_di, obj.minus_di, obj.dx = state["value"], state["plus_di"], state["minus_di"], state["dx"]
+        obj.plus_di, obj.minus_di, obj.dx = state["plus_di"], state["minus_di"], state["dx"]
         obj._prev_high, obj._prev_low, obj._prev_close = state["prev_high"], state["prev_low"], state["prev_close"]
         obj._count, obj._s_tr, obj._s_pdm, obj._s_mdm = state["count"], state["s_tr"], state["s_pdm"], state["s_mdm"]
-        obj._dx_count, obj._dx_sum = state["dx_count"], state["dx_sum"]
+        obj._adx = WilderMean.from_state(state["adx"])
         return obj
 
 
