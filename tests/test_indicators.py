@@ -260,12 +260,18 @@ def test_stochastic_matches_pandas_rolling():
     assert (st.warmup, st.k_warmup) == (16, 14)
 
 
-def rolling_case(x: list[float], n: int, name: str) -> None:
+def window_run(x: list[float], n: int) -> tuple[RollingWindow, list, list]:
+    """A RollingWindow fed x, with its mean and std after every value."""
     rw = RollingWindow(n)
     means, stds = [], []
     for v in x:
         means.append(rw.update(v))
         stds.append(rw.std())
+    return rw, means, stds
+
+
+def rolling_case(x: list[float], n: int, name: str) -> None:
+    rw, means, stds = window_run(x, n)
     want_mean, want_std = window_stats(x, n)
     assert_matches(means, want_mean, f"{name} mean (numpy)", warmup=rw.warmup)
     assert_matches(stds, want_std, f"{name} std (numpy)", warmup=rw.warmup)
@@ -338,11 +344,7 @@ def test_rolling_no_drift_over_half_a_year():
     vol = b["volume"] * reps
     rb, re = returns(b["close"]) * reps, returns(e["close"]) * reps
     for x, n, name in ((close, 20, "close 20"), (vol, 48, "volume 48"), (rb, 30, "returns 30")):
-        rw = RollingWindow(n)
-        means, stds = [], []
-        for v in x:
-            means.append(rw.update(v))
-            stds.append(rw.std())
+        _, means, stds = window_run(x, n)
         want_mean, want_std = window_stats(x, n)
         assert_matches(means, want_mean, f"long {name} mean")
         assert_matches(stds, want_std, f"long {name} std")
