@@ -20,7 +20,7 @@ from connectors.clickhouse_store import Store
 from schemas import event_ids
 from schemas.catalog import Topic, archived
 from schemas.codec import Codec, DecodeError, default_codec
-from schemas.tables import arrow_schema, columns, to_json_if_nested
+from schemas.tables import arrow_table, columns, to_json_if_nested
 from streams import metrics
 from streams.broker import consumer_config, producer_config
 
@@ -35,7 +35,6 @@ class _TopicBatch:
     def __init__(self, topic: Topic, name: str):
         self.topic = topic
         self.name = name  # the Kafka topic name (may carry a run prefix)
-        self.schema = arrow_schema(topic)
         fields = [c.name for c in columns(topic)]
         self.values = itemgetter(*fields)
         self.event_time_index = fields.index("event_time")
@@ -49,9 +48,7 @@ class _TopicBatch:
         self.offsets: list[int] = []
 
     def table(self) -> pa.Table:
-        cols = [*zip(*self.rows, strict=True), self.partitions, self.offsets]
-        return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, self.schema, strict=True)],
-                                    schema=self.schema)
+        return arrow_table(self.topic, self.rows, self.partitions, self.offsets)
 
 
 class ClickHouseSink:

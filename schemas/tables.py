@@ -72,11 +72,27 @@ def arrow_schema(topic: Topic) -> pa.Schema:
     return pa.schema(cols)
 
 
+def arrow_table(topic: Topic, rows: list[tuple], partitions: list[int], offsets: list[int]) -> pa.Table:
+    """The insert for `topic`'s table: `rows` hold the record's fields in `columns(topic)` order (nested values
+    already JSON), `partitions`/`offsets` say where each came from (-1 when not from Kafka)."""
+    schema = arrow_schema(topic)
+    cols = [*zip(*rows, strict=True), partitions, offsets] if rows else [[] for _ in schema]
+    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)
+
+
+_ARCHIVED_AT = ("archived_at", "DateTime64(3, 'UTC') DEFAULT now64(3)")
+
+
+def table_columns(topic: Topic) -> list[str]:
+    """The column names of the topic's table, in order."""
+    return [c.name for c in columns(topic)] + [name for name, _, _ in SOURCE_COLUMNS] + [_ARCHIVED_AT[0]]
+
+
 def create_table_sql(topic: Topic) -> str:
     """DDL in the client's current database (the DSN's, e.g. http://…:8123/perpflow)."""
     cols = [f"`{c.name}` {c.ch_type}" for c in columns(topic)]
     cols += [f"`{name}` {ch}" for name, ch, _ in SOURCE_COLUMNS]
-    cols.append("`archived_at` DateTime64(3, 'UTC') DEFAULT now64(3)")
+    cols.append(f"`{_ARCHIVED_AT[0]}` {_ARCHIVED_AT[1]}")
     return (
         f"CREATE TABLE IF NOT EXISTS `{topic.table}` (\n  "
         + ",\n  ".join(cols)

@@ -21,9 +21,8 @@ from schemas import event_ids
 from schemas.catalog import topic
 from schemas.codec import default_codec
 from schemas.tables import arrow_schema
-from streams.errors import PerpflowError
 from streams.features.engine import BtcSnapshot, SymbolFeatures
-from streams.features.offline import FeatureRun, compute, ensure_features_table, sort_events
+from streams.features.offline import FeatureRun, compute, sort_events
 from streams.features.registry import FEATURES, NAMES, READY_BARS, SCHEMA_VERSION
 from tests.conftest import SAMPLE, run_cli
 from tests.test_indicators import ref_atr
@@ -328,33 +327,3 @@ def test_features_build_through_the_cli(tmp_path):
         busy = run_cli(home, *build)
     assert busy.returncode == 1
     assert "pid 4242" in busy.stderr and "Stop `perpflow up`" in busy.stderr and len(busy.stderr.splitlines()) == 1
-
-
-class FakeStore:
-    """What ensure_features_table asks of a Store, with a `features` table of some layout and row count."""
-
-    def __init__(self, columns: list[str], rows: int):
-        self.columns, self.rows, self.commands, self.ensured = columns, rows, [], []
-
-    def query_rows(self, sql: str) -> list[tuple]:
-        return [(c,) for c in self.columns] if "system.columns" in sql else [(self.rows,)]
-
-    def command(self, sql: str) -> None:
-        self.commands.append(sql)
-
-    def ensure_tables(self, topics) -> None:
-        self.ensured += [t.table for t in topics]
-
-
-def test_an_empty_features_table_of_an_older_layout_is_recreated_a_filled_one_refused():
-    placeholder = ["event_id", "event_time", "symbol", "source", "kafka_partition", "kafka_offset", "archived_at"]
-    empty = FakeStore(placeholder, 0)
-    ensure_features_table(empty)
-    assert empty.commands == ["DROP TABLE `features`"] and empty.ensured == ["features"]
-    filled = FakeStore(placeholder, 5)
-    with pytest.raises(PerpflowError, match="another layout"):
-        ensure_features_table(filled)
-    assert filled.commands == []
-    current = FakeStore([f.name for f in arrow_schema(topic("features"))] + ["archived_at"], 5)
-    ensure_features_table(current)
-    assert current.commands == [] and current.ensured == ["features"]

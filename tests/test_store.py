@@ -51,3 +51,25 @@ def test_sql_names_the_process_that_holds_the_embedded_store(store, home):
     assert result.returncode == 1
     line = result.stderr.strip()
     assert "\n" not in line and "held by pid" in line and "one process per store" in line
+
+
+PLACEHOLDER = "CREATE TABLE features (event_id String, event_time DateTime64(3, 'UTC'), symbol String) " \
+    "ENGINE = ReplacingMergeTree ORDER BY (symbol, event_id)"
+
+
+def test_an_empty_table_of_an_older_layout_is_recreated_a_filled_one_refused(store):
+    from schemas.tables import table_columns
+
+    layout = "SELECT name FROM system.columns WHERE table = 'features' ORDER BY position"
+    store.command("DROP TABLE features")
+    store.command(PLACEHOLDER)
+    store.ensure_tables([topic("features")])  # empty: recreated with the current layout
+    assert [r[0] for r in store.query_rows(layout)] == table_columns(topic("features"))
+    store.ensure_tables([topic("features")])  # current layout: left as it is
+    assert [r[0] for r in store.query_rows(layout)] == table_columns(topic("features"))
+    store.command("DROP TABLE features")
+    store.command(PLACEHOLDER)
+    store.command("INSERT INTO features VALUES ('a', 0, 'BTCUSDT')")
+    with pytest.raises(PerpflowError, match="another layout"):
+        store.ensure_tables([topic("features")])
+    assert store.query_rows("SELECT count() FROM features") == [(1,)], "a filled table is never dropped"

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-
-import pyarrow as pa
+from operator import itemgetter
 
 from connectors.clickhouse_store import Store
 from connectors.replay import KIND_FUNDING, KIND_KLINE, KIND_MARK
 from schemas.catalog import topic
-from schemas.tables import SOURCE_COLUMNS, arrow_schema, columns
+from schemas.tables import arrow_table, columns
 from streams.console import ProgressLine
 from streams.errors import PerpflowError
 from streams.features.engine import BAR_MS, BTC_SYMBOL, DAY_MS, INTERVAL, BtcSnapshot, SymbolFeatures
@@ -133,30 +132,13 @@ def read_events(store: Store, symbols: list[str], lo_ms: int, end_ms: int) -> li
     return events
 
 
-def ensure_features_table(store: Store) -> None:
-    """Create `features`; an empty table of an older layout is recreated, a filled one is left alone: say so."""
-    t = topic("features")
-    expected = [c.name for c in columns(t)] + [name for name, _, _ in SOURCE_COLUMNS] + ["archived_at"]
-    have = [r[0] for r in store.query_rows(
-        f"SELECT name FROM system.columns WHERE database = currentDatabase() AND table = '{t.table}' "
-        "ORDER BY position")]
-    if have and have != expected:
-        rows = store.query_rows(f"SELECT count() FROM `{t.table}`")[0][0]
-        if rows:
-            raise PerpflowError(f"the `{t.table}` table has another layout than schemas/avro/features.avsc "
-                                f"({len(have)} columns, {rows:,} rows); drop or rename it, then build again")
-        store.command(f"DROP TABLE `{t.table}`")
-    store.ensure_tables([t])
-
-
 def insert_rows(store: Store, rows: list[dict]) -> None:
-    schema = arrow_schema(topic("features"))
-    names = [f.name for f in schema]
+    """Insert in chunks; offline rows did not come through Kafka: partition and offset are -1."""
+    t = topic("features")
+    values = itemgetter(*(c.name for c in columns(t)))
     for i in range(0, len(rows), INSERT_ROWS):
-        chunk = rows[i:i + INSERT_ROWS]
-        cols = [[r[n] for r in chunk] for n in names[:-len(SOURCE_COLUMNS)]] + [[-1] * len(chunk)] * 2
-        store.insert_arrow(topic("features").table, pa.Table.from_arrays(
-            [pa.array(c, type=f.type) for c, f in zip(cols, schema, strict=True)], schema=schema))
+        chunk = [values(r) for r in rows[i:i + INSERT_ROWS]]
+        store.insert_arrow(t.table, arrow_table(t, chunk, [-1] * len(chunk), [-1] * len(chunk)))
 
 
 def build_features(store: Store, symbols: list[str], start_ms: int, end_ms: int, margin_bars: int = MARGIN_BARS,
@@ -175,6 +157,6 @@ def build_features(store: Store, symbols: list[str], start_ms: int, end_ms: int,
     rows = {s: [r for r in computed.get(s, []) if r["open_time"] >= start_ms] for s in wanted}
     if progress is not None:
         progress.done(len(events))
-    ensure_features_table(store)
+    store.ensure_tables([topic("features")])
     insert_rows(store, [r for s in wanted for r in rows[s]])
     return rows
