@@ -37,7 +37,10 @@ class LeanMonitor(Monitor):
         pass
 
 
-def create_app(bootstrap: str, app_id: str = "perpflow", web_port: int | None = None) -> faust.App:
+APP_ID = "perpflow"  # also the Kafka consumer group of the agents
+
+
+def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None) -> faust.App:
     return faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
@@ -53,4 +56,6 @@ def create_app(bootstrap: str, app_id: str = "perpflow", web_port: int | None = 
         web_enabled=web_port is not None,
         web_port=web_port or 6066,
         Monitor=LeanMonitor,
+        # a table value holds a symbol's state and the events it holds back (a backlog can hold many)
+        producer_max_request_size=16 * 1024 * 1024,
     )

@@ -34,3 +34,12 @@ GROUP_LAG = Gauge("perpflow_group_lag", "Committed-offset lag of a consumer grou
 
 REPLAY_EVENTS = Counter("perpflow_replay_events", "Events published by the replay source", ["topic"])
 REPLAY_SKIPPED_ROWS = Counter("perpflow_replay_skipped_rows", "Input rows skipped by the replay", ["reason"])
+
+FEATURES_EMITTED = Counter("perpflow_features_emitted", "features records emitted by the agent", ["symbol"])
+FEATURES_DROPPED_BARS = Counter("perpflow_features_dropped_bars", "Duplicate or out-of-order bars dropped", ["symbol"])
+FEATURES_GAP_BARS = Counter("perpflow_features_gap_bars", "Bars missing before a received bar (gaps)", ["symbol"])
+FEATURES_HELD_BARS = Gauge("perpflow_features_held_bars", "Bars held until their context is complete", ["symbol"])
+FEATURES_BTC_TIMEOUTS = Counter(
+    "perpflow_features_btc_timeouts", "Bars released without BTCUSDT's snapshot after waiting for it", ["symbol"])
+FEATURES_LAST_CLOSE = Gauge("perpflow_features_last_close_seconds", "close_time of the newest features record",
+                            ["symbol"])

@@ -18,7 +18,7 @@ from streams.broker import die_with_parent
 from streams.control_api import ControlApi
 from streams.settings import Settings
 
-AGENT_MODULES: list[str] = []
+AGENT_MODULES: list[str] = ["streams.features.agent"]
 
 
 def run_worker(settings: Settings, bootstrap: str) -> None:
@@ -36,12 +36,13 @@ def run_worker(settings: Settings, bootstrap: str) -> None:
 class WorkerProcess:
     """A `perpflow worker` child of `perpflow up`: logs to run/worker.log, dies with its parent."""
 
-    def __init__(self, settings: Settings, bootstrap: str):
+    def __init__(self, settings: Settings, bootstrap: str, symbols: list[str] | None = None):
         self.log_path: Path = settings.run_dir / "worker.log"
         # the child reads its settings from the environment: pass this process's explicitly
         env = {**os.environ, "PERPFLOW_KAFKA_BOOTSTRAP": bootstrap, "PERPFLOW_HOME": str(settings.home_dir),
                "PERPFLOW_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
-               "PERPFLOW_METRICS_HOST": settings.metrics_host, "PERPFLOW_LOG_LEVEL": settings.log_level}
+               "PERPFLOW_METRICS_HOST": settings.metrics_host, "PERPFLOW_LOG_LEVEL": settings.log_level,
+               "PERPFLOW_SYMBOLS": ",".join(symbols or settings.symbols)}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
