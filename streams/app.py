@@ -58,4 +58,5 @@ def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None
         Monitor=LeanMonitor,
         # a table value holds a symbol's state and the events it holds back (a backlog can hold many)
         producer_max_request_size=16 * 1024 * 1024,
+        producer_linger_ms=5,  # agents send a micro-batch at a time: a few ms fill a request instead of one each
     )

@@ -43,3 +43,4 @@ FEATURES_BTC_TIMEOUTS = Counter(
     "perpflow_features_btc_timeouts", "Bars released without BTCUSDT's snapshot after waiting for it", ["symbol"])
 FEATURES_LAST_CLOSE = Gauge("perpflow_features_last_close_seconds", "close_time of the newest features record",
                             ["symbol"])
+WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")

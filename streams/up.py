@@ -49,6 +49,7 @@ class UpSummary:
     dead_letters: int = 0
     seconds: float = 0.0
     archive_seconds: float = 0.0  # from the sink's first insert until drained: the sustained archive rate
+    worker_restarts: int = 0
 
 
 class _ReportingThread(threading.Thread):
@@ -135,7 +136,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                     if opts.until_drained:
                         if worker is not None:
                             log.info("replay finished; waiting for the agents to process everything")
-                            _wait_worker(stack.bootstrap, worker)
+                            wait_for_agents(stack.bootstrap, worker)
                         log.info("waiting for the sink to archive everything")
                         _wait_drained(stack.bootstrap, sink, sink_thread)
                         summary.archive_seconds = time.monotonic() - (sink.first_insert_at or time.monotonic())
@@ -160,11 +161,12 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
             t.name: stack.store.query_rows(f"SELECT count() FROM `{t.table}` FINAL")[0][0] for t in archived()
         }
         summary.dead_letters = sink.dead_letters
+        summary.worker_restarts = worker.restarts if worker else 0
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _wait_worker(bootstrap: str, worker: WorkerProcess) -> None:
+def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
     """Until the agents' consumer group has committed everything now in its input topics (twice in a row: the
     agents write to some of their own inputs, e.g. features.btc)."""
     topics = list(INPUT_TOPICS) + [BTC_TOPIC]

@@ -15,7 +15,7 @@ Exactly-once by construction on an at-least-once broker (Tansu has no transactio
 
 BTC context on every partition: symbols live on different partitions (maybe different workers), but each bar of
 ETHUSDT needs BTCUSDT's EMA50/EMA200/return of the same bar. When BTC's bar is released, its snapshot is written
-to *every* partition of `features.btc`, a topic this agent also reads; as it is co-partitioned with md.*, the
+to *every* partition of `features.btc` (one message per partition and micro-batch), a topic this agent also reads; as it is co-partitioned with md.*, the
 worker owning a symbol's partition receives BTC's snapshots next to the symbol's bars. A bar waits for BTC's
 snapshot of its open_time (or a later one: BTC has no such bar → btc fields null, as offline), for at most
 BTC_WAIT_SECONDS when BTC is silent, and not at all when BTCUSDT is not among the configured symbols. Snapshots are
@@ -98,10 +98,11 @@ class FeaturesAgent:
                 if name != self.schema_of[msg.topic]:
                     raise DecodeError("wrong_schema", f"{name} on a topic of {self.schema_of[msg.topic]}")
                 if msg.topic == BTC_TOPIC:
-                    ot = record["open_time"]
-                    self._btc(msg.partition)[ot] = BtcSnapshot(ot, record["ema_50"], record["ema_200"],
-                                                               record["r_1"])
-                    new_btc.setdefault(msg.partition, []).append(ot)
+                    snaps = self._btc(msg.partition)
+                    for bar in record["bars"]:
+                        snaps[bar["open_time"]] = BtcSnapshot(bar["open_time"], bar["ema_50"], bar["ema_200"],
+                                                              bar["r_1"])
+                        new_btc.setdefault(msg.partition, []).append(bar["open_time"])
                     continue
                 kind = INPUT_TOPICS[msg.topic]
                 if kind == KIND_KLINE:
@@ -111,7 +112,7 @@ class FeaturesAgent:
             except (DecodeError, ValueError) as exc:
                 if not isinstance(exc, DecodeError):
                     exc = DecodeError("invalid_value", str(exc))
-                pending.append(await self._dead_letter(msg, exc))
+                pending.append(self._dead_letter(msg, exc))
                 continue
             symbol = record["symbol"]
             self._sequencer(symbol, msg.partition).add(kind, record)
@@ -133,12 +134,11 @@ class FeaturesAgent:
                 continue
             released.add(symbol)
             key = symbol.encode()
-            for record in records:
-                pending.append(await self.output.send(key=key, value=self.codec.encode("features", record),
-                                                      partition=partition))
-                if seq.engine.is_btc:
-                    pending.extend(await self._broadcast_btc(record))
+            send = self.output.send_soon
+            encode = self.codec.encode
+            pending.extend(send(key=key, value=encode("features", r), partition=partition) for r in records)
             if seq.engine.is_btc:
+                pending.extend(self._broadcast_btc(records))
                 for p in {p for _, p in self.sequencers.values()}:
                     snaps = self._btc(p)
                     snaps.update((r["open_time"], BtcSnapshot(r["open_time"], r["ema_50"], r["ema_200"], r["r_1"]))
@@ -214,19 +214,19 @@ class FeaturesAgent:
                     BTC_WAIT_SECONDS)
         return True, None
 
-    async def _dead_letter(self, msg: Any, exc: DecodeError) -> Any:
+    def _dead_letter(self, msg: Any, exc: DecodeError) -> Any:
         record = dead_letter_record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc)
         metrics.DEAD_LETTERS.labels(msg.topic, exc.reason).inc()
         log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
-        return await self.dead_letters.send(key=msg.topic.encode(), value=self.codec.encode("dead_letter", record))
+        return self.dead_letters.send_soon(key=msg.topic.encode(), value=self.codec.encode("dead_letter", record))
 
     # -- outputs and state -------------------------------------------------------------------------------------------
-    async def _broadcast_btc(self, record: dict) -> list[Any]:
-        value = self.codec.encode("btc_snapshot", {
-            "event_time": record["event_time"], "open_time": record["open_time"], "ema_50": record["ema_50"],
-            "ema_200": record["ema_200"], "r_1": record["r_1"]})
+    def _broadcast_btc(self, records: list[dict]) -> list[Any]:
+        value = self.codec.encode("btc_snapshot", {"event_time": records[-1]["event_time"], "bars": [
+            {"open_time": r["open_time"], "ema_50": r["ema_50"], "ema_200": r["ema_200"], "r_1": r["r_1"]}
+            for r in records]})
         key = BTC_SYMBOL.encode()
-        return [await self.btc_output.send(key=key, value=value, partition=p) for p in range(SYMBOL_PARTITIONS)]
+        return [self.btc_output.send_soon(key=key, value=value, partition=p) for p in range(SYMBOL_PARTITIONS)]
 
     def _save(self, partition: int, key: bytes, value: bytes | None) -> None:
         """Write a table key to the changelog partition of the data it belongs to (not the batch's last event)."""
