@@ -23,7 +23,7 @@ from streams.features.registry import NAMES
 from streams.features.sequencer import KIND_KLINE, FeatureSequencer
 from streams.settings import Settings
 from tests.conftest import PERPFLOW, ROOT, cli_env, run_cli
-from tests.test_features_engine import JAN1, REL, ABS, ref_rsi, replay_events
+from tests.test_features_engine import ABS, JAN1, REL, ref_rsi, replay_events
 from tests.test_indicators import ref_atr
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "1000PEPEUSDT")

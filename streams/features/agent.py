@@ -14,13 +14,13 @@ Exactly-once by construction on an at-least-once broker (Tansu has no transactio
   deduplicates on it). Recovery restores the table from its changelog, so indicators continue, never restart.
 
 BTC context on every partition: symbols live on different partitions (maybe different workers), but each bar of
-ETHUSDT needs BTCUSDT's EMA50/EMA200/return of the same bar. When BTC's bar is released, its snapshot is written
-to *every* partition of `features.btc` (one message per partition and micro-batch), a topic this agent also reads; as it is co-partitioned with md.*, the
-worker owning a symbol's partition receives BTC's snapshots next to the symbol's bars. A bar waits for BTC's
-snapshot of its open_time (or a later one: BTC has no such bar → btc fields null, as offline), for at most
-BTC_WAIT_SECONDS when BTC is silent, and not at all when BTCUSDT is not among the configured symbols. Snapshots are
-kept in the table per partition (key `btc:<partition>:<open_time>`) until every symbol of the partition is past
-them.
+ETHUSDT needs BTCUSDT's EMA50/EMA200/return of the same bar. Released BTC bars are written to *every* partition of
+`features.btc` (one message per partition and micro-batch), a topic this agent also reads; co-partitioned with
+md.*, it brings BTC's snapshots to the worker owning a symbol's partition, next to the symbol's bars (a worker
+that owns BTC's partition too hands them over in memory at once). A bar waits for BTC's snapshot of its open_time
+(or a later one: BTC has no such bar → btc fields null, as offline), for at most BTC_WAIT_SECONDS when BTC is
+silent, and not at all when BTCUSDT is not among the configured symbols. Snapshots are kept in the table per
+partition (key `btc:<partition>:<open_time>`) until every symbol of the partition is past them.
 """
 
 from __future__ import annotations
