@@ -62,3 +62,8 @@ def test_decision_chain_metrics_are_all_queried():
     # a name listed as "to be exported" that nothing queries is a stale contract
     used = set().union(*map(metric_names, [*rule_exprs().values(), *dashboard_exprs().values()]))
     assert set(DECISION_CHAIN_METRICS) <= used, set(DECISION_CHAIN_METRICS) - used
+
+
+def test_every_alert_is_documented():
+    doc = (PROMETHEUS_DIR.parent / "README.md").read_text()
+    assert [a for a in rule_exprs() if f"`{a}`" not in doc] == []
