@@ -27,8 +27,9 @@ run: $(STAMP)
 	$(BIN)/perpflow up --source replay --data data/binance-um-futures --symbols BTCUSDT,ETHUSDT,1000PEPEUSDT \
 		--speed max --until-drained
 
-# The deployment checks run real tools: promtool and Prometheus (Debian's prometheus package),
-# docker-compose v1 (Debian; validates without an engine); kubectl (kustomize) comes with the machine image. Installed when missing.
+# The deployment checks run real tools, installed here when missing: promtool and Prometheus (Debian's
+# prometheus package) and docker-compose v1 (Debian's; `config` needs no engine). kubectl (for kustomize)
+# comes with the machine image.
 DEB_TOOLS := promtool:prometheus prometheus:prometheus docker-compose:docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

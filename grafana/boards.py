@@ -19,10 +19,10 @@ def _by_symbol_over_time(table: str, value: str) -> SqlQuery:
                     ("time", "symbol", value), time_series=True)
 
 
-def _quantiles(metric: str, by: str = "") -> tuple[PromQuery, ...]:
-    group = f"le, {by}" if by else "le"
-    return tuple(PromQuery(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{RATE}])))",
-                           f"p{int(q * 100)}" + (f" {{{{{by}}}}}" if by else "")) for q in (0.5, 0.99))
+def _quantiles(metric: str) -> tuple[PromQuery, ...]:
+    """p50 and p99 of a histogram."""
+    return tuple(PromQuery(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket[{RATE}])))", f"p{int(q * 100)}")
+                 for q in (0.5, 0.99))
 
 
 TOPIC_HEALTH = Dashboard(

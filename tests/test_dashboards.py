@@ -9,11 +9,12 @@ import re
 from datetime import UTC, datetime
 
 import pytest
+import yaml
 
 from grafana.__main__ import OUT, render
 from grafana.boards import DASHBOARDS
-from grafana.model import SqlQuery
-from tests.conftest import SAMPLE, run_cli
+from grafana.model import CLICKHOUSE, PROMETHEUS, SqlQuery
+from tests.conftest import ROOT, SAMPLE, run_cli
 
 FROM, TO = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC)
 INTERVAL_S = 300
@@ -52,6 +53,16 @@ def test_panels_have_unique_ids_and_fit_the_grid():
         assert len({p["id"] for p in panels}) == len(panels)
         assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in panels)
         assert json.loads(json.dumps(board.to_json())) == board.to_json()
+
+
+def test_provisioning_serves_what_the_dashboards_use():
+    provisioning = ROOT / "grafana" / "provisioning"
+    sources = yaml.safe_load((provisioning / "datasources" / "perpflow.yml").read_text())["datasources"]
+    assert {(d["type"], d["uid"]) for d in sources} == {(s["type"], s["uid"]) for s in (PROMETHEUS, CLICKHOUSE)}
+    provider = yaml.safe_load((provisioning / "dashboards" / "perpflow.yml").read_text())["providers"][0]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in compose
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in compose
 
 
 @pytest.fixture(scope="module")
