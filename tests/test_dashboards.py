@@ -18,7 +18,32 @@ from tests.conftest import ROOT, SAMPLE, run_cli
 
 FROM, TO = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC)
 INTERVAL_S = 300
-REPLAYED = ("md_klines", "md_markprice", "md_funding", "system.parts")  # tables the replay fills
+REPLAYED = ("md_klines", "md_markprice", "md_funding", "system.parts", "user_events")  # tables with rows
+NOON_MS = int(FROM.timestamp() * 1000) + 12 * 3_600_000
+# Until the paper exchange writes user.events, two events in Binance's user-data shapes stand for it:
+# a fill with its realized profit and fee, and a funding payment.
+USER_EVENTS = (
+    {"event_id": "fill-1", "event_type": "ORDER_TRADE_UPDATE", "execution_type": "TRADE", "side": "SELL",
+     "order_status": "FILLED", "client_order_id": "pf-1", "last_filled_qty": 0.01, "last_filled_price": 42_000.0,
+     "commission_asset": "USDT", "commission": 0.4, "realized_profit": 12.5},
+    {"event_id": "funding-1", "event_type": "ACCOUNT_UPDATE", "reason": "FUNDING_FEE",
+     "balances": [{"asset": "USDT", "wallet_balance": 1000.0, "cross_wallet_balance": 1000.0,
+                   "balance_change": -0.3}]},
+)
+
+
+def write_user_events(store) -> None:
+    from schemas.catalog import topic
+    from schemas.tables import arrow_table, columns, to_json_if_nested
+
+    t = topic("user.events")
+    rows = []
+    for event in USER_EVENTS:
+        record = {"event_time": NOON_MS, "symbol": "BTCUSDT", "source": "test", "balances": [], "positions": [],
+                  **event}
+        rows.append(tuple(to_json_if_nested(record.get(c.name)) if c.nested else record.get(c.name)
+                          for c in columns(t)))
+    store.insert_arrow(t.table, arrow_table(t, rows, [-1] * len(rows), [-1] * len(rows)))
 
 
 def expand_macros(sql: str, start: datetime = FROM, end: datetime = TO, interval_s: int = INTERVAL_S) -> str:
@@ -67,7 +92,8 @@ def test_provisioning_serves_what_the_dashboards_use():
 
 @pytest.fixture(scope="module")
 def replayed_store(tmp_path_factory):
-    """One day of BTCUSDT replayed through the real broker into a real chDB store, every table created."""
+    """One day of BTCUSDT replayed through the real broker into a real chDB store, every table created,
+    and the two user events above."""
     from connectors.clickhouse_store import Store
     from schemas.catalog import archived
     from streams.settings import Settings
@@ -79,6 +105,7 @@ def replayed_store(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     store = Store(Settings(home=home, clickhouse_url=""))
     store.ensure_tables(archived())
+    write_user_events(store)
     yield store
     store.close()
 
@@ -95,3 +122,11 @@ def test_clickhouse_panel_query_runs_on_the_real_schema(replayed_store, query):
         assert query.columns[0] == "time" and described[0][1].startswith("DateTime")
     if any(t in query.sql for t in REPLAYED):
         assert result.result_rows, "the replayed day shows in the panel"
+
+
+@pytest.mark.e2e
+def test_pnl_split_adds_up_fills_fees_and_funding(replayed_store):
+    query = next(q for d in DASHBOARDS for p in d.panels() if p.title == "PnL split: gross, fees, funding"
+                 for q in p.queries)
+    rows = replayed_store.query_rows(expand_macros(query.sql))
+    assert [tuple(r[1:]) for r in rows] == [(12.5, -0.4, -0.3)]
