@@ -44,3 +44,33 @@ FEATURES_BTC_TIMEOUTS = Counter(
 FEATURES_LAST_CLOSE = Gauge("perpflow_features_last_close_seconds", "close_time of the newest features record",
                             ["symbol"])
 WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")
+
+# The decision chain's and the exchange connectors' metrics, named before their agents exist: the alert rules
+# (deploy/prometheus/rules) and the Trading/Models dashboards (grafana/) already query them. Whoever builds
+# the agent that owns one exports it under exactly this name (series name as PromQL sees it: a Counter
+# "perpflow_x" is "perpflow_x_total", a Histogram's is "perpflow_x_bucket") and removes it from this list;
+# tests/test_observability.py fails while a listed name is exported, or an unlisted queried one is not.
+DECISION_CHAIN_METRICS: dict[str, str] = {
+    # exchange connectors
+    "perpflow_connector_connected": "gauge {connector}: 1 while its stream is connected, else 0",
+    "perpflow_connector_reconnects_total": "counter {connector}: reconnects",
+    "perpflow_last_closed_bar_seconds": "gauge {symbol, interval}: close time (unix s) of the newest closed bar",
+    # risk and account state
+    "perpflow_trading_state": "gauge {state}: 1 for the current state (RUNNING, REDUCE_ONLY, HALTED), else 0",
+    "perpflow_account_equity_usdt": "gauge: account equity",
+    "perpflow_account_drawdown_ratio": "gauge: 1 - equity / peak equity",
+    "perpflow_daily_pnl_ratio": "gauge: today's (UTC) PnL / equity at the day's start; a loss is negative",
+    "perpflow_daily_loss_limit_ratio": "gauge: the daily-loss limit that halts trading (0.02 = 2 %)",
+    "perpflow_position_liq_distance_atr": "gauge {symbol, side}: distance to the estimated liquidation, in ATRs",
+    "perpflow_position_unprotected": "gauge {symbol}: 1 while a position is open without both SL and TP orders",
+    # decisions
+    "perpflow_signals_total": "counter {decision}: signals by LONG / SHORT / FLAT",
+    "perpflow_signal_ev_bucket": "histogram perpflow_signal_ev {side}: EV of the signals, net of costs",
+    "perpflow_risk_verdicts_total": "counter {verdict, reason}: verdicts; a rejection counts once per violated rule",
+    "perpflow_e2e_latency_seconds_bucket": "histogram perpflow_e2e_latency_seconds: kline publication to order",
+    # models
+    "perpflow_model_info": "gauge {side, model_id}: 1 for the promoted model of each side",
+    "perpflow_model_age_seconds": "gauge {side}: age of the promoted model's training data end",
+    "perpflow_model_calibration_error": "gauge {side}: |mean predicted P(TP) - realized TP rate|, recent labels",
+    "perpflow_prediction_p_tp_bucket": "histogram perpflow_prediction_p_tp {side}: predicted P(TP)",
+}
