@@ -40,9 +40,11 @@ class LeanMonitor(Monitor):
 APP_ID = "perpflow"  # also the Kafka consumer group of the agents
 
 
-def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None) -> faust.App:
+def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None,
+               datadir: str | None = None) -> faust.App:
     return faust.App(
         app_id,
+        datadir=datadir or f"{app_id}-data",  # Faust's working files; perpflow keeps them under PERPFLOW_HOME
         broker=f"kafka://{bootstrap}",
         store="memory://",  # tables are rebuilt from their changelog topics on restart
         processing_guarantee="at_least_once",

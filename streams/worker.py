@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, bootstrap: str) -> None:
-    app = create_app(bootstrap)
+    app = create_app(bootstrap, datadir=str(settings.run_dir / 'faust'))
     for module in AGENT_MODULES:
         importlib.import_module(module).register(app, settings)
     api = ControlApi(settings.metrics_host, settings.worker_metrics_port).start()
