@@ -47,7 +47,7 @@ OUTPUT_TOPIC = "features"
 STATE_TABLE = "features-state"
 STREAM_SOURCE = "stream"
 BATCH_EVENTS = 2000
-BATCH_SECONDS = 0.05
+BATCH_SECONDS = 0.25  # a micro-batch closes after this (or BATCH_EVENTS): the latency one hop adds live
 # live, BTC's close arrives within a second or two of the others'; "read BTC to its end" is no signal here, as a
 # live consumer always is: a bar that waited this long goes without BTC (counted), as offline would without data
 BTC_WAIT_SECONDS = 10.0
