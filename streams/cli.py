@@ -56,6 +56,26 @@ def _settings() -> Settings:
     return s
 
 
+def _writable_store(settings: Settings, command: str):
+    """The store opened by this process, for commands that write (chDB allows one process per store)."""
+    from connectors.clickhouse_store import Store, StoreBusy
+
+    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
+        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'} yet: archive market data first with "
+                            "`perpflow up --source replay ... --until-drained` (or `make run`)")
+    try:
+        return Store(settings)
+    except StoreBusy as exc:
+        raise PerpflowError(f"`{command}` writes to the embedded store {settings.home_dir / 'clickhouse'}, which "
+                            f"{exc.holder} holds (`perpflow up`); chDB allows one process per store and this "
+                            "command does not go through up's API. Stop `perpflow up` (Ctrl-C), then run it "
+                            "again.") from None
+
+
+def _symbols(symbols: str | None, settings: Settings) -> list[str]:
+    return [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
+
+
 def parse_time(value: str | None, option: str) -> int | None:
     """YYYY-MM-DD or an ISO-8601 time (UTC unless it says otherwise) → epoch ms."""
     if value is None:
@@ -117,7 +137,7 @@ def up(
     if source is Source.replay and not data.is_dir():
         raise typer.BadParameter(f"{data} is not a directory", param_hint="--data")
     settings = _settings()
-    wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
+    wanted = _symbols(symbols, settings)
     _stop_on_signals()
     opts = UpOptions(source.value, str(data), wanted, start_ms, end_ms, speed_f, until_drained)
     summary = run_up(settings, opts)
@@ -253,24 +273,14 @@ def features_build(
     streaming engine's code and write them to the `features` table. History before --start (2000 bars) warms the
     state; only bars in [start, end) are written. Needs the store to itself: not while `perpflow up` holds the
     embedded store."""
-    from connectors.clickhouse_store import Store, StoreBusy
     from streams.features.offline import MARGIN_BARS, build_features
 
     start_ms, end_ms = parse_time(start, "--start"), parse_time(end, "--end")
     if end_ms <= start_ms:  # type: ignore[operator]
         raise typer.BadParameter("--end must be after --start", param_hint="--end")
     settings = _settings()
-    wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
-    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
-        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'} yet: archive market data first with "
-                            "`perpflow up --source replay ... --until-drained` (or `make run`)")
-    try:
-        store = Store(settings)
-    except StoreBusy as exc:
-        raise PerpflowError(f"`perpflow features build` writes to the embedded store {settings.home_dir / 'clickhouse'}"
-                            f", which {exc.holder} holds (`perpflow up`); chDB allows one process per store and "
-                            "the build does not go through up's API. Stop `perpflow up` (Ctrl-C), then build "
-                            "again.") from None
+    wanted = _symbols(symbols, settings)
+    store = _writable_store(settings, "perpflow features build")
     started = time.monotonic()
     try:
         rows = build_features(store, wanted, start_ms, end_ms)  # type: ignore[arg-type]
@@ -290,6 +300,57 @@ def features_build(
     if empty:
         out.print(f"[yellow]no md_klines rows in the window for {', '.join(empty)}[/]: archive them first "
                   "(`perpflow up --source replay --symbols ... --until-drained`)")
+
+
+def _window_options(start: str, end: str) -> tuple[int, int]:
+    start_ms, end_ms = parse_time(start, "--start"), parse_time(end, "--end")
+    if end_ms <= start_ms:  # type: ignore[operator]
+        raise typer.BadParameter("--end must be after --start", param_hint="--end")
+    return start_ms, end_ms  # type: ignore[return-value]
+
+
+@app.command()
+def label(
+    start: str = typer.Option(..., help="First bar to label (UTC date or time, inclusive)."),
+    end: str = typer.Option(..., help="Where the bars to label stop (UTC, exclusive)."),
+    symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
+    k_tp: float = typer.Option(2.0, help="Take profit at entry ± k_tp·ATR."),
+    k_sl: float = typer.Option(1.0, help="Stop loss at entry ∓ k_sl·ATR."),
+    horizon: int = typer.Option(48, help="Bars until the timeout exit (48 = 4 h)."),
+    fee: float = typer.Option(0.0004, help="Taker fee per fill, as a fraction (0.0004 = 0.04 %)."),
+    slippage: float = typer.Option(0.0015, help="Slippage per fill, as a fraction (0.0015 = 15 bps)."),
+) -> None:
+    """Triple-barrier labels, both sides, for the archived 5m bars in [start, end), with fees, slippage and the
+    funding settlements crossed; written to the `labels` table under the spec's id. Needs `perpflow features
+    build` for the window (the ATR) and the store to itself."""
+    from training.label_build import build_labels
+    from training.labels import LabelSpec
+
+    start_ms, end_ms = _window_options(start, end)
+    try:
+        spec = LabelSpec(k_tp=k_tp, k_sl=k_sl, horizon=horizon, fee=fee, slippage=slippage)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings = _settings()
+    store = _writable_store(settings, "perpflow label")
+    started = time.monotonic()
+    try:
+        summaries = build_labels(store, _symbols(symbols, settings), start_ms, end_ms, spec,
+                                 say=lambda line: print(line, file=sys.stderr))
+    finally:
+        store.close()
+    table = Table(title=f"labels of spec {spec.id} in {time.monotonic() - started:.1f} s", caption=spec.to_json())
+    for col in ("symbol", "side", "bars", "labeled", "TP", "SL", "TIMEOUT", "mean net", "mean funding"):
+        table.add_column(col, justify="left" if col in ("symbol", "side") else "right")
+    for s in summaries:
+        pct = {k: f"{100 * v / s.labeled:.1f} %" if s.labeled else "–" for k, v in s.outcomes.items()}
+        table.add_row(s.symbol, s.side, f"{s.bars:,}", f"{s.labeled:,}", pct["TP"], pct["SL"], pct["TIMEOUT"],
+                      f"{s.mean_net:+.4%}", f"{s.mean_funding:+.5%}")
+    out.print(table)
+    missing = sorted({s.symbol for s in summaries if not s.labeled})
+    if missing:
+        out.print(f"[yellow]nothing labeled for {', '.join(missing)}[/]: archive its bars and run `perpflow "
+                  "features build` for the window first")
 
 
 @app.command()
