@@ -353,6 +353,179 @@ def label(
                   "features build` for the window first")
 
 
+class Side(StrEnum):
+    long = "long"
+    short = "short"
+    both = "both"
+
+
+@app.command()
+def train(
+    start: str = typer.Option(..., help="First bar of the training window (UTC, inclusive)."),
+    end: str = typer.Option(..., help="End of the training window (UTC, exclusive)."),
+    symbols: str = typer.Option(None, help="Comma-separated symbols pooled into one model per side "
+                                "(default: PERPFLOW_SYMBOLS)."),
+    side: Side = typer.Option(Side.both, help="Which side's models to train."),
+    spec: str = typer.Option(None, help="Label spec id (printed by `perpflow label`; default: the default spec)."),
+    folds: int = typer.Option(5, min=2, max=20, help="Walk-forward folds."),
+    embargo_bars: int = typer.Option(288, min=0, help="Bars dropped before each test block on top of the purge "
+                                     "(the purge is the label horizon + 1 bar)."),
+    max_rounds: int = typer.Option(400, min=10, help="Boosting rounds at most (early stopping picks fewer)."),
+    threads: int = typer.Option(2, min=1, max=64, help="LightGBM threads."),
+) -> None:
+    """Train LightGBM models per side on ready features ⨝ labels: calibrated P(TP/SL/TIMEOUT), hold time, an MAE
+    quantile and the timeout return; walk-forward validation with purge and embargo; registers each side's models
+    (status `trained`) with an artifact under $PERPFLOW_HOME/models."""
+    from training.labels import LabelSpec
+    from training.pipeline import train_models
+    from training.train import TrainConfig
+
+    start_ms, end_ms = _window_options(start, end)
+    settings = _settings()
+    wanted = _symbols(symbols, settings)
+    sides = ["long", "short"] if side is Side.both else [side.value]
+    cfg = TrainConfig(folds=folds, embargo_bars=embargo_bars, max_rounds=max_rounds, threads=threads)
+    store = _writable_store(settings, "perpflow train")
+    try:
+        trained = train_models(store, settings.home_dir / "models", sides, wanted, start_ms, end_ms,
+                               spec or LabelSpec().id, cfg, say=lambda line: print(line, file=sys.stderr))
+    finally:
+        store.close()
+    for row, models in trained:
+        out.print(_fold_table(row["id"], models.fold_metrics, models.metrics))
+
+
+def _fold_table(title: str, folds: list[dict], total: dict) -> Table:
+    table = Table(title=f"{title}: P(TP) out of sample (walk-forward)")
+    for col in ("fold", "test from", "rows", "TP rate", "AUC", "log loss", "base", "Brier", "base", "ECE"):
+        table.add_column(col, justify="left" if col in ("fold", "test from") else "right")
+
+    def cells(m: dict) -> list[str]:
+        return [f"{m['rows']:,}", f"{m['rate']:.3f}", f"{m['auc']:.3f}", f"{m['log_loss']:.4f}",
+                f"{m['log_loss_base']:.4f}", f"{m['brier']:.4f}", f"{m['brier_base']:.4f}", f"{m['ece']:.4f}"]
+
+    for m in folds:
+        table.add_row(f"{m['fold']}", datetime.fromtimestamp(m["test_start"] / 1000, UTC).strftime("%Y-%m-%d"),
+                      *cells(m))
+    table.add_row("all", "", *cells(total))
+    return table
+
+
+models_app = typer.Typer(help="The model registry: the `models` table and the artifacts under $PERPFLOW_HOME/models.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _registry_store(settings: Settings, command: str):
+    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
+        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'}: no models yet; `perpflow train` "
+                            "makes them")
+    return _writable_store(settings, command)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every registered model: id, side, status, window, out-of-sample AUC and log loss of P(TP)."""
+    from training import registry
+
+    settings = _settings()
+    store = _registry_store(settings, "perpflow models list")
+    try:
+        found = registry.rows(store)
+    finally:
+        store.close()
+    if not found:
+        out.print("no models registered yet: `perpflow train --start ... --end ...` makes them")
+        return
+    table = Table(title="models")
+    for col in ("id", "side", "status", "created", "window", "symbols", "AUC", "log loss", "base"):
+        table.add_column(col, justify="right" if col in ("AUC", "log loss", "base") else "left")
+    for r in found:
+        m, _ = registry.metrics_of(r)
+        table.add_row(r["id"], r["side"], r["status"], _day(r["created_at"], "%Y-%m-%d %H:%M"),
+                      f"{_day(r['train_start'])}..{_day(r['train_end'])}", ",".join(r["symbols"]),
+                      f"{m['auc']:.3f}", f"{m['log_loss']:.4f}", f"{m['log_loss_base']:.4f}")
+    out.print(table)
+
+
+def _day(ms: int | None, fmt: str = "%Y-%m-%d") -> str:
+    return "–" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).strftime(fmt)
+
+
+@models_app.command("show")
+def models_show(model: str = typer.Argument(..., help="Model id (see `perpflow models list`).")) -> None:
+    """One model: registry row, walk-forward metrics per fold, reliability table and top features."""
+    import json as json_
+
+    from training import registry
+    from training.artifact import Predictor
+
+    settings = _settings()
+    store = _registry_store(settings, "perpflow models show")
+    try:
+        row = registry.get(store, model)
+    finally:
+        store.close()
+    doc = Predictor.load(Path(row["artifact_path"]), row["sha256"]).doc
+    for key in ("id", "side", "status", "schema_version", "label_spec_id", "label_spec", "symbols", "artifact_path",
+                "sha256", "actor", "reason"):
+        out.print(f"{key:>15}: {row[key]}")
+    out.print(f"{'window':>15}: {_day(row['train_start'])} .. {_day(row['train_end'])} (exclusive); created "
+              f"{_day(row['created_at'], '%Y-%m-%d %H:%M')}, promoted {_day(row['promoted_at'], '%Y-%m-%d %H:%M')}")
+    m, folds = registry.metrics_of(row)
+    out.print(_fold_table(row["id"], folds, m))
+    rel = Table(title="reliability of calibrated P(TP), out of fold")
+    for col in ("bin", "rows", "predicted", "observed"):
+        rel.add_column(col, justify="right")
+    for r in doc["reliability"]:
+        rel.add_row(r["bin"], f"{r['rows']:,}", f"{r['predicted']:.3f}", f"{r['observed']:.3f}")
+    out.print(rel)
+    top = list(doc["importance"].items())[:10]
+    out.print("top features (share of gain): " + json_.dumps({k: round(v, 3) for k, v in top}))
+
+
+@models_app.command("promote")
+def models_promote(
+    model: str = typer.Argument(..., help="Model id (see `perpflow models list`)."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the schema or not-worse gate fails "
+                               "(needs --reason)."),
+    reason: str = typer.Option("", help="Why (recorded; required with --force)."),
+) -> None:
+    """Promote a model for its side after the gates (feature schema version, not worse than the incumbent on a
+    common out-of-fold window); archives the side's previous model and publishes the change on `control`."""
+    import getpass
+
+    from streams.control import publish
+    from training import registry
+
+    if force and not reason.strip():
+        raise typer.BadParameter("--force needs --reason TEXT saying why the gates are overridden",
+                                 param_hint="--reason")
+    settings = _settings()
+    bootstrap = settings.kafka_bootstrap
+
+    def announce(row: dict, previous: dict | None) -> dict | None:
+        if not bootstrap:
+            return None
+        return publish(bootstrap, f"model:{row['side']}", "model_promoted", registry.control_value(row, previous),
+                       row["actor"], row["promoted_at"])
+
+    store = _registry_store(settings, "perpflow models promote")
+    try:
+        result = registry.promote(store, model, getpass.getuser(), reason.strip(), force, announce)
+    finally:
+        store.close()
+    for g in result.gates:
+        out.print(f"  {'pass' if g.ok else '[yellow]FAIL (forced)[/]'} {g.name}: {g.detail}")
+    prev = f"; archived {result.incumbent['id']}" if result.incumbent else ""
+    out.print(f"promoted {model} for the {result.model['side']} side{prev}")
+    if result.control is None:
+        out.print("no broker configured (PERPFLOW_KAFKA_BOOTSTRAP): nothing published on `control`; a stack "
+                  "started later reads the promoted model from the registry")
+    else:
+        out.print(f"published on `control`: {result.control['entity']} → {model}")
+
+
 @app.command()
 def worker() -> None:
     """Run one Faust worker (the decision-chain agents) against PERPFLOW_KAFKA_BOOTSTRAP or the broker of
