@@ -148,3 +148,24 @@ def test_spec_id_depends_on_every_parameter():
     assert len(ids) == 6
     with pytest.raises(ValueError):
         LabelSpec(horizon=0)
+
+
+def test_vectorized_labels_equal_the_per_row_loop_on_real_bars():
+    from benchmarks.labels import history_bars, loop_label_side
+    from tests.conftest import SAMPLE
+
+    (bars, funding), = history_bars(SAMPLE, ["1000PEPEUSDT"])
+    rows = range(3000, 4500)
+    for side in (+1, -1):
+        vec = label_side(bars, funding, side, LabelSpec())
+        loop = loop_label_side(bars, funding, side, LabelSpec(), rows)
+        lo, hi = bars.open_time[rows[0]], bars.open_time[rows[-1]]
+        sel = (vec["open_time"] >= lo) & (vec["open_time"] <= hi)
+        assert sel.sum() == len(loop["open_time"]) > 1000
+        assert (vec["outcome"][sel] == loop["outcome"]).all()
+        assert len(np.unique(loop["outcome"])) == 3  # every outcome occurs in this stretch
+        for k in ("open_time", "bars_held"):
+            assert (vec[k][sel] == loop[k]).all(), k
+        for k in ("exit_price", "gross_return", "funding", "net_return", "mae", "mfe"):
+            np.testing.assert_allclose(vec[k][sel], loop[k], rtol=1e-12, atol=1e-15, err_msg=k)
+        assert (loop["funding"] != 0).any()

@@ -24,13 +24,11 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 BAR_MS = 300_000
 OUTCOMES = ("TP", "SL", "TIMEOUT")
 TP, SL, TIMEOUT = 0, 1, 2
 SIDES = {"long": 1, "short": -1}
-CHUNK_ROWS = 65_536  # bounds the (rows × horizon) work arrays to a few tens of MB
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ LABEL_FIELDS = ("open_time", "outcome", "entry_price", "exit_price", "gross_retu
                 "funding", "net_return", "mae", "mfe", "bars_held", "minutes_to_event", "settlements")
 
 
-def _funding_paid(bars: Bars, funding: Settlements) -> tuple[np.ndarray, np.ndarray]:
+def funding_paid(bars: Bars, funding: Settlements) -> tuple[np.ndarray, np.ndarray]:
     """(settlement times, cumulative rate·mark) with a missing mark replaced by the close of the bar ending
     at the settlement; a settlement with neither is skipped (it cannot be valued)."""
     mark = funding.mark.astype(np.float64).copy()
@@ -123,70 +121,64 @@ def _funding_paid(bars: Bars, funding: Settlements) -> tuple[np.ndarray, np.ndar
 
 
 def label_side(bars: Bars, funding: Settlements, side: int, spec: LabelSpec) -> dict[str, np.ndarray]:
-    """The labels of every bar that can be labeled, for one side (+1 long, −1 short); arrays in LABEL_FIELDS."""
+    """The labels of every bar that can be labeled, for one side (+1 long, −1 short); arrays in LABEL_FIELDS.
+
+    Vectorized over rows, stepping through the h following bars: at step j every still-open row looks at bar
+    i + j at once, and rows leave as soon as they are decided. Most rows are decided within a few bars, so the
+    work is (rows × mean bars held), not rows × h."""
     if side not in (1, -1):
         raise ValueError("side is +1 (long) or -1 (short)")
-    h, n = int(spec.horizon), len(bars.close)
-    pad = np.full(h, np.nan)
-    # row i's window: bars i+1 … i+h (NaN past the end, which therefore reads like a gap)
-    windows = {k: sliding_window_view(np.concatenate([getattr(bars, k)[1:], pad, [np.nan]]), h)[:n]
-               for k in ("open", "high", "low", "close")}
-    f_time, f_cum = _funding_paid(bars, funding)
-    parts = [_label_chunk(bars, windows, f_time, f_cum, side, spec, lo, min(lo + CHUNK_ROWS, n))
-             for lo in range(0, n, CHUNK_ROWS)]
-    if not parts:
-        return {k: np.empty(0) for k in LABEL_FIELDS}
-    return {k: np.concatenate([p[k] for p in parts]) for k in LABEL_FIELDS}
-
-
-def _first(hit: np.ndarray, h: int) -> np.ndarray:
-    """Index of the first True per row, h when none."""
-    return np.where(hit.any(axis=1), hit.argmax(axis=1), h)
-
-
-def _label_chunk(bars, windows, f_time, f_cum, side, spec, lo, hi) -> dict[str, np.ndarray]:
     h = int(spec.horizon)
-    entry, atr = bars.close[lo:hi], bars.atr[lo:hi]
-    w_open, w_high, w_low, w_close = (windows[k][lo:hi] for k in ("open", "high", "low", "close"))
-    tp = entry + side * spec.k_tp * atr
-    sl = entry - side * spec.k_sl * atr
-    with np.errstate(invalid="ignore"):  # NaN (missing bars) compares False: touches nothing
+    pad = np.full(h + 1, np.nan)  # past the end reads like a gap
+    o, hi, lo, c = (np.concatenate([getattr(bars, k), pad]) for k in ("open", "high", "low", "close"))
+    missing = np.isnan(hi) | np.isnan(lo) | np.isnan(c)
+    with np.errstate(invalid="ignore"):
+        rows = np.flatnonzero(np.isfinite(bars.close) & np.isfinite(bars.atr) & (bars.atr > 0))
+    entry, atr = bars.close[rows], bars.atr[rows]
+    tp, sl = entry + side * spec.k_tp * atr, entry - side * spec.k_sl * atr
+    worst, best = entry.copy(), entry.copy()  # of the side: the low and the high for a long
+    outcome = np.full(len(rows), -1, np.int8)  # -1: open, then hidden by a gap, or decided
+    exit_price, held = np.full(len(rows), np.nan), np.zeros(len(rows), np.int32)
+    active = np.arange(len(rows))
+    for j in range(1, h + 1):
+        k = rows[active] + j
+        gone = missing[k]  # the outcome could hide in this bar: no label
+        active, k = active[~gone], k[~gone]
         if side == 1:
-            first_tp, first_sl = _first(w_high >= tp[:, None], h), _first(w_low <= sl[:, None], h)
+            worst[active] = np.minimum(worst[active], lo[k])
+            best[active] = np.maximum(best[active], hi[k])
+            hit_sl, hit_tp = lo[k] <= sl[active], hi[k] >= tp[active]
+            gap_fill = np.minimum(sl[active], o[k])
         else:
-            first_tp, first_sl = _first(w_low <= tp[:, None], h), _first(w_high >= sl[:, None], h)
-    first_missing = _first(np.isnan(w_high) | np.isnan(w_low) | np.isnan(w_close), h)
-    outcome = np.where(first_sl <= first_tp, SL, TP)  # a bar touching both → SL
-    outcome = np.where((first_sl == h) & (first_tp == h), TIMEOUT, outcome)
-    j = np.where(outcome == TIMEOUT, h - 1, np.minimum(first_tp, first_sl))  # offset of the exit bar
-    # known: the deciding bar comes before any missing one (a timeout needs all h bars)
-    keep = np.isfinite(entry) & np.isfinite(atr) & (atr > 0) & (j < first_missing)
-    rows = np.flatnonzero(keep)
-    entry, tp, sl, outcome, j = entry[rows], tp[rows], sl[rows], outcome[rows], j[rows]
-    exit_open = w_open[rows, j]
-    gap_fill = np.minimum(sl, exit_open) if side == 1 else np.maximum(sl, exit_open)
-    exit_price = np.select([outcome == TP, outcome == SL], [tp, np.where(np.isnan(exit_open), sl, gap_fill)],
-                           w_close[rows, j])
+            worst[active] = np.maximum(worst[active], hi[k])
+            best[active] = np.minimum(best[active], lo[k])
+            hit_sl, hit_tp = hi[k] >= sl[active], lo[k] <= tp[active]
+            gap_fill = np.maximum(sl[active], o[k])
+        hit_tp &= ~hit_sl  # a bar touching both → SL
+        timeout = ~(hit_sl | hit_tp) if j == h else np.zeros(len(active), bool)
+        done = hit_sl | hit_tp | timeout
+        d = active[done]
+        outcome[d] = np.select([hit_sl[done], hit_tp[done]], [SL, TP], TIMEOUT)
+        exit_price[d] = np.select([hit_sl[done], hit_tp[done]],
+                                  [np.where(np.isnan(gap_fill[done]), sl[d], gap_fill[done]), tp[d]], c[k[done]])
+        held[d] = j
+        active = active[~done]
+    keep = outcome >= 0
+    rows, entry, outcome, exit_price, held = rows[keep], entry[keep], outcome[keep], exit_price[keep], held[keep]
+    worst, best = worst[keep], best[keep]
     gross = side * (exit_price / entry - 1.0)
     turnover = 1.0 + exit_price / entry  # entry notional + exit notional, per unit of entry notional
     fee, slippage = spec.fee * turnover, spec.slippage * turnover
 
-    open_time = bars.open_time[lo:hi][rows]
+    open_time = bars.open_time[rows]
     entry_time = open_time + BAR_MS
-    exit_time = entry_time + (j + 1) * BAR_MS
-    a, b = np.searchsorted(f_time, entry_time, "left"), np.searchsorted(f_time, exit_time, "left")
-    funding = -side * (f_cum[b] - f_cum[a]) / entry
+    f_time, f_cum = funding_paid(bars, funding)
+    a, b = np.searchsorted(f_time, entry_time, "left"), np.searchsorted(f_time, entry_time + held * BAR_MS, "left")
+    funding_ret = -side * (f_cum[b] - f_cum[a]) / entry
 
-    held = np.arange(h) <= j[:, None]
-    low_min = np.where(held, w_low[rows], np.inf).min(axis=1)
-    high_max = np.where(held, w_high[rows], -np.inf).max(axis=1)
-    worst, best = (low_min, high_max) if side == 1 else (high_max, low_min)
-    mae = np.minimum(0.0, side * (worst / entry - 1.0))
-    mfe = np.maximum(0.0, side * (best / entry - 1.0))
-    mae = np.where(outcome == SL, gross, mae)  # the position was closed at the stop
-    mfe = np.where(outcome == TP, gross, mfe)  # … and at the target
-    return {"open_time": open_time, "outcome": outcome.astype(np.int8), "entry_price": entry,
-            "exit_price": exit_price, "gross_return": gross, "fee": fee, "slippage": slippage, "funding": funding,
-            "net_return": gross - fee - slippage + funding, "mae": mae, "mfe": mfe,
-            "bars_held": (j + 1).astype(np.int32), "minutes_to_event": ((j + 1) * 5).astype(np.int32),
-            "settlements": (b - a).astype(np.int32)}
+    mae = np.where(outcome == SL, gross, np.minimum(0.0, side * (worst / entry - 1.0)))  # closed at the stop
+    mfe = np.where(outcome == TP, gross, np.maximum(0.0, side * (best / entry - 1.0)))  # … at the target
+    return {"open_time": open_time, "outcome": outcome, "entry_price": entry, "exit_price": exit_price,
+            "gross_return": gross, "fee": fee, "slippage": slippage, "funding": funding_ret,
+            "net_return": gross - fee - slippage + funding_ret, "mae": mae, "mfe": mfe, "bars_held": held,
+            "minutes_to_event": held * 5, "settlements": (b - a).astype(np.int32)}
