@@ -11,8 +11,13 @@ and final models) on the shared history (target < 10 minutes)."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from bisect import bisect_left
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +29,7 @@ from training.labels import BAR_MS, SL, TIMEOUT, TP, Bars, LabelSpec, Settlement
 LOOP_ROWS = 20_000  # the loops are slow: timed on this many rows (the pandas one on fewer), extrapolated per bar
 SEED_ROWS = 2_000
 MIN_BARS = 1_000_000
+TRAIN_WINDOW = ("2023-01-01", "2024-03-01")  # the shared history's training window (the rest is held out)
 
 
 def loop_label_side(bars: Bars, funding: Settlements, side: int, spec: LabelSpec, rows: range | None = None) -> dict:
@@ -135,6 +141,35 @@ def _agree(vec: dict, loop: dict) -> bool:
         and np.allclose(vec["funding"][at], np.asarray(loop["funding"]))
 
 
+def train_wall_time(quick: bool) -> tuple[float, str] | None:
+    """Archive, featurize and label the training window in a scratch store through the CLI, then time
+    `perpflow train` (both sides: walk-forward with 5 folds, final outcome model and regressors)."""
+    data, symbols, _ = _data.choose(quick)
+    start, end = ("2023-12-09", "2024-01-09") if data == _data.BUNDLED else TRAIN_WINDOW
+    syms = ",".join(symbols or _data.SYMBOLS)
+    perpflow = str(Path(sys.executable).parent / "perpflow")
+    with tempfile.TemporaryDirectory(prefix="perpflow-bench-") as tmp:
+        env = {**os.environ, "PERPFLOW_HOME": tmp, "PERPFLOW_METRICS_PORT": "0", "PERPFLOW_RUN_WORKER": "false",
+               "PERPFLOW_LOG_LEVEL": "WARNING"}
+        steps = [["up", "--source", "replay", "--data", str(data), "--symbols", syms, "--start", start, "--end", end,
+                  "--until-drained"], ["features", "build", "--symbols", syms, "--start", start, "--end", end],
+                 ["label", "--symbols", syms, "--start", start, "--end", end]]
+        for step in steps:
+            done = subprocess.run([perpflow, *step], env=env, capture_output=True, text=True)
+            if done.returncode:
+                print(f"FAIL labels: perpflow {' '.join(step)}: {done.stderr.strip()[-500:]}")
+                return None
+        t = time.perf_counter()
+        done = subprocess.run([perpflow, "train", "--symbols", syms, "--start", start, "--end", end], env=env,
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+        if done.returncode:
+            print(f"FAIL labels: perpflow train: {done.stderr.strip()[-500:]}")
+            return None
+    rows = next((line for line in done.stderr.splitlines() if line.startswith("long: ") and " rows of " in line), "")
+    return seconds, f"{syms} {start}..{end}, {rows.split(': ', 1)[-1].split(' (')[0]} per side"
+
+
 def run(quick: bool = False) -> bool:
     data, symbols, _ = _data.choose(quick)
     series = history_bars(data, symbols)
@@ -175,4 +210,10 @@ def run(quick: bool = False) -> bool:
     print(f"  vectorized / seed loop = {ratio:,.0f}×  {'PASS' if ratio >= 100 else 'MISS'} (target ≥ 100×); "
           f"vectorized / plain Python loop = {vec_rate / loop_rate:,.0f}×; "
           f"loops agree with the vectorized labels: {'yes' if ok else 'NO'}")
+    trained = train_wall_time(quick)
+    if trained is None:
+        return False
+    seconds, what = trained
+    print(f"  training the full model set (2 sides × 5 folds + final models), {what}: {seconds:,.0f} s wall  "
+          f"{'PASS' if seconds < 600 else 'MISS'} (target < 10 min)")
     return ok and labeled > 0
