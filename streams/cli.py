@@ -33,6 +33,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
+# wide tables (training reports) are not cut to 80 columns when the output goes to a file or a pipe
+report = out if out.is_terminal else Console(width=160)
 
 
 class Source(StrEnum):
@@ -346,7 +348,7 @@ def label(
         pct = {k: f"{100 * v / s.labeled:.1f} %" if s.labeled else "–" for k, v in s.outcomes.items()}
         table.add_row(s.symbol, s.side, f"{s.bars:,}", f"{s.labeled:,}", pct["TP"], pct["SL"], pct["TIMEOUT"],
                       f"{s.mean_net:+.4%}", f"{s.mean_funding:+.5%}")
-    out.print(table)
+    report.print(table)
     missing = sorted({s.symbol for s in summaries if not s.labeled})
     if missing:
         out.print(f"[yellow]nothing labeled for {', '.join(missing)}[/]: archive its bars and run `perpflow "
@@ -392,7 +394,7 @@ def train(
     finally:
         store.close()
     for row, models in trained:
-        out.print(_fold_table(row["id"], models.fold_metrics, models.metrics))
+        report.print(_fold_table(row["id"], models.fold_metrics, models.metrics))
 
 
 def _fold_table(title: str, folds: list[dict], total: dict) -> Table:
@@ -445,7 +447,7 @@ def models_list() -> None:
         table.add_row(r["id"], r["side"], r["status"], _day(r["created_at"], "%Y-%m-%d %H:%M"),
                       f"{_day(r['train_start'])}..{_day(r['train_end'])}", ",".join(r["symbols"]),
                       f"{m['auc']:.3f}", f"{m['log_loss']:.4f}", f"{m['log_loss_base']:.4f}")
-    out.print(table)
+    report.print(table)
 
 
 def _day(ms: int | None, fmt: str = "%Y-%m-%d") -> str:
@@ -469,19 +471,19 @@ def models_show(model: str = typer.Argument(..., help="Model id (see `perpflow m
     doc = Predictor.load(Path(row["artifact_path"]), row["sha256"]).doc
     for key in ("id", "side", "status", "schema_version", "label_spec_id", "label_spec", "symbols", "artifact_path",
                 "sha256", "actor", "reason"):
-        out.print(f"{key:>15}: {row[key]}")
-    out.print(f"{'window':>15}: {_day(row['train_start'])} .. {_day(row['train_end'])} (exclusive); created "
+        report.print(f"{key:>15}: {row[key]}")
+    report.print(f"{'window':>15}: {_day(row['train_start'])} .. {_day(row['train_end'])} (exclusive); created "
               f"{_day(row['created_at'], '%Y-%m-%d %H:%M')}, promoted {_day(row['promoted_at'], '%Y-%m-%d %H:%M')}")
     m, folds = registry.metrics_of(row)
-    out.print(_fold_table(row["id"], folds, m))
+    report.print(_fold_table(row["id"], folds, m))
     rel = Table(title="reliability of calibrated P(TP), out of fold")
     for col in ("bin", "rows", "predicted", "observed"):
         rel.add_column(col, justify="right")
     for r in doc["reliability"]:
         rel.add_row(r["bin"], f"{r['rows']:,}", f"{r['predicted']:.3f}", f"{r['observed']:.3f}")
-    out.print(rel)
+    report.print(rel)
     top = list(doc["importance"].items())[:10]
-    out.print("top features (share of gain): " + json_.dumps({k: round(v, 3) for k, v in top}))
+    report.print("top features (share of gain): " + json_.dumps({k: round(v, 3) for k, v in top}))
 
 
 @models_app.command("promote")
@@ -516,14 +518,14 @@ def models_promote(
     finally:
         store.close()
     for g in result.gates:
-        out.print(f"  {'pass' if g.ok else '[yellow]FAIL (forced)[/]'} {g.name}: {g.detail}")
+        report.print(f"  {'pass' if g.ok else '[yellow]FAIL (forced)[/]'} {g.name}: {g.detail}")
     prev = f"; archived {result.incumbent['id']}" if result.incumbent else ""
-    out.print(f"promoted {model} for the {result.model['side']} side{prev}")
+    report.print(f"promoted {model} for the {result.model['side']} side{prev}")
     if result.control is None:
-        out.print("no broker configured (PERPFLOW_KAFKA_BOOTSTRAP): nothing published on `control`; a stack "
+        report.print("no broker configured (PERPFLOW_KAFKA_BOOTSTRAP): nothing published on `control`; a stack "
                   "started later reads the promoted model from the registry")
     else:
-        out.print(f"published on `control`: {result.control['entity']} → {model}")
+        report.print(f"published on `control`: {result.control['entity']} → {model}")
 
 
 @app.command()
