@@ -486,6 +486,35 @@ def models_show(model: str = typer.Argument(..., help="Model id (see `perpflow m
     report.print("top features (share of gain): " + json_.dumps({k: round(v, 3) for k, v in top}))
 
 
+@models_app.command("evaluate")
+def models_evaluate(
+    model: str = typer.Argument(..., help="Model id (see `perpflow models list`)."),
+    start: str = typer.Option(..., help="First bar of the window (UTC, inclusive)."),
+    end: str = typer.Option(..., help="End of the window (UTC, exclusive)."),
+) -> None:
+    """Score a model on a window (features and labels built for it): P(TP) AUC, log loss and Brier against the
+    base rate, ECE; hold-time error and MAE-quantile coverage. Says when the window overlaps the training one."""
+    from training import registry
+    from training.evaluate import evaluate
+
+    start_ms, end_ms = _window_options(start, end)
+    settings = _settings()
+    store = _registry_store(settings, "perpflow models evaluate")
+    try:
+        m = evaluate(store, registry.get(store, model), start_ms, end_ms)
+    finally:
+        store.close()
+    if m["overlaps_training"]:
+        report.print("[yellow]the window overlaps the model's training window: these are not out-of-sample "
+                     "figures[/]")
+    report.print(f"{model} on {start}..{end}: {m['rows']:,} rows, TP rate {m['rate']:.3f}; P(TP) AUC {m['auc']:.3f}, "
+                 f"log loss {m['log_loss']:.4f} (base rate {m['log_loss_base']:.4f}), Brier {m['brier']:.4f} "
+                 f"(base {m['brier_base']:.4f}), ECE {m['ece']:.4f}; hold-time RMSE {m['hold_rmse']:.2f} bars (the "
+                 f"window's mean: {m['hold_rmse_window_mean']:.2f}); MAE below its q{m['mae_quantile']:g} prediction: "
+                 f"{m['mae_coverage']:.3f}, pinball loss {m['mae_pinball']:.6f} (the window's quantile: "
+                 f"{m['mae_pinball_window_quantile']:.6f})")
+
+
 @models_app.command("promote")
 def models_promote(
     model: str = typer.Argument(..., help="Model id (see `perpflow models list`)."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -102,6 +103,21 @@ def test_predictor_gives_calibrated_probabilities_and_contributions(trained):
     assert contrib.shape == (50, len(MODEL_FEATURES) + 1)
     raw = predictor.boosters["outcome"].predict(X, raw_score=True)[:, 0]
     np.testing.assert_allclose(contrib.sum(axis=1), raw, rtol=1e-9, atol=1e-9)  # they add up to the TP score
+
+
+def test_evaluate_scores_a_model_and_flags_an_overlapping_window(trained):
+    home, _ = trained
+    model = sql(home, "SELECT id FROM models FINAL WHERE side = 'long' ORDER BY created_at LIMIT 1").id[0]
+    result = run_cli(home, "models", "evaluate", model, "--start", "2024-01-02", "--end", "2024-01-09")
+    assert result.returncode == 0, result.stderr
+    assert "overlaps the model's training window" in result.stdout
+    assert "AUC" in result.stdout and "base rate" in result.stdout and "pinball" in result.stdout
+    rows = int(re.search(r"([\d,]+) rows", result.stdout).group(1).replace(",", ""))
+    labeled = sql(home, "SELECT count() AS n FROM labels FINAL WHERE side = 'long' AND open_time >= '2024-01-02' "
+                        "AND open_time < '2024-01-09'").n[0]
+    assert rows == labeled  # every labeled bar of the week (features are ready there)
+    # three symbols × seven days of bars; near the end of the data, only bars decided before it are labeled
+    assert 3 * 7 * 288 - 3 * 48 < rows < 3 * 7 * 288
 
 
 def _variant(home: Path, model: str, *, schema_version: int | None = None, worse: bool = False) -> str:
