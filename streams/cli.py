@@ -58,8 +58,9 @@ def _settings() -> Settings:
     return s
 
 
-def _writable_store(settings: Settings, command: str):
-    """The store opened by this process, for commands that write (chDB allows one process per store)."""
+def _own_store(settings: Settings, command: str):
+    """The store opened by this process, for commands that do not go through up's API (chDB allows one process
+    per store)."""
     from connectors.clickhouse_store import Store, StoreBusy
 
     if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
@@ -68,8 +69,8 @@ def _writable_store(settings: Settings, command: str):
     try:
         return Store(settings)
     except StoreBusy as exc:
-        raise PerpflowError(f"`{command}` writes to the embedded store {settings.home_dir / 'clickhouse'}, which "
-                            f"{exc.holder} holds (`perpflow up`); chDB allows one process per store and this "
+        raise PerpflowError(f"`{command}` opens the embedded store {settings.home_dir / 'clickhouse'} itself, "
+                            f"and {exc.holder} holds it (`perpflow up`); chDB allows one process per store and this "
                             "command does not go through up's API. Stop `perpflow up` (Ctrl-C), then run it "
                             "again.") from None
 
@@ -282,7 +283,7 @@ def features_build(
         raise typer.BadParameter("--end must be after --start", param_hint="--end")
     settings = _settings()
     wanted = _symbols(symbols, settings)
-    store = _writable_store(settings, "perpflow features build")
+    store = _own_store(settings, "perpflow features build")
     started = time.monotonic()
     try:
         rows = build_features(store, wanted, start_ms, end_ms)  # type: ignore[arg-type]
@@ -334,7 +335,7 @@ def label(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     settings = _settings()
-    store = _writable_store(settings, "perpflow label")
+    store = _own_store(settings, "perpflow label")
     started = time.monotonic()
     try:
         summaries = build_labels(store, _symbols(symbols, settings), start_ms, end_ms, spec,
@@ -387,7 +388,7 @@ def train(
     wanted = _symbols(symbols, settings)
     sides = ["long", "short"] if side is Side.both else [side.value]
     cfg = TrainConfig(folds=folds, embargo_bars=embargo_bars, max_rounds=max_rounds, threads=threads)
-    store = _writable_store(settings, "perpflow train")
+    store = _own_store(settings, "perpflow train")
     try:
         trained = train_models(store, settings.home_dir / "models", sides, wanted, start_ms, end_ms,
                                spec or LabelSpec().id, cfg, say=lambda line: print(line, file=sys.stderr))
@@ -422,7 +423,7 @@ def _registry_store(settings: Settings, command: str):
     if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
         raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'}: no models yet; `perpflow train` "
                             "makes them")
-    return _writable_store(settings, command)
+    return _own_store(settings, command)
 
 
 @models_app.command("list")
