@@ -509,7 +509,8 @@ def models_evaluate(
         report.print("[yellow]the window overlaps the model's training window: these are not out-of-sample "
                      "figures[/]")
     report.print(f"{model} on {start}..{end}: {m['rows']:,} rows, TP rate {m['rate']:.3f}; P(TP) AUC {m['auc']:.3f}, "
-                 f"log loss {m['log_loss']:.4f} (base rate {m['log_loss_base']:.4f}), Brier {m['brier']:.4f} "
+                 f"log loss {m['log_loss']:.4f} (base rate {m['log_loss_base']:.4f}, uncalibrated "
+                 f"{m['log_loss_uncalibrated']:.4f}), Brier {m['brier']:.4f} "
                  f"(base {m['brier_base']:.4f}), ECE {m['ece']:.4f}; hold-time RMSE {m['hold_rmse']:.2f} bars (the "
                  f"window's mean: {m['hold_rmse_window_mean']:.2f}); MAE below its q{m['mae_quantile']:g} prediction: "
                  f"{m['mae_coverage']:.3f}, pinball loss {m['mae_pinball']:.6f} (the window's quantile: "

@@ -43,14 +43,14 @@ def test_folds_purge_and_embargo_the_rows_before_each_test_block():
 
 def test_labels_of_purged_rows_cannot_change_a_fold():
     ds = synthetic()
-    base, raw, cal, _ = walk_forward_oof(ds, HORIZON, CFG, say=lambda _: None)
+    base, raw, _ = walk_forward_oof(ds, HORIZON, CFG, say=lambda _: None)
     folds = walk_forward(ds.open_time, CFG.folds, (HORIZON + 1) * BAR_MS, CFG.embargo_bars * BAR_MS)
     start = folds[1].test_start
     purged = (ds.open_time >= start - (HORIZON + 1 + CFG.embargo_bars) * BAR_MS) & (ds.open_time < start)
     assert purged.sum() == 2 * (HORIZON + 1 + CFG.embargo_bars)
     poisoned = ds.take(np.arange(len(ds)))
     poisoned.outcome = np.where(purged, (ds.outcome + 1) % 3, ds.outcome)
-    _, raw2, _, _ = walk_forward_oof(poisoned, HORIZON, CFG, say=lambda _: None)
+    _, raw2, _ = walk_forward_oof(poisoned, HORIZON, CFG, say=lambda _: None)
     fold2 = folds[1].test
     np.testing.assert_array_equal(raw2[fold2], raw[fold2])  # fold 2 never saw them
     assert not np.array_equal(raw2[folds[2].test], raw[folds[2].test])  # fold 3 trains on them
@@ -58,14 +58,14 @@ def test_labels_of_purged_rows_cannot_change_a_fold():
 
 def test_shuffling_future_labels_does_not_change_past_folds():
     ds = synthetic()
-    base, raw, cal, _ = walk_forward_oof(ds, HORIZON, CFG, say=lambda _: None)
+    base, raw, _ = walk_forward_oof(ds, HORIZON, CFG, say=lambda _: None)
     future = np.flatnonzero(ds.open_time >= base[1]["test_end"])  # after fold 2's test block
     shuffled = ds.take(np.arange(len(ds)))
     shuffled.outcome = ds.outcome.copy()
     shuffled.outcome[future] = np.random.default_rng(1).permutation(ds.outcome[future])
-    again, raw2, cal2, _ = walk_forward_oof(shuffled, HORIZON, CFG, say=lambda _: None)
+    again, raw2, _ = walk_forward_oof(shuffled, HORIZON, CFG, say=lambda _: None)
     past = np.flatnonzero(ds.open_time < base[1]["test_end"])
-    np.testing.assert_array_equal(cal2[past], cal[past])
+    np.testing.assert_array_equal(raw2[past], raw[past])
     assert again[:2] == base[:2]
     assert again[2] != base[2]  # the shuffle did reach fold 3
 

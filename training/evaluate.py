@@ -12,7 +12,7 @@ from streams.errors import PerpflowError
 from training import dataset
 from training.artifact import Predictor
 from training.labels import TP
-from training.metrics import binary_metrics
+from training.metrics import binary_metrics, log_loss
 
 
 def evaluate(store: Store, row: dict, start_ms: int, end_ms: int) -> dict:
@@ -27,6 +27,7 @@ def evaluate(store: Store, row: dict, start_ms: int, end_ms: int) -> dict:
     pred = predictor.predict(ds.X)
     y = (ds.outcome == TP).astype(np.float64)
     out = binary_metrics(y, pred["p_tp"], predictor.doc["metrics"]["rate"])
+    out["log_loss_uncalibrated"] = log_loss(y, predictor.boosters["outcome"].predict(ds.X)[:, TP])
     q = float(predictor.doc["config"]["mae_quantile"])
     # baselines are the window's own mean hold and MAE quantile: constants that know the answer's level
     out |= {"overlaps_training": overlap,

@@ -6,12 +6,12 @@ what EV over the expected hold needs: the hold time in bars (mean), the adverse 
 gross return of a timeout (mean over timeouts).
 
 Walk-forward (`training.folds`): each fold's outcome model stops early on a purged tail of its own training rows
-(never on the test block), and its test predictions are calibrated with isotonic maps fitted on that same tail: the
-same booster, rows before the test block, so every fold metric is out of sample, calibration included. (Maps fitted
-on an earlier fold's booster do not transfer: a model stopped after a few rounds has another output range.)
-The final models are fitted on all rows with the folds' median number of rounds; the final calibration on all
-out-of-fold predictions. Metrics are those of P(TP) against TP / not TP. The target is noisy (with barriers in ATR
-units a random walk already decides the rates), hence small trees with many rows per leaf.
+(never on the test block); fold metrics are those of its raw softmax on the test block, out of sample. The final
+models are fitted on all rows with the folds' median number of rounds, and the calibration (isotonic per class) on
+all out-of-fold predictions. Calibrating each fold on its own training tail was tried and made the folds worse:
+a tail of a few weeks has its own TP rate, and isotonic steps follow it (the softmax, fitted by log loss, is
+already close). Metrics are those of P(TP) against TP / not TP. The target is noisy (with barriers in ATR units a
+random walk already decides the rates), hence small trees with many rows per leaf.
 """
 
 from __future__ import annotations
@@ -63,16 +63,14 @@ class SideModels:
     importance: dict[str, float] = field(default_factory=dict)
 
 
-def _fit_early(params: dict, X, y, times, purge_ms: int, cfg: TrainConfig) -> tuple[lgb.Booster, np.ndarray]:
-    """Fit with early stopping on the last `valid_fraction` of the rows (by time), purged from the rest;
-    return the booster and the validation rows."""
+def _fit_early(params: dict, X, y, times, purge_ms: int, cfg: TrainConfig) -> lgb.Booster:
+    """Fit with early stopping on the last `valid_fraction` of the rows (by time), purged from the rest."""
     cut = times[min(int(len(times) * (1 - cfg.valid_fraction)), len(times) - 1)]
     fit, val = np.flatnonzero(times < cut - purge_ms), np.flatnonzero(times >= cut)
     train_set = lgb.Dataset(X[fit], y[fit], feature_name=list(MODEL_FEATURES), free_raw_data=False)
     valid_set = lgb.Dataset(X[val], y[val], reference=train_set)
-    booster = lgb.train(params, train_set, cfg.max_rounds, valid_sets=[valid_set],
-                        callbacks=[lgb.early_stopping(EARLY_STOP, verbose=False)])
-    return booster, val
+    return lgb.train(params, train_set, cfg.max_rounds, valid_sets=[valid_set],
+                     callbacks=[lgb.early_stopping(EARLY_STOP, verbose=False)])
 
 
 def _fit(params: dict, X, y, rounds: int) -> lgb.Booster:
@@ -86,48 +84,45 @@ def _metrics(outcome: np.ndarray, proba: np.ndarray, base_rate: float) -> dict:
 
 
 def walk_forward_oof(ds: Dataset, horizon: int, cfg: TrainConfig, say: Callable[[str], None] = print,
-                     label: str = "") -> tuple[list[dict], np.ndarray, np.ndarray, list[int]]:
-    """(fold metrics, raw OOF probabilities with NaN outside the test blocks, calibrated ones, best rounds)."""
+                     label: str = "") -> tuple[list[dict], np.ndarray, list[int]]:
+    """(fold metrics, OOF probabilities with NaN outside the test blocks, best rounds per fold)."""
     purge_ms = (horizon + 1) * BAR_MS
     folds = walk_forward(ds.open_time, cfg.folds, purge_ms, cfg.embargo_bars * BAR_MS)
     raw = np.full((len(ds), 3), np.nan)
-    calibrated = raw.copy()
     fold_metrics, rounds, started = [], [], time.monotonic()
     for f in folds:
         tr, te = f.train, f.test
         if len(tr) < 1000 or len(te) == 0:
             raise ValueError(f"fold {f.k}: {len(tr)} training and {len(te)} test rows; label a longer window")
-        booster, val = _fit_early(cfg.params(**OUTCOME), ds.X[tr], ds.outcome[tr], ds.open_time[tr], purge_ms, cfg)
+        booster = _fit_early(cfg.params(**OUTCOME), ds.X[tr], ds.outcome[tr], ds.open_time[tr], purge_ms, cfg)
         rounds.append(booster.best_iteration or cfg.max_rounds)
-        best = booster.best_iteration or None
-        raw[te] = booster.predict(ds.X[te], num_iteration=best)
-        val = tr[val]
-        calibrated[te] = Calibrator.fit(booster.predict(ds.X[val], num_iteration=best), ds.outcome[val]).apply(raw[te])
-        m = _metrics(ds.outcome[te], calibrated[te], float(np.mean(ds.outcome[tr] == TP)))
+        raw[te] = booster.predict(ds.X[te], num_iteration=booster.best_iteration or None)
+        m = _metrics(ds.outcome[te], raw[te], float(np.mean(ds.outcome[tr] == TP)))
         m |= {"fold": f.k, "train_rows": len(tr), "purged_rows": f.dropped, "rounds": rounds[-1],
               "test_start": f.test_start, "test_end": f.test_end}
         fold_metrics.append(m)
         say(f"{label}fold {f.k}/{len(folds)}: train {len(tr):,} rows (purged {f.dropped:,}), test {len(te):,} rows, "
             f"{rounds[-1]} rounds, AUC {m['auc']:.3f}, log loss {m['log_loss']:.4f} (base {m['log_loss_base']:.4f}),"
             f" {time.monotonic() - started:.0f} s elapsed")
-    return fold_metrics, raw, calibrated, rounds
+    return fold_metrics, raw, rounds
 
 
 def train_side(ds: Dataset, side: str, horizon: int, cfg: TrainConfig,
                say: Callable[[str], None] = print) -> SideModels:
     label = f"{side}: "
-    fold_metrics, raw, calibrated, rounds = walk_forward_oof(ds, horizon, cfg, say, label)
-    oof = np.flatnonzero(~np.isnan(calibrated[:, 0]))
+    fold_metrics, raw, rounds = walk_forward_oof(ds, horizon, cfg, say, label)
+    oof = np.flatnonzero(~np.isnan(raw[:, 0]))
     first_test = fold_metrics[0]["test_start"]
-    metrics = _metrics(ds.outcome[oof], calibrated[oof], float(np.mean(ds.outcome[ds.open_time < first_test] == TP)))
+    metrics = _metrics(ds.outcome[oof], raw[oof], float(np.mean(ds.outcome[ds.open_time < first_test] == TP)))
     metrics["fold_mean_auc"] = float(np.mean([m["auc"] for m in fold_metrics]))
     started = time.monotonic()
     n_rounds = max(10, int(np.median(rounds)))
     models = SideModels(side, len(ds), fold_metrics, metrics,
                         {"symbol": ds.symbol[oof].astype(str), "open_time": ds.open_time[oof],
-                         "outcome": ds.outcome[oof], "p_tp": calibrated[oof, TP], "p_sl": calibrated[oof, 1]})
+                         "outcome": ds.outcome[oof], "p_tp": raw[oof, TP], "p_sl": raw[oof, 1]})
     models.boosters["outcome"] = _fit(cfg.params(**OUTCOME), ds.X, ds.outcome, n_rounds)
     models.calibrator = Calibrator.fit(raw[oof], ds.outcome[oof])
+    # on the rows the calibration was fitted on: how it reads, not an out-of-sample score
     models.reliability = reliability((ds.outcome[oof] == TP).astype(np.float64),
                                      models.calibrator.apply(raw[oof])[:, TP])
     gain = models.boosters["outcome"].feature_importance("gain")
