@@ -40,6 +40,8 @@ class Dataset:
 
 
 def load(store: Store, side: str, spec_id: str, symbols: list[str], start_ms: int, end_ms: int) -> Dataset:
+    if not tables.exists(store, "features"):
+        raise PerpflowError("no `features` table in the store: run `perpflow features build`, then `perpflow label`")
     if not tables.exists(store, "labels"):
         raise PerpflowError("no `labels` table in the store: run `perpflow label --start ... --end ...` first")
     syms = ", ".join(f"'{s}'" for s in symbols)
