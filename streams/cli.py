@@ -483,7 +483,7 @@ def models_show(model: str = typer.Argument(..., help="Model id (see `perpflow m
     for r in doc["reliability"]:
         rel.add_row(r["bin"], f"{r['rows']:,}", f"{r['predicted']:.3f}", f"{r['observed']:.3f}")
     report.print(rel)
-    top = list(doc["importance"].items())[:10]
+    top = sorted(doc["importance"].items(), key=lambda kv: -kv[1])[:10]
     report.print("top features (share of gain): " + json_.dumps({k: round(v, 3) for k, v in top}))
 
 

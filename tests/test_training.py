@@ -133,3 +133,14 @@ def test_a_feature_row_never_uses_data_after_its_close():
             assert rows == full[symbol][:len(rows)]
             assert rows[-1]["close_time"] == cut and full[symbol][len(rows)]["close_time"] > cut
             assert rows[-1]["ready"]
+
+
+def test_calibration_does_not_trust_a_handful_of_extreme_predictions():
+    rng = np.random.default_rng(5)
+    raw = np.column_stack([rng.uniform(0.30, 0.36, 20_000), np.zeros(20_000), np.full(20_000, 0.01)])
+    raw[:4, 0] = 0.99  # four confident rows, all of which happened to hit TP
+    raw[:, 1] = 1 - raw[:, 0] - raw[:, 2]
+    outcome = np.where(rng.uniform(size=20_000) < 0.33, TP, SL)
+    outcome[:4] = TP
+    cal = Calibrator.fit(raw, outcome).apply(raw)
+    assert cal[:4, TP].max() < 0.45  # their bin holds 500 rows: a third of them TP

@@ -47,9 +47,16 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, base_rate: float) -> dict[str, 
             "brier": brier(y, p), "brier_base": brier(y, base), "ece": ece(y, p)}
 
 
+CAL_ROWS_PER_BIN = 500  # isotonic steps stand on at least this many rows
+CAL_MAX_BINS = 100
+
+
 class Calibrator:
     """Isotonic maps per class (one-vs-rest), then rows renormalized to sum to 1. Stored as the isotonic
-    breakpoints, applied with np.interp: the predictor needs neither scikit-learn nor pickle."""
+    breakpoints, applied with np.interp: the predictor needs neither scikit-learn nor pickle.
+
+    The isotonic fit runs on equal-count bins of the predictions (mean prediction → observed frequency, weighted by
+    rows), not on single rows: fitted row by row, the top step stood on 4 rows and mapped them to 0.99."""
 
     def __init__(self, maps: list[tuple[np.ndarray, np.ndarray]] | None = None):
         self.maps = maps  # None = identity
@@ -57,8 +64,14 @@ class Calibrator:
     @classmethod
     def fit(cls, proba: np.ndarray, outcome: np.ndarray) -> Calibrator:
         maps = []
+        bins = int(np.clip(len(proba) // CAL_ROWS_PER_BIN, 1, CAL_MAX_BINS))
         for c in range(proba.shape[1]):
-            iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(proba[:, c], outcome == c)
+            order = np.argsort(proba[:, c], kind="stable")
+            chunks = np.array_split(order, bins)
+            x = np.array([proba[i, c].mean() for i in chunks])
+            y = np.array([(outcome[i] == c).mean() for i in chunks])
+            iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(
+                x, y, sample_weight=np.array([len(i) for i in chunks], dtype=np.float64))
             maps.append((iso.X_thresholds_, iso.y_thresholds_))
         return cls(maps)
 
