@@ -20,3 +20,7 @@ def features(symbol: str, interval: str, open_time_ms: int) -> str:
 
 def dead_letter(source_topic: str, partition: int, offset: int) -> str:
     return f"dlq:{source_topic}:{partition}:{offset}"
+
+
+def control(entity: str, event_time_ms: int) -> str:
+    return f"control:{entity}:{event_time_ms:013d}"
