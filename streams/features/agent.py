@@ -63,7 +63,9 @@ class FeaturesAgent:
                           [("md.klines", "kline"), ("md.markprice", "mark_price"), ("md.funding", "funding"),
                            ("md.openinterest", "open_interest"), (BTC_TOPIC, "btc_snapshot")]}
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.table = app.Table(STATE_TABLE, partitions=SYMBOL_PARTITIONS, key_type=bytes, value_type=bytes)
+        self.table = app.Table(STATE_TABLE, partitions=SYMBOL_PARTITIONS, key_type=bytes, value_type=bytes,
+                               on_recover=self._on_recovered)
+        self.reload = False
         self.inputs = app.topic(*INPUT_TOPICS, BTC_TOPIC, **raw)
         self.output = app.topic(OUTPUT_TOPIC, **raw)
         self.btc_output = app.topic(BTC_TOPIC, **raw)
@@ -81,10 +83,26 @@ class FeaturesAgent:
         app.on_partitions_revoked.connect(self._on_revoked)
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
+        for symbol in self.sequencers:
+            metrics.FEATURES_HELD_BARS.labels(symbol).set(0)  # no longer this worker's
         self.sequencers.clear()
         self.btc.clear()
         self.btc_saved.clear()
         self.processed.clear()
+
+    async def _on_recovered(self) -> None:
+        self.reload = True  # the next tick loads every symbol of the partitions this worker now owns
+
+    def _load_owned(self) -> None:
+        """Sequencers of every symbol in the table whose partition this worker owns: bars they hold are released
+        by ticks even when no new input for them ever comes (the end of a replay, a rebalance)."""
+        owned = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == "md.klines"}
+        for key, blob in list(self.table.data.items()):
+            if key.startswith(b"btc:") or key.decode() in self.sequencers:
+                continue
+            state = json.loads(blob)
+            if state["partition"] in owned:
+                self.sequencers[key.decode()] = (FeatureSequencer.from_state(state["sequencer"]), state["partition"])
 
     async def run(self, stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
@@ -95,6 +113,12 @@ class FeaturesAgent:
     async def tick(self) -> None:
         """Bars held while no input arrives (waiting for a silent BTC, at the end of a replay) are released by
         time, not only by the next message."""
+        if self.app.in_recovery:
+            return
+        if self.reload:
+            async with self.lock:
+                self.reload = False
+                self._load_owned()
         if any(seq.pending() for seq, _ in self.sequencers.values()):
             async with self.lock:
                 await self._release([], set(), {})
@@ -168,7 +192,8 @@ class FeaturesAgent:
             await asyncio.gather(*pending)  # outputs acknowledged before the state says they were made
         for symbol in touched | released:
             seq, partition = self.sequencers[symbol]
-            self._save(partition, symbol.encode(), json.dumps(seq.to_state()).encode())
+            state = {"partition": partition, "sequencer": seq.to_state()}
+            self._save(partition, symbol.encode(), json.dumps(state).encode())
         for partition, open_times in new_btc.items():
             self._save_btc(partition, open_times)
 
@@ -179,7 +204,7 @@ class FeaturesAgent:
             return cached[0]
         blob = self.table.data.get(symbol.encode())
         if blob is not None:
-            seq = FeatureSequencer.from_state(json.loads(blob))
+            seq = FeatureSequencer.from_state(json.loads(blob)["sequencer"])
         else:
             seq = FeatureSequencer(SymbolFeatures(symbol, STREAM_SOURCE))
         self.sequencers[symbol] = (seq, partition)
