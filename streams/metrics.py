@@ -34,3 +34,17 @@ GROUP_LAG = Gauge("perpflow_group_lag", "Committed-offset lag of a consumer grou
 
 REPLAY_EVENTS = Counter("perpflow_replay_events", "Events published by the replay source", ["topic"])
 REPLAY_SKIPPED_ROWS = Counter("perpflow_replay_skipped_rows", "Input rows skipped by the replay", ["reason"])
+
+# Binance connectors (connectors/binance): stream = market | user
+BINANCE_CONNECTED = Gauge("perpflow_binance_connected", "1 while the stream's WebSocket is connected", ["stream"])
+BINANCE_RECONNECTS = Counter("perpflow_binance_reconnects", "WebSocket reconnects by reason", ["stream", "reason"])
+BINANCE_MESSAGES = Counter("perpflow_binance_messages", "WebSocket messages received", ["stream", "event"])
+BINANCE_LATENCY = Histogram(
+    "perpflow_binance_latency_seconds", "Receive time minus the event time Binance stamped (E)", ["stream"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BINANCE_GAPS = Counter("perpflow_binance_kline_gaps", "Gaps of closed klines detected", ["symbol", "interval"])
+BINANCE_BACKFILLED = Counter("perpflow_binance_backfilled", "Records backfilled from REST", ["topic"])
+BINANCE_REST_ERRORS = Counter("perpflow_binance_rest_errors", "REST errors by path and code", ["path", "code"])
+BINANCE_USED_WEIGHT = Gauge("perpflow_binance_used_weight_1m", "X-MBX-USED-WEIGHT-1M of the last response")
+BINANCE_ORDERS = Counter("perpflow_binance_orders", "Execution outcomes", ["outcome"])
