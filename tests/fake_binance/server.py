@@ -325,6 +325,11 @@ class FakeBinance:
                 if not ws.closed:
                     await ws.send_str(json.dumps(event))
 
+    async def send_user_raw(self, text: str) -> None:
+        for conns in self._user_ws.values():
+            for ws in conns:
+                await ws.send_str(text)
+
     # -- market streams -------------------------------------------------------------------------
     async def _market_stream(self, request: web.Request):
         if time.monotonic() < self.refuse_streams_until:
