@@ -24,7 +24,7 @@ def example(schema: dict, nulls: bool) -> dict:
             record[f["name"]] = None if nulls else SAMPLE_VALUES[t[1] if isinstance(t[1], str) else t[1]["type"]]
         elif isinstance(t, dict) and t.get("type") == "array":
             items = t["items"]
-            record[f["name"]] = [] if nulls else [{g["name"]: SAMPLE_VALUES[g["type"]] for g in items["fields"]}]
+            record[f["name"]] = [] if nulls else [example(items, nulls)]
         elif isinstance(t, dict):
             record[f["name"]] = SAMPLE_VALUES[t["type"]]
         else:
