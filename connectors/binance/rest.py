@@ -146,10 +146,9 @@ class RestClient:
                 attempt = await self._backoff(attempt, f"{method} {path}: {type(exc).__name__}")
                 continue
             payload = _json(body)
-            if status < 400 and not (isinstance(payload, dict) and payload.get("code", 0) < 0
-                                     and "msg" in payload and len(payload) == 2):
+            code = _code(payload)
+            if status < 400 and code >= 0:
                 return payload
-            code = payload.get("code", 0) if isinstance(payload, dict) else 0
             msg = payload.get("msg", body[:200].decode(errors="replace")) if isinstance(payload, dict) else ""
             metrics.BINANCE_REST_ERRORS.labels(path, str(code or status)).inc()
             if status in (418, 429):
@@ -199,6 +198,14 @@ class RestClient:
         wait = self._blocked_until - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
+
+
+def _code(payload) -> int:
+    """Binance's error code (negative); successes may carry {"code": 200} or {"code": "200"}."""
+    try:
+        return int(payload.get("code", 0)) if isinstance(payload, dict) else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def _json(body: bytes):

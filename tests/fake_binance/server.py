@@ -75,6 +75,7 @@ class FakeBinance:
         self.faults: dict[str, list[Fault]] = defaultdict(list)
         self.requests: list[tuple[float, str, str, dict]] = []  # (monotonic, method, path, params)
         self.banned_until = 0.0
+        self.rest_errors: list[int] = []  # every error code answered
         self.ban_violations = 0
         self._weight: dict[int, int] = defaultdict(int)
         self.listen_keys: set[str] = set()
@@ -195,6 +196,7 @@ class FakeBinance:
                 await asyncio.sleep(fault.delay_after_accept)
             return web.json_response(result, headers=headers)
         except ApiError as e:
+            self.rest_errors.append(e.code)
             if e.retry_after is not None:
                 headers["Retry-After"] = str(e.retry_after)
             return web.json_response({"code": e.code, "msg": e.msg}, status=e.status, headers=headers)
@@ -497,6 +499,13 @@ class FakeBinance:
                 return o
         raise ApiError(-2013, "Order does not exist.")
 
+    def cancel_order(self, p):
+        o = self.get_order(p)
+        if o["status"] != "NEW":
+            raise ApiError(-2011, "Unknown order sent.")
+        o["status"] = "CANCELED"
+        return o
+
     def open_orders(self, p):
         return [o for o in self.account.orders.values() if o["status"] == "NEW"
                 and (not p.get("symbol") or o["symbol"] == p["symbol"])]
@@ -633,6 +642,7 @@ ROUTES = {
     ("POST", "/fapi/v1/leverage"): _Route(FakeBinance.leverage, signed=True),
     ("POST", "/fapi/v1/order"): _Route(FakeBinance.new_order, signed=True),
     ("GET", "/fapi/v1/order"): _Route(FakeBinance.get_order, signed=True),
+    ("DELETE", "/fapi/v1/order"): _Route(FakeBinance.cancel_order, signed=True),
     ("GET", "/fapi/v1/openOrders"): _Route(FakeBinance.open_orders, signed=True),
     ("POST", "/fapi/v1/algoOrder"): _Route(FakeBinance.new_algo_order, signed=True),
     ("GET", "/fapi/v1/algoOrder"): _Route(FakeBinance.get_algo_order, signed=True),
