@@ -182,7 +182,8 @@ class MarketConnector:
     async def backfill(self, end_ms: int | None = None) -> int:
         """Publish every closed bar after the last one published (or from start_ms) up to end_ms (default:
         the bars closed by now on the server's clock), with the marks, funding and OI of that span."""
-        end = end_ms if end_ms is not None else self.rest.server_now_ms()
+        now = self.rest.server_now_ms()
+        end = min(end_ms, now) if end_ms is not None else now
         n = 0
         for symbol in self.symbols:
             span_start = None
