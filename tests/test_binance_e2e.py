@@ -84,3 +84,31 @@ def test_live_path_trades_and_archives_what_the_exchange_sent(tmp_path):
     assert API_SECRET not in stderr and API_KEY not in stderr
     assert [o["clientOrderId"] for o in fake.exchange_orders()][0] == ids["entry"]
     assert fake.account.positions["BTCUSDT"].amount == 0
+
+
+@pytest.mark.timeout(180)
+def test_backfill_command_loads_history_into_the_archive(tmp_path):
+    home = tmp_path / "home"
+    fake = FakeBinance(["BTCUSDT", "ETHUSDT"], NOW).start()
+    env = {"PERPFLOW_BINANCE_REST_URL": fake.rest_url, "PERPFLOW_BINANCE_WS_URL": fake.ws_url,
+           "PERPFLOW_BINANCE_INTERVALS": "5m", "PERPFLOW_RUN_WORKER": "false"}
+    up = subprocess.Popen([PERPFLOW, "up", "--source", "none"], env=cli_env(home, **env), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("stack.json", lambda: (home / "run" / "stack.json").exists() or up.poll() is not None)
+        assert up.poll() is None, up.stderr.read()
+        result = run_cli(home, "backfill", "--symbols", "BTCUSDT,ETHUSDT", "--start", "2024-01-02",
+                         "--end", "2024-01-02T06:00", **env)
+        assert result.returncode == 0, result.stderr
+        assert "md.klines" in result.stdout and "144" in result.stdout  # 2 symbols × 72 bars
+        assert "backfill: 144 bars" in result.stderr  # the progress line's summary
+        wait_for("bars archived", lambda: sql(home, "SELECT symbol, count(), min(open_time), max(open_time) FROM "
+                                                    "md_klines FINAL GROUP BY symbol ORDER BY symbol") ==
+                 "BTCUSDT\t72\t2024-01-02 00:00:00.000\t2024-01-02 05:55:00.000\n"
+                 "ETHUSDT\t72\t2024-01-02 00:00:00.000\t2024-01-02 05:55:00.000")
+        funding = sql(home, "SELECT count() FROM md_funding FINAL WHERE symbol = 'BTCUSDT'")
+        assert funding == "1"  # the 00:00 settlement; 08:00 is after --end
+    finally:
+        up.terminate()
+        up.communicate(timeout=60)
+        fake.stop()
