@@ -12,6 +12,7 @@ from connectors.binance.market import MarketConnector, kline_from_rest, kline_fr
 from connectors.binance.publish import Publisher
 from connectors.binance.rest import RestClient
 from connectors.replay import ReplaySource
+from streams import metrics
 from streams.broker import ensure_topics
 from tests.conftest import SAMPLE, read_topic
 from tests.fake_binance import FakeBinance
@@ -142,3 +143,21 @@ def test_malformed_frames_go_to_the_dead_letter_topic_with_a_reason(broker):
     assert sorted(d["reason"] for d in letters) == ["invalid_field", "malformed", "unknown_event"]
     assert {d["source_topic"] for d in letters} == {"binance:market"}
     assert any(d["payload"] == b"{not json" for d in letters)
+
+
+@pytest.mark.timeout(60)
+def test_connections_are_rolled_before_the_24_hour_cut_without_losing_bars(broker):
+    ensure_topics(broker.bootstrap)
+    end = CLOCK_START + 20 * BAR
+    fake = FakeBinance(SYMBOLS, CLOCK_START, end, speed=BAR / 100).start()
+    conn = connector(fake, broker.bootstrap, max_connection_s=0.5)  # stands for 23.5 hours
+    rolled = metrics.BINANCE_RECONNECTS.labels("market", "rollover")
+    before = rolled._value.get()
+
+    async def scenario():
+        await _until(lambda: all(conn.state.last_open.get((s, "5m")) == end - BAR for s in SYMBOLS), 30)
+
+    drive(fake, conn, scenario)
+    assert rolled._value.get() - before >= 2
+    bars = [b["open_time"] for b in read_topic(broker.bootstrap, "md.klines") if b["symbol"] == "BTCUSDT"]
+    assert bars == list(range(START, end, BAR))

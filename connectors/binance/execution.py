@@ -94,6 +94,7 @@ class Executor:
     async def start(self) -> None:
         await self.rest.sync_time()
         info = await self.rest.get("/fapi/v1/exchangeInfo")
+        self.rest.use_limits(info)
         self.rules = {s["symbol"]: SymbolRules.from_exchange_info(s) for s in info["symbols"]
                       if s["symbol"] in self.symbols}
 

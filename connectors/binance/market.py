@@ -252,6 +252,7 @@ class MarketConnector:
     # -- the live loop ---------------------------------------------------------------------
     async def run(self) -> None:
         await self.rest.sync_time()
+        self.rest.use_limits(await self.rest.get("/fapi/v1/exchangeInfo"))
         await self.backfill()
         poller = asyncio.create_task(self._poll_open_interest())
         attempt = 0

@@ -97,6 +97,12 @@ class RestClient:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
 
+    def use_limits(self, exchange_info: dict) -> None:
+        """Take the request-weight limit per minute from exchangeInfo's rateLimits."""
+        for r in exchange_info.get("rateLimits", []):
+            if (r.get("rateLimitType"), r.get("interval"), r.get("intervalNum")) == ("REQUEST_WEIGHT", "MINUTE", 1):
+                self.weight_limit_1m = int(r["limit"])
+
     # -- time ------------------------------------------------------------------------------
     def server_now_ms(self) -> int:
         return int(time.time() * 1000) + self.offset_ms
