@@ -1,7 +1,8 @@
 """`perpflow up`: start what is not configured externally, then run the pipeline — the replay source
-(its own process), the ClickHouse sink (a thread of this one, which owns the store) and a Faust worker
-(its own process) — until Ctrl-C/SIGTERM, or with `until_drained` until the replay finished and the
-sink caught up.
+(its own process) or the Binance connectors (a thread: live rates are low, and their metrics belong on
+this process's /metrics), the ClickHouse sink (a thread of this one, which owns the store) and a Faust
+worker (its own process) — until Ctrl-C/SIGTERM, or with `until_drained` until the replay finished and
+the sink caught up.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class Executor:
                    else f"quantity {order['quantity']} below the minimum {rules.min_qty}" if qty < rules.min_qty
                    else None)
         if problem:
-            self._risk("order_rejected", "warning", symbol, order, {"reason": problem})
+            self.report_risk("order_rejected", "warning", symbol, order, {"reason": problem})
             return "rejected"
         await self._prepare(symbol)
         try:
@@ -125,7 +125,8 @@ class Executor:
                 "newClientOrderId": ids["entry"], "newOrderRespType": "RESULT"})
         except BinanceError as exc:
             kind = "margin_insufficient" if exc.code == MARGIN_INSUFFICIENT else "entry_failed"
-            self._risk("order_rejected", "warning", symbol, order, {"reason": kind, "code": exc.code, "msg": exc.msg})
+            self.report_risk("order_rejected", "warning", symbol, order,
+                             {"reason": kind, "code": exc.code, "msg": exc.msg})
             return "rejected"
         if Decimal(entry.get("executedQty", "0")) == 0:
             return "entry_not_filled"
@@ -155,8 +156,8 @@ class Executor:
                 await self.close_position(symbol, p["close"], f"{leg} failed")
                 for other in ("sl", "tp"):
                     await self._cancel_algo(symbol, p[other])
-                self._risk("protection_failed", "critical", symbol, {"intent_id": p["intent_id"]},
-                           {"leg": leg, "error": str(exc), "action": "closed at market"})
+                self.report_risk("protection_failed", "critical", symbol, {"intent_id": p["intent_id"]},
+                                 {"leg": leg, "error": str(exc), "action": "closed at market"})
                 self.protection.pop(symbol, None)
                 return False
         return True
@@ -188,25 +189,25 @@ class Executor:
                 local = self.protection.get(symbol)
                 if local is not None and await self.protect(symbol):
                     summary["protected"].append(symbol)
-                    self._risk("unprotected_position", "warning", symbol, local,
-                               {"amount": str(amount), "action": "protected"})
+                    self.report_risk("unprotected_position", "warning", symbol, local,
+                                     {"amount": str(amount), "action": "protected"})
                 elif local is None:
                     close_id = client_ids(f"reconcile-close:{symbol}:{self.rest.server_now_ms()}")["close"]
                     await self.close_position(symbol, close_id, "unprotected position found by reconciliation")
                     summary["closed"].append(symbol)
-                    self._risk("unprotected_position", "critical", symbol, {"intent_id": close_id},
-                               {"amount": str(amount), "action": "closed at market"})
+                    self.report_risk("unprotected_position", "critical", symbol, {"intent_id": close_id},
+                                     {"amount": str(amount), "action": "closed at market"})
             elif amount == 0:
                 for a in mine:  # protection of a position that no longer exists
                     await self._cancel_algo(symbol, a["clientAlgoId"])
                     summary["cancelled"].append(a["clientAlgoId"])
-                    self._risk("orphan_order_cancelled", "warning", symbol, {"intent_id": a["clientAlgoId"]},
-                               {"client_algo_id": a["clientAlgoId"], "type": a["orderType"]})
+                    self.report_risk("orphan_order_cancelled", "warning", symbol, {"intent_id": a["clientAlgoId"]},
+                                     {"client_algo_id": a["clientAlgoId"], "type": a["orderType"]})
                 for o in (o for o in orders if o["symbol"] == symbol):
                     await self._cancel_order(symbol, o["clientOrderId"])
                     summary["cancelled"].append(o["clientOrderId"])
-                    self._risk("orphan_order_cancelled", "warning", symbol, {"intent_id": o["clientOrderId"]},
-                               {"client_order_id": o["clientOrderId"], "type": o["type"]})
+                    self.report_risk("orphan_order_cancelled", "warning", symbol, {"intent_id": o["clientOrderId"]},
+                                     {"client_order_id": o["clientOrderId"], "type": o["type"]})
                 self.protection.pop(symbol, None)
         log.info("reconciled with the exchange: %s", summary)
         return summary
@@ -285,7 +286,7 @@ class Executor:
             if exc.code not in (ORDER_DOES_NOT_EXIST, UNKNOWN_ORDER):
                 raise
 
-    def _risk(self, kind: str, severity: str, symbol: str, order: dict, detail: dict) -> None:
+    def report_risk(self, kind: str, severity: str, symbol: str, order: dict, detail: dict) -> None:
         log.warning("risk event %s (%s) %s: %s", kind, severity, symbol, detail)
         intent = order.get("intent_id", "")
         self.publisher.publish("risk.events", risk_record(kind, severity, symbol, self.rest.server_now_ms(),
@@ -321,7 +322,8 @@ class OrderConsumer:
                     except DecodeError as exc:
                         self.executor.publisher.dead_letter(self.topic, m.value() or b"", exc.reason, exc.detail)
                     except (BinanceError, UnknownOutcome) as exc:  # reported; the intent is not retried blindly
-                        self.executor._risk("order_failed", "critical", order["symbol"], order, {"error": str(exc)})
+                        self.executor.report_risk("order_failed", "critical", order["symbol"], order,
+                                                  {"error": str(exc)})
                     self.consumer.commit(message=m, asynchronous=False)
                     self.handled += 1
         finally:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import websockets
 
 from connectors.binance.publish import Publisher
-from connectors.binance.rest import RestClient
+from connectors.binance.rest import BinanceError, RestClient
 from schemas import event_ids, records
 from schemas.records import INTERVAL_MS
 from streams import metrics
@@ -293,6 +293,8 @@ class MarketConnector:
                 return "stopped"
         except (OSError, websockets.WebSocketException, TimeoutError) as exc:
             return f"disconnected ({type(exc).__name__})"
+        except BinanceError as exc:  # the backfill gave up for now; the next connection tries again
+            return f"backfill failed ({exc})"
         finally:
             metrics.BINANCE_CONNECTED.labels("market").set(0)
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import websockets
 
 from connectors.binance.publish import Publisher
-from connectors.binance.rest import LISTEN_KEY_DOES_NOT_EXIST, BinanceError, RestClient
+from connectors.binance.rest import LISTEN_KEY_DOES_NOT_EXIST, BinanceError, RestClient, UnknownOutcome
 from schemas import event_ids
 from streams import metrics
 
@@ -169,8 +169,8 @@ class UserStream:
                     keepalive.cancel()
         except (OSError, websockets.WebSocketException, TimeoutError) as exc:
             return f"disconnected ({type(exc).__name__})"
-        except BinanceError as exc:
-            return f"listenKey request failed ({exc.code or exc.status})"
+        except (BinanceError, UnknownOutcome) as exc:  # listenKey or reconciliation requests
+            return f"REST failed ({exc})"
         finally:
             metrics.BINANCE_CONNECTED.labels("user").set(0)
 
