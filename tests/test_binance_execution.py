@@ -119,6 +119,34 @@ def test_intent_from_the_topic_trades_once_with_protection_and_replay_is_harmles
     assert fake.account.positions["BTCUSDT"].amount == Decimal("0.012")
 
 
+@pytest.mark.timeout(90)
+def test_no_order_is_placed_while_the_user_stream_is_down(fake, bootstrap):
+    from confluent_kafka import Producer
+
+    producer = Producer(producer_config(bootstrap))
+    halted = intent("halted-1", symbol="ETHUSDT", qty=0.5, sl=2_200.0, tp=2_600.0)
+    producer.produce("orders", default_codec().encode("order", halted), b"ETHUSDT")
+    producer.flush()
+
+    async def body(ex: Executor):
+        ready = asyncio.Event()  # the user stream's `healthy`: down
+        consumer = OrderConsumer(bootstrap, ex, ready=ready, group="exec-halted")
+        task = asyncio.create_task(consumer.run())
+        await asyncio.sleep(6)  # the group joins (~3 s) and the intent is read, but must wait
+        placed_while_down = len(fake.exchange_orders())
+        ready.set()  # reconnected and reconciled
+        deadline = time.monotonic() + 20
+        while not fake.exchange_orders("ETHUSDT"):  # (the group also replays earlier tests' intents)
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return placed_while_down
+
+    assert run(fake, bootstrap, body) == 0
+    assert [o["clientOrderId"] for o in fake.exchange_orders("ETHUSDT")] == [client_ids("halted-1")["entry"]]
+
+
 @pytest.mark.timeout(60)
 def test_when_one_protective_order_fires_its_sibling_is_cancelled(fake, bootstrap):
     async def body(ex: Executor):
