@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean tools
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "perpflow needs Python 3.11 ($(PYTHON) not found); set PYTHON=/path/to/python3.11"; exit 1; }
@@ -27,8 +27,22 @@ run: $(STAMP)
 	$(BIN)/perpflow up --source replay --data data/binance-um-futures --symbols BTCUSDT,ETHUSDT,1000PEPEUSDT \
 		--speed max --until-drained
 
-test: $(STAMP_TEST)
-	$(BIN)/ruff check streams schemas connectors training tests benchmarks
+# The deployment checks run real tools, installed here when missing: promtool and Prometheus (Debian's
+# prometheus package) and docker-compose v1 (Debian's; `config` needs no engine). kubectl (for kustomize)
+# comes with the machine image.
+DEB_TOOLS := promtool:prometheus prometheus:prometheus docker-compose:docker-compose
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+tools:
+	@missing=$$(for t in $(DEB_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+			--no-install-recommends $$missing; } || echo "WARNING: could not install $$missing; the tests that need them skip"; \
+	fi
+
+test: $(STAMP_TEST) tools
+	$(BIN)/ruff check streams schemas connectors training tests benchmarks grafana deploy
 	$(BIN)/python -m pytest
 
 bench: $(STAMP_TEST)

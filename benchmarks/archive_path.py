@@ -125,7 +125,8 @@ def phase_c(data: Path, symbols: list[str] | None, start_ms: int | None, home: P
     print("C  end to end: streams.up.run_up, replay process + sink (includes broker/store start-up and loading)")
     opts = UpOptions(source="replay", data=str(data), symbols=symbols, start_ms=start_ms, end_ms=None, speed=None,
                      until_drained=True)
-    summary = run_up(_settings(home, metrics_port=0, worker_metrics_port=0), opts)
+    # no Faust worker: this measures the archive path (the features agent has its own benchmark)
+    summary = run_up(_settings(home, metrics_port=0, worker_metrics_port=0, run_worker=False), opts)
     ok = _check("rows archived (FINAL)", summary.rows_archived, summary.published)
     ok &= _check("messages in the topics", summary.topic_messages, summary.published)
     ok &= _no_dead_letters(summary.dead_letters)

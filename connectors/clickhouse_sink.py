@@ -17,9 +17,8 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from connectors.clickhouse_store import Store
-from schemas import event_ids
 from schemas.catalog import Topic, archived
-from schemas.codec import Codec, DecodeError, default_codec
+from schemas.codec import Codec, DecodeError, dead_letter_record, default_codec
 from schemas.tables import arrow_table, columns, to_json_if_nested
 from streams import metrics
 from streams.broker import consumer_config, producer_config
@@ -138,18 +137,7 @@ class ClickHouseSink:
             metrics.BYTES_CONSUMED.labels(self.group, name).inc(nbytes)
 
     def _dead_letter(self, msg, exc: DecodeError) -> None:
-        key = msg.key()
-        record = {
-            "event_id": event_ids.dead_letter(msg.topic(), msg.partition(), msg.offset()),
-            "event_time": int(time.time() * 1000),
-            "source_topic": msg.topic(),
-            "partition": msg.partition(),
-            "offset": msg.offset(),
-            "key": key.decode("utf-8", "replace") if key else None,
-            "reason": exc.reason,
-            "error": exc.detail[:2000],
-            "payload": msg.value() or b"",
-        }
+        record = dead_letter_record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), exc)
         self.dlq.produce(self.dlq_topic, key=msg.topic().encode(), value=self.codec.encode("dead_letter", record))
         self.dlq.poll(0)
         self.dead_letters += 1

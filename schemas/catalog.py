@@ -47,6 +47,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic("md.liquidations", "liquidation", "symbol"),
     Topic("user.events", "user_event", "symbol", retention_ms=30 * DAY_MS),
     Topic("features", "features", "symbol"),
+    # internal: BTCUSDT's per-bar snapshot, written to every partition (see streams.features.agent)
+    Topic("features.btc", "btc_snapshot", "BTCUSDT", retention_ms=DAY_MS, archived=False),
     Topic("predictions", "prediction", "symbol"),
     Topic("signals", "signal", "symbol", retention_ms=30 * DAY_MS),
     Topic("risk.verdicts", "risk_verdict", "symbol", retention_ms=30 * DAY_MS),

@@ -37,9 +37,14 @@ class LeanMonitor(Monitor):
         pass
 
 
-def create_app(bootstrap: str, app_id: str = "perpflow", web_port: int | None = None) -> faust.App:
+APP_ID = "perpflow"  # also the Kafka consumer group of the agents
+
+
+def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None,
+               datadir: str | None = None) -> faust.App:
     return faust.App(
         app_id,
+        datadir=datadir or f"{app_id}-data",  # Faust's working files; perpflow keeps them under PERPFLOW_HOME
         broker=f"kafka://{bootstrap}",
         store="memory://",  # tables are rebuilt from their changelog topics on restart
         processing_guarantee="at_least_once",
@@ -53,4 +58,7 @@ def create_app(bootstrap: str, app_id: str = "perpflow", web_port: int | None = 
         web_enabled=web_port is not None,
         web_port=web_port or 6066,
         Monitor=LeanMonitor,
+        # a table value holds a symbol's state and the events it holds back (a backlog can hold many)
+        producer_max_request_size=16 * 1024 * 1024,
+        producer_linger_ms=5,  # agents send a micro-batch at a time: a few ms fill a request instead of one each
     )

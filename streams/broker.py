@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas.catalog import TOPICS, Topic
@@ -35,9 +35,11 @@ def client_config(bootstrap: str, **extra) -> dict:
 
 
 def producer_config(bootstrap: str, **extra) -> dict:
-    # acks=all + idempotence: a retried batch is never written twice by the broker
+    # acks=all + idempotence: a retried batch is never written twice by the broker. murmur2 is the key hash of
+    # the Java client and of aiokafka (Faust): a symbol lands on the same partition number whoever produced it,
+    # which co-partitioning needs (librdkafka's default would hash with CRC32)
     return client_config(
-        bootstrap, **{"acks": "all", "enable.idempotence": True, "linger.ms": 20,
+        bootstrap, **{"acks": "all", "enable.idempotence": True, "linger.ms": 20, "partitioner": "murmur2_random",
                       "batch.num.messages": 10_000, "queue.buffering.max.messages": 200_000, **extra}
     )
 
@@ -196,3 +198,9 @@ def end_offsets(bootstrap: str, topics: Iterable[str], timeout: float = 5.0) -> 
         return result
     finally:
         consumer.close()
+
+
+def committed_offsets(admin: AdminClient, group: str) -> dict[tuple[str, int], int]:
+    """The offsets `group` has committed, per partition (partitions it never committed are absent)."""
+    result = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result()
+    return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions or [] if tp.offset >= 0}

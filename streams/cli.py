@@ -162,7 +162,8 @@ def _print_summary(s) -> None:
         out.print(f"archived {archived:,} rows, {archived / s.archive_seconds:,.0f} rows/s from the first insert")
     skipped = sum(s.skipped_rows.values())
     out.print(f"input rows skipped: {skipped:,}" + (f" {s.skipped_rows}" if skipped else "")
-              + f"; dead letters: {s.dead_letters:,}")
+              + f"; dead letters: {s.dead_letters:,}"
+              + (f"; worker restarts: {s.worker_restarts}" if s.worker_restarts else ""))
     for p in s.problems:
         out.print(f"  [yellow]input problem:[/] {p}")
 

@@ -35,12 +35,54 @@ GROUP_LAG = Gauge("perpflow_group_lag", "Committed-offset lag of a consumer grou
 REPLAY_EVENTS = Counter("perpflow_replay_events", "Events published by the replay source", ["topic"])
 REPLAY_SKIPPED_ROWS = Counter("perpflow_replay_skipped_rows", "Input rows skipped by the replay", ["reason"])
 
-# Binance connectors (connectors/binance): stream = market | user
-BINANCE_CONNECTED = Gauge("perpflow_binance_connected", "1 while the stream's WebSocket is connected", ["stream"])
-BINANCE_RECONNECTS = Counter("perpflow_binance_reconnects", "WebSocket reconnects by reason", ["stream", "reason"])
-BINANCE_MESSAGES = Counter("perpflow_binance_messages", "WebSocket messages received", ["stream", "event"])
+FEATURES_EMITTED = Counter("perpflow_features_emitted", "features records emitted by the agent", ["symbol"])
+FEATURES_DROPPED_BARS = Counter("perpflow_features_dropped_bars", "Duplicate or out-of-order bars dropped", ["symbol"])
+FEATURES_GAP_BARS = Counter("perpflow_features_gap_bars", "Bars missing before a received bar (gaps)", ["symbol"])
+FEATURES_HELD_BARS = Gauge("perpflow_features_held_bars", "Bars held until their context is complete", ["symbol"])
+FEATURES_BTC_TIMEOUTS = Counter(
+    "perpflow_features_btc_timeouts", "Bars released without BTCUSDT's snapshot after waiting for it", ["symbol"])
+FEATURES_LAST_CLOSE = Gauge("perpflow_features_last_close_seconds", "close_time of the newest features record",
+                            ["symbol"])
+WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")
+
+# The decision chain's metrics, named before their agents exist: the alert rules
+# (deploy/prometheus/rules) and the Trading/Models dashboards (grafana/) already query them. Whoever builds
+# the agent that owns one exports it under exactly this name (series name as PromQL sees it: a Counter
+# "perpflow_x" is "perpflow_x_total", a Histogram's is "perpflow_x_bucket") and removes it from this list;
+# tests/test_observability.py fails while a listed name is exported, or an unlisted queried one is not.
+DECISION_CHAIN_METRICS: dict[str, str] = {
+    # risk and account state
+    "perpflow_trading_state": "gauge {state}: 1 for the current state (RUNNING, REDUCE_ONLY, HALTED), else 0",
+    "perpflow_account_equity_usdt": "gauge: account equity",
+    "perpflow_account_drawdown_ratio": "gauge: 1 - equity / peak equity",
+    "perpflow_daily_pnl_ratio": "gauge: today's (UTC) PnL / equity at the day's start; a loss is negative",
+    "perpflow_daily_loss_limit_ratio": "gauge: the daily-loss limit that halts trading (0.02 = 2 %)",
+    "perpflow_position_liq_distance_atr": "gauge {symbol, side}: distance to the estimated liquidation, in ATRs",
+    # decisions
+    "perpflow_signals_total": "counter {decision}: signals by LONG / SHORT / FLAT",
+    "perpflow_signal_ev_bucket": "histogram perpflow_signal_ev {side}: EV of the signals, net of costs",
+    "perpflow_risk_verdicts_total": "counter {verdict, reason}: verdicts; a rejection counts once per violated rule",
+    "perpflow_e2e_latency_seconds_bucket": "histogram perpflow_e2e_latency_seconds: kline publication to order",
+    # models
+    "perpflow_model_info": "gauge {side, model_id}: 1 for the promoted model of each side",
+    "perpflow_model_age_seconds": "gauge {side}: age of the promoted model's training data end",
+    "perpflow_model_calibration_error": "gauge {side}: |mean predicted P(TP) - realized TP rate|, recent labels",
+    "perpflow_prediction_p_tp_bucket": "histogram perpflow_prediction_p_tp {side}: predicted P(TP)",
+}
+
+# Binance connectors (connectors/binance): connector = binance-market | binance-user. The first four names are
+# the ones the alert rules and dashboards query (deploy/prometheus/rules, grafana/boards.py).
+CONNECTOR_CONNECTED = Gauge("perpflow_connector_connected", "1 while the connector's stream is connected, else 0",
+                            ["connector"])
+CONNECTOR_RECONNECTS = Counter("perpflow_connector_reconnects", "Stream reconnects (the reason is logged)",
+                               ["connector"])
+LAST_CLOSED_BAR = Gauge("perpflow_last_closed_bar_seconds", "Close time (unix s) of the newest closed bar published",
+                        ["symbol", "interval"])
+POSITION_UNPROTECTED = Gauge("perpflow_position_unprotected",
+                             "1 while a position is open without its stop-loss and take-profit orders", ["symbol"])
+BINANCE_MESSAGES = Counter("perpflow_binance_messages", "WebSocket messages received", ["connector", "event"])
 BINANCE_LATENCY = Histogram(
-    "perpflow_binance_latency_seconds", "Receive time minus the event time Binance stamped (E)", ["stream"],
+    "perpflow_binance_latency_seconds", "Receive time minus the event time Binance stamped (E)", ["connector"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BINANCE_GAPS = Counter("perpflow_binance_kline_gaps", "Gaps of closed klines detected", ["symbol", "interval"])

@@ -12,12 +12,12 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from schemas.catalog import TOPICS
 from streams import metrics
-from streams.broker import client_config, end_offsets
+from streams.broker import client_config, committed_offsets, end_offsets
 
 WINDOW_S = 60.0
 
@@ -111,14 +111,12 @@ class TopicHealth:
         rows = []
         for name in names:
             try:
-                futures = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(name)])
-                result = futures[name].result()
+                committed = committed_offsets(self.admin, name)
             except KafkaException:
                 continue
-            for tp in result.topic_partitions or []:
-                if tp.offset < 0 or (tp.topic, tp.partition) not in offsets:
-                    continue
-                rows.append(GroupRow(name, tp.topic, tp.partition, tp.offset, offsets[(tp.topic, tp.partition)]))
+            for (topic, partition), offset in committed.items():
+                if (topic, partition) in offsets:
+                    rows.append(GroupRow(name, topic, partition, offset, offsets[(topic, partition)]))
         return rows
 
     def run(self, stop: threading.Event, every: float = 5.0) -> None:

@@ -14,10 +14,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from confluent_kafka.admin import AdminClient
+
 from connectors.clickhouse_sink import ClickHouseSink
 from connectors.replay import ReplayResult, ReplaySource
 from schemas.catalog import archived
-from streams.broker import die_with_parent, end_offsets
+from streams.app import APP_ID
+from streams.broker import client_config, committed_offsets, die_with_parent, end_offsets
+from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS
 from streams.settings import Settings
 from streams.stack import Stack
 from streams.worker import WorkerProcess
@@ -47,6 +51,7 @@ class UpSummary:
     dead_letters: int = 0
     seconds: float = 0.0
     archive_seconds: float = 0.0  # from the sink's first insert until drained: the sustained archive rate
+    worker_restarts: int = 0
 
 
 class _ReportingThread(threading.Thread):
@@ -119,7 +124,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                               batch_seconds=settings.sink_batch_seconds)
         sink_thread = _ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
-        worker = WorkerProcess(settings, stack.bootstrap) if settings.run_worker else None
+        worker = WorkerProcess(settings, stack.bootstrap, opts.symbols) if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
         binance, binance_thread = None, None
         if opts.source == "binance":  # a thread: its metrics are this process's /metrics
@@ -141,7 +146,10 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                     if replay.error is not None:
                         raise replay.error
                     if opts.until_drained:
-                        log.info("replay finished; waiting for the sink to archive everything")
+                        if worker is not None:
+                            log.info("replay finished; waiting for the agents to process everything")
+                            wait_for_agents(stack.bootstrap, worker)
+                        log.info("waiting for the sink to archive everything")
                         _wait_drained(stack.bootstrap, sink, sink_thread)
                         summary.archive_seconds = time.monotonic() - (sink.first_insert_at or time.monotonic())
                         summary.published = replay.result.published
@@ -168,8 +176,26 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
             t.name: stack.store.query_rows(f"SELECT count() FROM `{t.table}` FINAL")[0][0] for t in archived()
         }
         summary.dead_letters = sink.dead_letters
+        summary.worker_restarts = worker.restarts if worker else 0
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
+    """Until the agents' consumer group has committed everything now in its input topics (twice in a row: the
+    agents write to some of their own inputs, e.g. features.btc)."""
+    topics = list(INPUT_TOPICS) + [BTC_TOPIC]
+    admin = AdminClient(client_config(bootstrap))
+    previous: dict | None = None
+    while True:
+        worker.check()
+        targets = end_offsets(bootstrap, topics)
+        committed = committed_offsets(admin, APP_ID)
+        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0):
+            if targets == previous:
+                return
+            previous = targets
+        time.sleep(0.5)
 
 
 def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _ReportingThread) -> None:

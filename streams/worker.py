@@ -6,23 +6,27 @@ them to AGENT_MODULES. The worker serves its own /metrics."""
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import faust
 
+from streams import metrics
 from streams.app import create_app
 from streams.broker import die_with_parent
 from streams.control_api import ControlApi
 from streams.settings import Settings
 
-AGENT_MODULES: list[str] = []
+AGENT_MODULES: list[str] = ["streams.features.agent"]
+log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, bootstrap: str) -> None:
-    app = create_app(bootstrap)
+    app = create_app(bootstrap, datadir=str(settings.run_dir / 'faust'))
     for module in AGENT_MODULES:
         importlib.import_module(module).register(app, settings)
     api = ControlApi(settings.metrics_host, settings.worker_metrics_port).start()
@@ -34,23 +38,42 @@ def run_worker(settings: Settings, bootstrap: str) -> None:
 
 
 class WorkerProcess:
-    """A `perpflow worker` child of `perpflow up`: logs to run/worker.log, dies with its parent."""
+    """A `perpflow worker` child of `perpflow up`: logs to run/worker.log, dies with its parent, and is restarted
+    when it dies (its agents resume from their committed offsets and changelog-backed tables)."""
 
-    def __init__(self, settings: Settings, bootstrap: str):
+    MAX_RESTARTS = 5  # in a row without a minute of uptime: a crash loop, not a hiccup
+
+    def __init__(self, settings: Settings, bootstrap: str, symbols: list[str] | None = None):
         self.log_path: Path = settings.run_dir / "worker.log"
         # the child reads its settings from the environment: pass this process's explicitly
-        env = {**os.environ, "PERPFLOW_KAFKA_BOOTSTRAP": bootstrap, "PERPFLOW_HOME": str(settings.home_dir),
-               "PERPFLOW_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
-               "PERPFLOW_METRICS_HOST": settings.metrics_host, "PERPFLOW_LOG_LEVEL": settings.log_level}
+        self.env = {**os.environ, "PERPFLOW_KAFKA_BOOTSTRAP": bootstrap, "PERPFLOW_HOME": str(settings.home_dir),
+                    "PERPFLOW_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
+                    "PERPFLOW_METRICS_HOST": settings.metrics_host, "PERPFLOW_LOG_LEVEL": settings.log_level,
+                    "PERPFLOW_SYMBOLS": ",".join(symbols or settings.symbols)}
+        self.restarts = 0
+        self._crash_loop = 0
+        self._start()
+
+    def _start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "streams.cli", "worker"], env=self.env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent)
+        self.started_at = time.monotonic()
 
     def check(self) -> None:
+        """Restart the worker if it died; raise when it keeps dying."""
         code = self.process.poll()
-        if code is not None:
-            raise RuntimeError(f"the Faust worker exited with code {code}; see {self.log_path}")
+        if code is None:
+            return
+        self._crash_loop = self._crash_loop + 1 if time.monotonic() - self.started_at < 60 else 1
+        if self._crash_loop > self.MAX_RESTARTS:
+            raise RuntimeError(f"the Faust worker exited with code {code} {self._crash_loop} times in a row; "
+                               f"see {self.log_path}")
+        log.warning("the Faust worker exited with code %s; restarting it (see %s)", code, self.log_path)
+        metrics.WORKER_RESTARTS.inc()
+        self.restarts += 1
+        self._start()
 
     def stop(self, grace: float = 15.0) -> None:
         if self.process.poll() is None:

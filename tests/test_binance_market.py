@@ -149,18 +149,20 @@ def test_malformed_frames_go_to_the_dead_letter_topic_with_a_reason(broker):
 
 
 @pytest.mark.timeout(60)
-def test_connections_are_rolled_before_the_24_hour_cut_without_losing_bars(broker):
+def test_connections_are_rolled_before_the_24_hour_cut_without_losing_bars(broker, caplog):
     ensure_topics(broker.bootstrap)
     end = CLOCK_START + 20 * BAR
     fake = FakeBinance(SYMBOLS, CLOCK_START, end, speed=BAR / 100).start()
     conn = connector(fake, broker.bootstrap, max_connection_s=0.5)  # stands for 23.5 hours
-    rolled = metrics.BINANCE_RECONNECTS.labels("market", "rollover")
-    before = rolled._value.get()
+    reconnects = metrics.CONNECTOR_RECONNECTS.labels("binance-market")
+    before = reconnects._value.get()
 
     async def scenario():
         await _until(lambda: all(conn.state.last_open.get((s, "5m")) == end - BAR for s in SYMBOLS), 30)
 
     drive(fake, conn, scenario)
-    assert rolled._value.get() - before >= 2
+    assert reconnects._value.get() - before >= 2
+    assert caplog.text.count("market stream: rollover") >= 2
+    assert metrics.LAST_CLOSED_BAR.labels("BTCUSDT", "5m")._value.get() == (end - 1) / 1000
     bars = [b["open_time"] for b in read_topic(broker.bootstrap, "md.klines") if b["symbol"] == "BTCUSDT"]
     assert bars == list(range(START, end, BAR))

@@ -17,19 +17,20 @@ SAMPLE_VALUES = {"string": "x-1", "double": 1.25, "long": 1704067499999, "int": 
 
 
 def example(schema: dict, nulls: bool) -> dict:
-    record = {}
-    for f in schema["fields"]:
-        t = f["type"]
-        if isinstance(t, list):
-            record[f["name"]] = None if nulls else SAMPLE_VALUES[t[1] if isinstance(t[1], str) else t[1]["type"]]
-        elif isinstance(t, dict) and t.get("type") == "array":
-            items = t["items"]
-            record[f["name"]] = [] if nulls else [example(items, nulls)]
-        elif isinstance(t, dict):
-            record[f["name"]] = SAMPLE_VALUES[t["type"]]
-        else:
-            record[f["name"]] = SAMPLE_VALUES[t]
-    return record
+    """A record of `schema`: nullable fields null (nulls) or set, arrays empty (nulls) or of one element."""
+    return {f["name"]: value(f["type"], nulls) for f in schema["fields"]}
+
+
+def value(t, nulls: bool):
+    if isinstance(t, list):
+        return None if nulls else value(t[1], nulls)
+    if isinstance(t, str):
+        return SAMPLE_VALUES[t]
+    if t["type"] == "array":
+        return [] if nulls else [value(t["items"], nulls)]
+    if t["type"] == "record":
+        return example(t, nulls)
+    return SAMPLE_VALUES[t["type"]]  # a logical type over a primitive
 
 
 @pytest.mark.parametrize("topic", TOPICS, ids=lambda t: t.name)

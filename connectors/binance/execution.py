@@ -131,6 +131,7 @@ class Executor:
         if Decimal(entry.get("executedQty", "0")) == 0:
             return "entry_not_filled"
         exit_side = "SELL" if order["side"] == "BUY" else "BUY"
+        metrics.POSITION_UNPROTECTED.labels(symbol).set(1)  # until both protective orders stand
         self.protection[symbol] = {"intent_id": order["intent_id"], "exit_side": exit_side,
                                    "stop_loss": order["stop_loss"], "take_profit": order.get("take_profit"),
                                    "sl": ids["sl"], "tp": ids["tp"], "close": ids["close"]}
@@ -159,7 +160,9 @@ class Executor:
                 self.report_risk("protection_failed", "critical", symbol, {"intent_id": p["intent_id"]},
                                  {"leg": leg, "error": str(exc), "action": "closed at market"})
                 self.protection.pop(symbol, None)
+                metrics.POSITION_UNPROTECTED.labels(symbol).set(0)  # closed
                 return False
+        metrics.POSITION_UNPROTECTED.labels(symbol).set(0)
         return True
 
     async def on_user_event(self, msg: dict) -> None:
@@ -173,6 +176,7 @@ class Executor:
         sibling = p["tp"] if fired == p["sl"] else p["sl"]
         await self._cancel_algo(symbol, sibling)
         self.protection.pop(symbol, None)
+        metrics.POSITION_UNPROTECTED.labels(symbol).set(0)  # closed by the one that fired
         log.info("%s: %s fired, sibling %s cancelled", symbol, fired, sibling)
 
     # -- reconciliation --------------------------------------------------------------------
@@ -186,6 +190,7 @@ class Executor:
             amount = positions.get(symbol, Decimal(0))
             mine = [a for a in algos if a["symbol"] == symbol]
             if amount != 0 and not any(a["orderType"] in STOP_TYPES for a in mine):
+                metrics.POSITION_UNPROTECTED.labels(symbol).set(1)
                 local = self.protection.get(symbol)
                 if local is not None and await self.protect(symbol):
                     summary["protected"].append(symbol)
@@ -195,6 +200,7 @@ class Executor:
                     close_id = client_ids(f"reconcile-close:{symbol}:{self.rest.server_now_ms()}")["close"]
                     await self.close_position(symbol, close_id, "unprotected position found by reconciliation")
                     summary["closed"].append(symbol)
+                    metrics.POSITION_UNPROTECTED.labels(symbol).set(0)
                     self.report_risk("unprotected_position", "critical", symbol, {"intent_id": close_id},
                                      {"amount": str(amount), "action": "closed at market"})
             elif amount == 0:

@@ -247,6 +247,7 @@ class MarketConnector:
             return 0  # already published (backfill and stream overlap)
         self.publisher.publish("md.klines", record)
         self.state.last_open[key] = record["open_time"]
+        metrics.LAST_CLOSED_BAR.labels(*key).set(record["close_time"] / 1000)
         return 1
 
     # -- the live loop ---------------------------------------------------------------------
@@ -261,21 +262,21 @@ class MarketConnector:
                 reason = await self._session()
                 if self.stop.is_set():
                     break
-                metrics.BINANCE_RECONNECTS.labels("market", reason).inc()
+                metrics.CONNECTOR_RECONNECTS.labels("binance-market").inc()
                 attempt = 0 if reason == "rollover" else attempt + 1
                 delay = 0 if reason == "rollover" else min(0.25 * 2 ** attempt, 30.0) * random.uniform(0.5, 1.0)
                 log.warning("market stream: %s; reconnecting in %.1f s", reason, delay)
                 await asyncio.sleep(delay)
         finally:
             poller.cancel()
-            metrics.BINANCE_CONNECTED.labels("market").set(0)
+            metrics.CONNECTOR_CONNECTED.labels("binance-market").set(0)
 
     async def _session(self) -> str:
         """One connection: connect, backfill what was missed, then stream. Returns why it ended."""
         try:
             async with websockets.connect(self.ws_url, ping_interval=None, max_size=2**22, open_timeout=10) as ws:
                 self.connections += 1
-                metrics.BINANCE_CONNECTED.labels("market").set(1)
+                metrics.CONNECTOR_CONNECTED.labels("binance-market").set(1)
                 if self.connections > 1:
                     await self.rest.sync_time()
                     n = await self.backfill()
@@ -296,7 +297,7 @@ class MarketConnector:
         except BinanceError as exc:  # the backfill gave up for now; the next connection tries again
             return f"backfill failed ({exc})"
         finally:
-            metrics.BINANCE_CONNECTED.labels("market").set(0)
+            metrics.CONNECTOR_CONNECTED.labels("binance-market").set(0)
 
     async def _on_message(self, raw: str | bytes) -> None:
         payload = raw.encode() if isinstance(raw, str) else raw
@@ -307,9 +308,10 @@ class MarketConnector:
         except (ValueError, KeyError, TypeError) as exc:
             self.publisher.dead_letter("binance:market", payload, "malformed", f"{type(exc).__name__}: {exc}")
             return
-        metrics.BINANCE_MESSAGES.labels("market", event).inc()
+        metrics.BINANCE_MESSAGES.labels("binance-market", event).inc()
         if isinstance(data.get("E"), int):
-            metrics.BINANCE_LATENCY.labels("market").observe(max(self.rest.server_now_ms() - data["E"], 0) / 1000)
+            latency = max(self.rest.server_now_ms() - data["E"], 0) / 1000
+            metrics.BINANCE_LATENCY.labels("binance-market").observe(latency)
         try:
             if event == "kline":
                 if data["k"]["x"]:

@@ -139,7 +139,7 @@ class UserStream:
         while True:
             reason = await self._session()
             self.healthy.clear()
-            metrics.BINANCE_RECONNECTS.labels("user", reason).inc()
+            metrics.CONNECTOR_RECONNECTS.labels("binance-user").inc()
             now = self.rest.server_now_ms()
             self.publisher.publish("risk.events", risk_record("user_stream_down", "critical", "", now,
                                                               {"reason": reason}), key="")
@@ -155,7 +155,7 @@ class UserStream:
             async with websockets.connect(f"{self.ws_base}/ws/{self.listen_key}", ping_interval=None,
                                           open_timeout=10) as ws:
                 self.connections += 1
-                metrics.BINANCE_CONNECTED.labels("user").set(1)
+                metrics.CONNECTOR_CONNECTED.labels("binance-user").set(1)
                 if self.on_reconnected is not None:
                     await self.on_reconnected()  # reconcile before declaring the stream healthy
                 self.publisher.publish("risk.events", risk_record(
@@ -172,7 +172,7 @@ class UserStream:
         except (BinanceError, UnknownOutcome) as exc:  # listenKey or reconciliation requests
             return f"REST failed ({exc})"
         finally:
-            metrics.BINANCE_CONNECTED.labels("user").set(0)
+            metrics.CONNECTOR_CONNECTED.labels("binance-user").set(0)
 
     async def _read(self, ws, keepalive: asyncio.Task) -> str:
         """Read until the connection ends, the key expires or the keepalive loses the key."""
@@ -216,7 +216,7 @@ class UserStream:
         except (ValueError, KeyError, TypeError) as exc:
             self.publisher.dead_letter("binance:user", payload, "malformed", f"{type(exc).__name__}: {exc}")
             return False
-        metrics.BINANCE_MESSAGES.labels("user", event).inc()
+        metrics.BINANCE_MESSAGES.labels("binance-user", event).inc()
         if event == "listenKeyExpired":
             return True
         parser = PARSERS.get(event)
@@ -228,7 +228,8 @@ class UserStream:
         except (ValueError, KeyError, TypeError) as exc:
             self.publisher.dead_letter("binance:user", payload, "invalid_field", f"{type(exc).__name__}: {exc}")
             return False
-        metrics.BINANCE_LATENCY.labels("user").observe(max(self.rest.server_now_ms() - record["event_time"], 0) / 1e3)
+        latency = max(self.rest.server_now_ms() - record["event_time"], 0) / 1000
+        metrics.BINANCE_LATENCY.labels("binance-user").observe(latency)
         self.publisher.publish("user.events", record)
         if self.on_event is not None:
             await self.on_event(msg)

@@ -128,13 +128,19 @@ class SymbolFeatures:
             self.open_interest = [t, record["open_interest"]]
 
     # -- the bar ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_bar(bar: dict) -> None:
+        """ValueError for a bar no indicator can take (the streaming agent dead-letters it before holding it)."""
+        o, h, low, c, v = bar["open"], bar["high"], bar["low"], bar["close"], bar["volume"]
+        if not (c > 0.0 and o > 0.0 and h >= low > 0.0 and v >= 0.0):
+            raise ValueError(f"{bar['symbol']} bar {bar['open_time']}: invalid OHLCV {o}, {h}, {low}, {c}, {v}")
+
     def on_kline(self, bar: dict, btc: BtcSnapshot | None = None) -> dict | None:
         if bar["symbol"] != self.symbol or bar["interval"] != INTERVAL:
             raise ValueError(f"{self.symbol} {INTERVAL} engine got a {bar['symbol']} {bar['interval']} bar")
+        self.check_bar(bar)
         ot, ct = bar["open_time"], bar["close_time"]
         o, h, low, c, v = bar["open"], bar["high"], bar["low"], bar["close"], bar["volume"]
-        if not (c > 0.0 and o > 0.0 and h >= low > 0.0 and v >= 0.0):
-            raise ValueError(f"{self.symbol} bar {ot}: invalid OHLCV {o}, {h}, {low}, {c}, {v}")
         last = self.last_open_time
         if last is not None and ot <= last:
             self.dropped += 1

@@ -25,8 +25,8 @@ from streams.console import ProgressLine
 from streams.errors import PerpflowError
 from streams.features.engine import BAR_MS, BTC_SYMBOL, DAY_MS, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.registry import READY_BARS, READY_HTF_BARS
+from streams.features.sequencer import KIND_OPEN_INTEREST
 
-KIND_OPEN_INTEREST = 3  # after the replay's kinds at equal event time
 MARGIN_BARS = 2000  # ≥ the longest warm-up (1308 bars for the 1h RSI, plus an unaligned start)
 assert MARGIN_BARS >= max(READY_BARS, READY_HTF_BARS[60] * 12 + 11)
 INSERT_ROWS = 50_000

@@ -1,0 +1,1 @@
+"""Deployment artefacts; `python -m deploy.generate` writes the Kubernetes resources derived from code."""

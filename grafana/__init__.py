@@ -1,0 +1,1 @@
+"""Grafana dashboards built from code (see boards.py) and their provisioning files."""

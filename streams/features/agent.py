@@ -1,0 +1,261 @@
+"""The features agent: md.klines (+ md.markprice, md.funding, md.openinterest) → `features`, one record per symbol
+and closed 5m bar, computed by the same SymbolFeatures as the offline build.
+
+Shape of the hot path (Faust costs ~50–80 µs per message in its stream layer): one agent reads the market-data
+topics and `features.btc` in micro-batches (`take_events`); each symbol's FeatureSequencer puts its events back
+in event-time order and releases the bars whose context is complete; outputs of a batch are sent together.
+
+Exactly-once by construction on an at-least-once broker (Tansu has no transactions):
+- the state (engine + held events) of a symbol is written to the `features-state` table (changelog topic) only
+  after the batch's outputs are acknowledged, and Faust commits input offsets only after that (it flushes the
+  producer before committing). A crash replays inputs since the last commit against a state that is at most as
+  new as the outputs: bars already done are dropped by the engine (open_time not after the last), context
+  already applied is applied again idempotently, and a re-emitted record has the same event_id (the archive
+  deduplicates on it). Recovery restores the table from its changelog, so indicators continue, never restart.
+
+BTC context on every partition: symbols live on different partitions (maybe different workers), but each bar of
+ETHUSDT needs BTCUSDT's EMA50/EMA200/return of the same bar. Released BTC bars are written to *every* partition of
+`features.btc` (one message per partition and micro-batch), a topic this agent also reads; co-partitioned with
+md.*, it brings BTC's snapshots to the worker owning a symbol's partition, next to the symbol's bars (a worker
+that owns BTC's partition too hands them over in memory at once). A bar waits for BTC's snapshot of its open_time
+(or a later one: BTC has no such bar → btc fields null, as offline), for at most BTC_WAIT_SECONDS when BTC is
+silent, and not at all when BTCUSDT is not among the configured symbols. Snapshots are kept in the table per
+partition (key `btc:<partition>:<open_time>`) until every symbol of the partition is past them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import faust
+from faust.types import TP
+
+from schemas.catalog import SYMBOL_PARTITIONS
+from schemas.codec import DecodeError, dead_letter_record, default_codec
+from streams import metrics
+from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
+from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TOPIC = "features"
+STATE_TABLE = "features-state"
+STREAM_SOURCE = "stream"
+BATCH_EVENTS = 2000
+BATCH_SECONDS = 0.05
+BTC_WAIT_SECONDS = 30.0
+KEEP_BTC_SNAPSHOTS = 2016  # a week of bars, for a partition none of whose symbols has started yet
+
+
+class FeaturesAgent:
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.codec = default_codec()
+        self.schema_of = {name: self.codec.full_name(stem) for name, stem in
+                          [("md.klines", "kline"), ("md.markprice", "mark_price"), ("md.funding", "funding"),
+                           ("md.openinterest", "open_interest"), (BTC_TOPIC, "btc_snapshot")]}
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.table = app.Table(STATE_TABLE, partitions=SYMBOL_PARTITIONS, key_type=bytes, value_type=bytes)
+        self.inputs = app.topic(*INPUT_TOPICS, BTC_TOPIC, **raw)
+        self.output = app.topic(OUTPUT_TOPIC, **raw)
+        self.btc_output = app.topic(BTC_TOPIC, **raw)
+        self.dead_letters = app.topic("deadletter", **raw)
+        self.expect_btc = BTC_SYMBOL in settings.symbols
+        # caches of the table, rebuilt after a rebalance
+        self.sequencers: dict[str, tuple[FeatureSequencer, int]] = {}  # symbol → (sequencer, partition)
+        self.btc: dict[int, dict[int, BtcSnapshot]] = {}  # partition → open_time → snapshot
+        self.btc_saved: dict[int, set[int]] = {}  # partition → open_times of the snapshots in the table
+        self.processed: dict[TP, int] = {}  # offset of the last message handled, per input partition
+        self.btc_waiting_since: dict[tuple[str, int], float] = {}
+        app.agent(self.inputs, name="features")(self.run)
+        app.on_partitions_revoked.connect(self._on_revoked)
+
+    async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
+        self.sequencers.clear()
+        self.btc.clear()
+        self.btc_saved.clear()
+        self.processed.clear()
+
+    async def run(self, stream: faust.StreamT) -> None:
+        async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
+            await self.process(events)
+
+    # -- one micro-batch --------------------------------------------------------------------------------------------
+    async def process(self, events: list[faust.EventT]) -> None:
+        pending: list[Any] = []  # delivery futures of this batch
+        touched: set[str] = set()
+        new_btc: dict[int, list[int]] = {}
+        for event in events:
+            msg = event.message
+            self.processed[msg.tp] = msg.offset
+            try:
+                name, record = self.codec.decode(msg.value)
+                if name != self.schema_of[msg.topic]:
+                    raise DecodeError("wrong_schema", f"{name} on a topic of {self.schema_of[msg.topic]}")
+                if msg.topic == BTC_TOPIC:
+                    snaps = self._btc(msg.partition)
+                    for bar in record["bars"]:
+                        snaps[bar["open_time"]] = BtcSnapshot(bar["open_time"], bar["ema_50"], bar["ema_200"],
+                                                              bar["r_1"])
+                        new_btc.setdefault(msg.partition, []).append(bar["open_time"])
+                    continue
+                kind = INPUT_TOPICS[msg.topic]
+                if kind == KIND_KLINE:
+                    if record["interval"] != INTERVAL:
+                        continue  # other intervals are not this agent's input
+                    SymbolFeatures.check_bar(record)
+            except (DecodeError, ValueError) as exc:
+                if not isinstance(exc, DecodeError):
+                    exc = DecodeError("invalid_value", str(exc))
+                pending.append(self._dead_letter(msg, exc))
+                continue
+            symbol = record["symbol"]
+            self._sequencer(symbol, msg.partition).add(kind, record)
+            touched.add(symbol)
+
+        released: set[str] = set()
+        # BTC first: its snapshots reach this worker's other symbols in the same batch (the copies arriving later
+        # through features.btc change nothing); other workers get them from the topic
+        for symbol, (seq, partition) in sorted(self.sequencers.items(), key=lambda kv: not kv[1][0].engine.is_btc):
+            if not seq.pending() and symbol not in touched:
+                continue
+            dropped = seq.engine.dropped
+            records = seq.release(lambda kind, p=partition: self._context_complete(kind, p),
+                                  lambda ot, s=symbol, p=partition: self._btc_lookup(s, p, ot))
+            metrics.FEATURES_HELD_BARS.labels(symbol).set(seq.pending())
+            if seq.engine.dropped > dropped:
+                metrics.FEATURES_DROPPED_BARS.labels(symbol).inc(seq.engine.dropped - dropped)
+            if not records:
+                continue
+            released.add(symbol)
+            key = symbol.encode()
+            send = self.output.send_soon
+            encode = self.codec.encode
+            pending.extend(send(key=key, value=encode("features", r), partition=partition) for r in records)
+            if seq.engine.is_btc:
+                pending.extend(self._broadcast_btc(records))
+                for p in {p for _, p in self.sequencers.values()}:
+                    snaps = self._btc(p)
+                    snaps.update((r["open_time"], BtcSnapshot(r["open_time"], r["ema_50"], r["ema_200"], r["r_1"]))
+                                 for r in records)
+            metrics.FEATURES_EMITTED.labels(symbol).inc(len(records))
+            metrics.FEATURES_GAP_BARS.labels(symbol).inc(sum(r["gap_bars"] for r in records))
+            metrics.FEATURES_LAST_CLOSE.labels(symbol).set(records[-1]["close_time"] / 1000)
+        if pending:
+            await asyncio.gather(*pending)  # outputs acknowledged before the state says they were made
+        for symbol in touched | released:
+            seq, partition = self.sequencers[symbol]
+            self._save(partition, symbol.encode(), json.dumps(seq.to_state()).encode())
+        for partition, open_times in new_btc.items():
+            self._save_btc(partition, open_times)
+
+    # -- inputs ----------------------------------------------------------------------------------------------------
+    def _sequencer(self, symbol: str, partition: int) -> FeatureSequencer:
+        cached = self.sequencers.get(symbol)
+        if cached is not None:
+            return cached[0]
+        blob = self.table.data.get(symbol.encode())
+        if blob is not None:
+            seq = FeatureSequencer.from_state(json.loads(blob))
+        else:
+            seq = FeatureSequencer(SymbolFeatures(symbol, STREAM_SOURCE))
+        self.sequencers[symbol] = (seq, partition)
+        return seq
+
+    def _context_complete(self, kind: int, partition: int) -> bool:
+        """True when this partition of the kind's topic has nothing more to give now (read up to its end)."""
+        tp = TP(TOPIC_OF_KIND[kind], partition)
+        consumer = self.app.consumer
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # not assigned (yet): unknown
+            return False
+        if high is None:
+            return False
+        handed = consumer._read_offset.get(tp)  # last offset the consumer handed to streams (a seek sets next)
+        done = self.processed.get(tp)
+        if done is not None:
+            return done + 1 >= high and (handed is None or handed <= done)
+        # nothing of it handled in this process: complete when a seek put it at its end, or it is empty
+        return (handed is None and high == 0) or (handed is not None and handed >= high)
+
+    def _btc(self, partition: int) -> dict[int, BtcSnapshot]:
+        snaps = self.btc.get(partition)
+        if snaps is None:
+            snaps = self.btc[partition] = {}
+            prefix = f"btc:{partition}:".encode()
+            saved = self.btc_saved[partition] = set()
+            for key, blob in self.table.data.items():
+                if key.startswith(prefix):
+                    ot = int(key[len(prefix):])
+                    snaps[ot] = BtcSnapshot(*json.loads(blob))
+                    saved.add(ot)
+        return snaps
+
+    def _btc_lookup(self, symbol: str, partition: int, open_time: int) -> tuple[bool, BtcSnapshot | None]:
+        if not self.expect_btc:
+            return True, None
+        snaps = self._btc(partition)
+        snap = snaps.get(open_time)
+        if snap is not None or (snaps and max(snaps) > open_time):
+            self.btc_waiting_since.pop((symbol, open_time), None)
+            return True, snap
+        since = self.btc_waiting_since.setdefault((symbol, open_time), time.monotonic())
+        if time.monotonic() - since < BTC_WAIT_SECONDS:
+            return False, None
+        del self.btc_waiting_since[(symbol, open_time)]
+        metrics.FEATURES_BTC_TIMEOUTS.labels(symbol).inc()
+        log.warning("%s bar %d: no BTCUSDT snapshot after %.0f s; btc features null", symbol, open_time,
+                    BTC_WAIT_SECONDS)
+        return True, None
+
+    def _dead_letter(self, msg: Any, exc: DecodeError) -> Any:
+        record = dead_letter_record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc)
+        metrics.DEAD_LETTERS.labels(msg.topic, exc.reason).inc()
+        log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
+        return self.dead_letters.send_soon(key=msg.topic.encode(), value=self.codec.encode("dead_letter", record))
+
+    # -- outputs and state -------------------------------------------------------------------------------------------
+    def _broadcast_btc(self, records: list[dict]) -> list[Any]:
+        value = self.codec.encode("btc_snapshot", {"event_time": records[-1]["event_time"], "bars": [
+            {"open_time": r["open_time"], "ema_50": r["ema_50"], "ema_200": r["ema_200"], "r_1": r["r_1"]}
+            for r in records]})
+        key = BTC_SYMBOL.encode()
+        return [self.btc_output.send_soon(key=key, value=value, partition=p) for p in range(SYMBOL_PARTITIONS)]
+
+    def _save(self, partition: int, key: bytes, value: bytes | None) -> None:
+        """Write a table key to the changelog partition of the data it belongs to (not the batch's last event)."""
+        if value is None:
+            self.table.data.pop(key, None)
+        else:
+            self.table.data[key] = value
+        self.table.send_changelog(partition, key, value)
+
+    def _save_btc(self, partition: int, open_times: list[int]) -> None:
+        """Keep the snapshots that arrived in the table, unless every symbol of the partition is past them."""
+        snaps = self._btc(partition)
+        saved = self.btc_saved.setdefault(partition, set())
+        starts = [seq.engine.last_open_time for seq, p in self.sequencers.values()
+                  if p == partition and not seq.engine.is_btc]
+        if starts and None not in starts:
+            past = min(starts)  # type: ignore[type-var]
+        else:
+            past = sorted(snaps)[-KEEP_BTC_SNAPSHOTS - 1] if len(snaps) > KEEP_BTC_SNAPSHOTS else -1
+        for ot in open_times:
+            if ot > past and ot in snaps and ot not in saved:
+                self._save(partition, f"btc:{partition}:{ot}".encode(), json.dumps(list(snaps[ot])).encode())
+                saved.add(ot)
+        for ot in [ot for ot in snaps if ot <= past]:
+            del snaps[ot]
+            if ot in saved:
+                saved.discard(ot)
+                self._save(partition, f"btc:{partition}:{ot}".encode(), None)
+
+
+def register(app: faust.App, settings: Settings) -> FeaturesAgent:
+    return FeaturesAgent(app, settings)

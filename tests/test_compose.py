@@ -1,0 +1,85 @@
+"""docker-compose.yml validated by a real compose implementation (docker-compose v1 from Debian, which
+needs no engine for `config`), and the rules every service follows; the Dockerfile's shape."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import typer
+import yaml
+
+from streams.cli import app
+from tests.conftest import ROOT
+
+COMPOSE = shutil.which("docker-compose")
+pytestmark = pytest.mark.skipif(COMPOSE is None, reason="docker-compose missing: `make tools` installs it")
+PERPFLOW_IMAGE = "perpflow:latest"
+
+
+def compose_config(*env_file: str) -> subprocess.CompletedProcess:
+    args = ["--env-file", *env_file] if env_file else []
+    return subprocess.run([COMPOSE, "--project-directory", str(ROOT), *args, "config"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})  # no stray CLICKHOUSE_* etc. from the caller
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    result = compose_config(str(ROOT / ".env.example"))
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_secrets_must_come_from_the_environment(tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = compose_config(str(empty))
+    assert result.returncode != 0 and "CLICKHOUSE_PASSWORD" in result.stderr
+
+
+def test_the_whole_stack_is_there(config):
+    assert {"kafka", "clickhouse", "prometheus", "grafana", "sink", "worker", "replay"} <= set(config["services"])
+
+
+def test_every_service_has_a_healthcheck_or_waits_for_one(config):
+    for name, svc in config["services"].items():
+        waits = [d for d, c in svc.get("depends_on", {}).items() if c.get("condition") == "service_healthy"]
+        assert "healthcheck" in svc or waits, name
+        for dep in waits:
+            assert "healthcheck" in config["services"][dep], f"{name} waits for {dep}, which has no healthcheck"
+
+
+def test_perpflow_services_run_real_commands_with_the_same_settings(config):
+    commands = set(typer.main.get_command(app).commands)
+    services = {n: s for n, s in config["services"].items() if s.get("image") == PERPFLOW_IMAGE}
+    assert set(services) >= {"sink", "worker", "replay"}
+    shared = {k: v for k, v in services["sink"]["environment"].items() if k != "PERPFLOW_RUN_WORKER"}
+    for name, svc in services.items():
+        assert svc["command"][0] in commands, f"{name}: `perpflow {svc['command'][0]}` does not exist"
+        assert shared.items() <= svc["environment"].items(), name
+        assert svc["depends_on"]["kafka"]["condition"] == "service_healthy", name
+
+
+def test_workers_scale(config):
+    worker = config["services"]["worker"]
+    assert "ports" not in worker and "container_name" not in worker  # `--scale worker=N` must not collide
+
+
+def test_prometheus_scrapes_every_long_running_perpflow_service(config):
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    targets = {t for job in scrape for sc in job.get("static_configs", []) for t in sc["targets"]}
+    targets |= {f"{n}:{sd['port']}" for job in scrape for sd in job.get("dns_sd_configs", []) for n in sd["names"]}
+    assert {"sink:9464", "worker:9465"} <= targets
+
+
+def test_dockerfile_is_multi_stage_slim_pinned_and_non_root():
+    text = (ROOT / "deploy/Dockerfile").read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert len(bases) >= 2, "multi-stage"
+    assert all(re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", b) for b in bases), bases  # pinned, slim
+    final = text.split("\nFROM ")[-1]
+    assert re.search(r"^USER (?!root)\S+", final, re.M), "the final stage runs as a non-root user"
+    assert "COPY --from=build" in final and "pip wheel" not in final

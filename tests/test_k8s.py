@@ -1,0 +1,114 @@
+"""deploy/k8s: every overlay renders with kustomize (kubectl's, offline), the rendered objects validate
+against the Kubernetes schemas (kubernetes-validate, strict; the operators' custom resources aside), and
+the generated resources equal what the catalog and the alert rules say."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.generate import render
+from schemas.catalog import BY_NAME, SYMBOL_PARTITIONS, TOPICS
+from tests.conftest import ROOT
+from tests.promql import rule_exprs
+
+KUBECTL = shutil.which("kubectl")
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+KUBERNETES_VERSION = "1.32.0"
+# Custom resources of the operators perpflow relies on: Strimzi (Kafka), Altinity (ClickHouse), Prometheus operator
+OPERATOR_GROUPS = {"kafka.strimzi.io", "clickhouse.altinity.com", "monitoring.coreos.com"}
+
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl missing (it comes with the machine image)")
+
+
+def kustomize(path) -> list[dict]:
+    result = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, kustomize(K8S / "overlays" / request.param)
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def test_overlays_exist():
+    assert OVERLAYS == ["dev", "prod"]
+
+
+def test_objects_validate_against_the_kubernetes_schemas(rendered):
+    _, docs = rendered
+    custom = [d for d in docs if d["apiVersion"].split("/")[0] in OPERATOR_GROUPS]
+    core = [d for d in docs if d not in custom]
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
+            "Namespace"} <= {d["kind"] for d in core}
+    for doc in core:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    assert {d["kind"] for d in custom} == {"Kafka", "KafkaNodePool", "KafkaTopic", "ClickHouseInstallation",
+                                           "PodMonitor", "PrometheusRule"}
+
+
+def test_the_validator_rejects_a_broken_object(rendered):
+    _, docs = rendered
+    broken = yaml.safe_load(yaml.safe_dump(by_kind(docs, "Deployment")["perpflow-sink"]))
+    broken["spec"]["replicas"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_container_has_probes_resources_and_metrics_scraped(rendered):
+    _, docs = rendered
+    workloads = [*by_kind(docs, "Deployment").values(), *by_kind(docs, "StatefulSet").values()]
+    assert {w["metadata"]["name"] for w in workloads} == {"perpflow-sink", "perpflow-worker"}
+    for w in workloads:
+        pod = w["spec"]["template"]
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "perpflow"  # the PodMonitor's selector
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        for c in pod["spec"]["containers"]:
+            assert {"livenessProbe", "readinessProbe"} <= set(c), c["name"]
+            assert {"requests", "limits"} <= set(c["resources"]), c["name"]
+            assert "metrics" in {p["name"] for p in c["ports"]}
+            assert {"configMapRef": {"name": "perpflow-config"}} in c["envFrom"]
+
+
+def test_workers_never_outnumber_partitions(rendered):
+    _, docs = rendered
+    assert 1 <= by_kind(docs, "StatefulSet")["perpflow-worker"]["spec"]["replicas"] <= SYMBOL_PARTITIONS
+    assert by_kind(docs, "PodDisruptionBudget")["perpflow-worker"]["spec"]["maxUnavailable"] == 1
+
+
+def test_topics_are_the_catalog(rendered):
+    overlay, docs = rendered
+    topics = {d["spec"]["topicName"]: d["spec"] for d in by_kind(docs, "KafkaTopic").values()}
+    assert set(topics) == set(BY_NAME)
+    for name, spec in topics.items():
+        t = BY_NAME[name]
+        assert spec["partitions"] == t.partitions and spec["config"] == t.kafka_config(), name
+        assert spec["replicas"] == (3 if overlay == "prod" else 1)
+    kafka = by_kind(docs, "Kafka")["perpflow"]["spec"]["kafka"]["config"]
+    assert kafka["auto.create.topics.enable"] is False
+    if overlay == "prod":
+        assert kafka["min.insync.replicas"] == 2 and by_kind(docs, "KafkaNodePool")["combined"]["spec"]["replicas"] == 3
+
+
+def test_generated_files_are_up_to_date():
+    for path, text in render().items():
+        assert path.read_text() == text, f"{path} is stale: run `python -m deploy.generate`"
+
+
+def test_prometheus_rule_holds_every_alert():
+    docs = kustomize(K8S / "base")
+    rule = by_kind(docs, "PrometheusRule")["perpflow"]
+    alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert alerts == rule_exprs()
+    assert len(by_kind(docs, "KafkaTopic")) == len(TOPICS)
