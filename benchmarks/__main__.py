@@ -12,9 +12,9 @@ from importlib.metadata import version
 
 import confluent_kafka
 
-from benchmarks import _data, archive_path, codec, features
+from benchmarks import _data, archive_path, codec, features, labels
 
-BENCHMARKS = {"codec": codec.run, "features": features.run, "archive_path": archive_path.run}
+BENCHMARKS = {"codec": codec.run, "features": features.run, "archive_path": archive_path.run, "labels": labels.run}
 
 
 def _git(*args: str) -> str:

@@ -95,6 +95,11 @@ class Store:
         with self._lock:
             return self.client.query(sql).result_rows
 
+    def query_arrow(self, sql: str) -> pa.Table:
+        """perpflow's own bulk reads (trusted SQL), columnar: labeling and training read millions of values."""
+        with self._lock:
+            return self.client.query_arrow(sql)
+
     def command(self, sql: str) -> None:
         with self._lock:
             self.client.command(sql)

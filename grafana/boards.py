@@ -74,6 +74,23 @@ TOPIC_HEALTH = Dashboard(
                 description="Active parts, before ReplacingMergeTree merges drop duplicates."),
             Panel("Closed bars archived per symbol", (_by_symbol_over_time("md_klines", "bars"),)),
         )),
+        Row("Features agent", (
+            Panel("features records/s by symbol", (PromQuery(
+                f"sum by (symbol) (rate(perpflow_features_emitted_total[{RATE}]))", "{{symbol}}"),), unit="ops"),
+            Panel("Bars held for their context", (PromQuery(
+                "max by (symbol) (perpflow_features_held_bars)", "{{symbol}}"),),
+                description="Bars waiting until nothing stamped before their close can still arrive (marks, "
+                            "funding, open interest, BTC's snapshot). Growing = a context feed is behind."),
+            Panel("Dropped, missing and BTC-less bars (1 h)", (
+                PromQuery("sum by (symbol) (increase(perpflow_features_dropped_bars_total[1h]))",
+                          "{{symbol}} duplicate/out of order"),
+                PromQuery("sum by (symbol) (increase(perpflow_features_gap_bars_total[1h]))", "{{symbol}} missing"),
+                PromQuery("sum by (symbol) (increase(perpflow_features_btc_timeouts_total[1h]))",
+                          "{{symbol}} without BTC")),),
+            Panel("Age of the newest features record", (PromQuery(
+                "time() - max by (symbol) (perpflow_features_last_close_seconds)", "{{symbol}}"),), unit="s",
+                description="Wall clock minus the close of the newest bar the agent emitted; a replay shows its age."),
+        )),
         Row("Dead letters and connections", (
             Panel("Dead letters by source topic and reason", (PromQuery(
                 "sum by (source_topic, reason) (increase(perpflow_dead_letters_total[5m]))",

@@ -24,6 +24,10 @@ def dead_letter(source_topic: str, partition: int, offset: int) -> str:
     return f"dlq:{source_topic}:{partition}:{offset}"
 
 
+def control(entity: str, event_time_ms: int) -> str:
+    return f"control:{entity}:{event_time_ms:013d}"
+
+
 def book_ticker(symbol: str, update_id: int) -> str:
     return f"book:{symbol}:{update_id}"
 

@@ -33,6 +33,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
+# wide tables (training reports) are not cut to 80 columns when the output goes to a file or a pipe
+report = out if out.is_terminal else Console(width=160)
 
 
 class Source(StrEnum):
@@ -55,6 +57,27 @@ def _settings() -> Settings:
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     return s
+
+
+def _own_store(settings: Settings, command: str):
+    """The store opened by this process, for commands that do not go through up's API (chDB allows one process
+    per store)."""
+    from connectors.clickhouse_store import Store, StoreBusy
+
+    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
+        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'} yet: archive market data first with "
+                            "`perpflow up --source replay ... --until-drained` (or `make run`)")
+    try:
+        return Store(settings)
+    except StoreBusy as exc:
+        raise PerpflowError(f"`{command}` opens the embedded store {settings.home_dir / 'clickhouse'} itself, "
+                            f"and {exc.holder} holds it (`perpflow up`); chDB allows one process per store and this "
+                            "command does not go through up's API. Stop `perpflow up` (Ctrl-C), then run it "
+                            "again.") from None
+
+
+def _symbols(symbols: str | None, settings: Settings) -> list[str]:
+    return [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
 
 
 def parse_time(value: str | None, option: str) -> int | None:
@@ -125,7 +148,7 @@ def up(
     if source is Source.replay and not data.is_dir():
         raise typer.BadParameter(f"{data} is not a directory", param_hint="--data")
     settings = _settings()
-    wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
+    wanted = _symbols(symbols, settings)
     if live:
         _check_live(settings, mainnet)
     _stop_on_signals()
@@ -276,24 +299,14 @@ def features_build(
     streaming engine's code and write them to the `features` table. History before --start (2000 bars) warms the
     state; only bars in [start, end) are written. Needs the store to itself: not while `perpflow up` holds the
     embedded store."""
-    from connectors.clickhouse_store import Store, StoreBusy
     from streams.features.offline import MARGIN_BARS, build_features
 
     start_ms, end_ms = parse_time(start, "--start"), parse_time(end, "--end")
     if end_ms <= start_ms:  # type: ignore[operator]
         raise typer.BadParameter("--end must be after --start", param_hint="--end")
     settings = _settings()
-    wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
-    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
-        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'} yet: archive market data first with "
-                            "`perpflow up --source replay ... --until-drained` (or `make run`)")
-    try:
-        store = Store(settings)
-    except StoreBusy as exc:
-        raise PerpflowError(f"`perpflow features build` writes to the embedded store {settings.home_dir / 'clickhouse'}"
-                            f", which {exc.holder} holds (`perpflow up`); chDB allows one process per store and "
-                            "the build does not go through up's API. Stop `perpflow up` (Ctrl-C), then build "
-                            "again.") from None
+    wanted = _symbols(symbols, settings)
+    store = _own_store(settings, "perpflow features build")
     started = time.monotonic()
     try:
         rows = build_features(store, wanted, start_ms, end_ms)  # type: ignore[arg-type]
@@ -315,6 +328,260 @@ def features_build(
                   "(`perpflow up --source replay --symbols ... --until-drained`)")
 
 
+def _window_options(start: str, end: str) -> tuple[int, int]:
+    start_ms, end_ms = parse_time(start, "--start"), parse_time(end, "--end")
+    if end_ms <= start_ms:  # type: ignore[operator]
+        raise typer.BadParameter("--end must be after --start", param_hint="--end")
+    return start_ms, end_ms  # type: ignore[return-value]
+
+
+@app.command()
+def label(
+    start: str = typer.Option(..., help="First bar to label (UTC date or time, inclusive)."),
+    end: str = typer.Option(..., help="Where the bars to label stop (UTC, exclusive)."),
+    symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
+    k_tp: float = typer.Option(2.0, help="Take profit at entry ± k_tp·ATR."),
+    k_sl: float = typer.Option(1.0, help="Stop loss at entry ∓ k_sl·ATR."),
+    horizon: int = typer.Option(48, help="Bars until the timeout exit (48 = 4 h)."),
+    fee: float = typer.Option(0.0004, help="Taker fee per fill, as a fraction (0.0004 = 0.04 %)."),
+    slippage: float = typer.Option(0.0015, help="Slippage per fill, as a fraction (0.0015 = 15 bps)."),
+) -> None:
+    """Triple-barrier labels, both sides, for the archived 5m bars in [start, end), with fees, slippage and the
+    funding settlements crossed; written to the `labels` table under the spec's id. Needs `perpflow features
+    build` for the window (the ATR) and the store to itself."""
+    from training.label_build import build_labels
+    from training.labels import LabelSpec
+
+    start_ms, end_ms = _window_options(start, end)
+    try:
+        spec = LabelSpec(k_tp=k_tp, k_sl=k_sl, horizon=horizon, fee=fee, slippage=slippage)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings = _settings()
+    store = _own_store(settings, "perpflow label")
+    started = time.monotonic()
+    try:
+        summaries = build_labels(store, _symbols(symbols, settings), start_ms, end_ms, spec,
+                                 say=lambda line: print(line, file=sys.stderr))
+    finally:
+        store.close()
+    table = Table(title=f"labels of spec {spec.id} in {time.monotonic() - started:.1f} s", caption=spec.to_json())
+    for col in ("symbol", "side", "bars", "labeled", "TP", "SL", "TIMEOUT", "mean net", "mean funding"):
+        table.add_column(col, justify="left" if col in ("symbol", "side") else "right")
+    for s in summaries:
+        pct = {k: f"{100 * v / s.labeled:.1f} %" if s.labeled else "–" for k, v in s.outcomes.items()}
+        table.add_row(s.symbol, s.side, f"{s.bars:,}", f"{s.labeled:,}", pct["TP"], pct["SL"], pct["TIMEOUT"],
+                      f"{s.mean_net:+.4%}", f"{s.mean_funding:+.5%}")
+    report.print(table)
+    missing = sorted({s.symbol for s in summaries if not s.labeled})
+    if missing:
+        out.print(f"[yellow]nothing labeled for {', '.join(missing)}[/]: archive its bars and run `perpflow "
+                  "features build` for the window first")
+
+
+class Side(StrEnum):
+    long = "long"
+    short = "short"
+    both = "both"
+
+
+@app.command()
+def train(
+    start: str = typer.Option(..., help="First bar of the training window (UTC, inclusive)."),
+    end: str = typer.Option(..., help="End of the training window (UTC, exclusive)."),
+    symbols: str = typer.Option(None, help="Comma-separated symbols pooled into one model per side "
+                                "(default: PERPFLOW_SYMBOLS)."),
+    side: Side = typer.Option(Side.both, help="Which side's models to train."),
+    spec: str = typer.Option(None, help="Label spec id (printed by `perpflow label`; default: the default spec)."),
+    folds: int = typer.Option(5, min=2, max=20, help="Walk-forward folds."),
+    embargo_bars: int = typer.Option(288, min=0, help="Bars dropped before each test block on top of the purge "
+                                     "(the purge is the label horizon + 1 bar)."),
+    max_rounds: int = typer.Option(400, min=10, help="Boosting rounds at most (early stopping picks fewer)."),
+    threads: int = typer.Option(2, min=1, max=64, help="LightGBM threads."),
+) -> None:
+    """Train LightGBM models per side on ready features ⨝ labels: calibrated P(TP/SL/TIMEOUT), hold time, an MAE
+    quantile and the timeout return; walk-forward validation with purge and embargo; registers each side's models
+    (status `trained`) with an artifact under $PERPFLOW_HOME/models."""
+    from training.labels import LabelSpec
+    from training.pipeline import train_models
+    from training.train import TrainConfig
+
+    start_ms, end_ms = _window_options(start, end)
+    settings = _settings()
+    wanted = _symbols(symbols, settings)
+    sides = ["long", "short"] if side is Side.both else [side.value]
+    cfg = TrainConfig(folds=folds, embargo_bars=embargo_bars, max_rounds=max_rounds, threads=threads)
+    store = _own_store(settings, "perpflow train")
+    try:
+        trained = train_models(store, settings.home_dir / "models", sides, wanted, start_ms, end_ms,
+                               spec or LabelSpec().id, cfg, say=lambda line: print(line, file=sys.stderr))
+    finally:
+        store.close()
+    for row, models in trained:
+        report.print(_fold_table(row["id"], models.fold_metrics, models.metrics))
+
+
+def _fold_table(title: str, folds: list[dict], total: dict) -> Table:
+    table = Table(title=f"{title}: P(TP) out of sample (walk-forward)")
+    for col in ("fold", "test from", "rows", "TP rate", "AUC", "log loss", "base", "Brier", "base", "ECE"):
+        table.add_column(col, justify="left" if col in ("fold", "test from") else "right")
+
+    def cells(m: dict) -> list[str]:
+        return [f"{m['rows']:,}", f"{m['rate']:.3f}", f"{m['auc']:.3f}", f"{m['log_loss']:.4f}",
+                f"{m['log_loss_base']:.4f}", f"{m['brier']:.4f}", f"{m['brier_base']:.4f}", f"{m['ece']:.4f}"]
+
+    for m in folds:
+        table.add_row(f"{m['fold']}", datetime.fromtimestamp(m["test_start"] / 1000, UTC).strftime("%Y-%m-%d"),
+                      *cells(m))
+    table.add_row("all", "", *cells(total))
+    return table
+
+
+models_app = typer.Typer(help="The model registry: the `models` table and the artifacts under $PERPFLOW_HOME/models.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _registry_store(settings: Settings, command: str):
+    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
+        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'}: no models yet; `perpflow train` "
+                            "makes them")
+    return _own_store(settings, command)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every registered model: id, side, status, window, out-of-sample AUC and log loss of P(TP)."""
+    from training import registry
+
+    settings = _settings()
+    store = _registry_store(settings, "perpflow models list")
+    try:
+        found = registry.rows(store)
+    finally:
+        store.close()
+    if not found:
+        out.print("no models registered yet: `perpflow train --start ... --end ...` makes them")
+        return
+    table = Table(title="models")
+    for col in ("id", "side", "status", "created", "window", "symbols", "AUC", "log loss", "base"):
+        table.add_column(col, justify="right" if col in ("AUC", "log loss", "base") else "left")
+    for r in found:
+        m, _ = registry.metrics_of(r)
+        table.add_row(r["id"], r["side"], r["status"], _day(r["created_at"], "%Y-%m-%d %H:%M"),
+                      f"{_day(r['train_start'])}..{_day(r['train_end'])}", ",".join(r["symbols"]),
+                      f"{m['auc']:.3f}", f"{m['log_loss']:.4f}", f"{m['log_loss_base']:.4f}")
+    report.print(table)
+
+
+def _day(ms: int | None, fmt: str = "%Y-%m-%d") -> str:
+    return "–" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).strftime(fmt)
+
+
+@models_app.command("show")
+def models_show(model: str = typer.Argument(..., help="Model id (see `perpflow models list`).")) -> None:
+    """One model: registry row, walk-forward metrics per fold, reliability table and top features."""
+    import json as json_
+
+    from training import registry
+    from training.artifact import Predictor
+
+    settings = _settings()
+    store = _registry_store(settings, "perpflow models show")
+    try:
+        row = registry.get(store, model)
+    finally:
+        store.close()
+    doc = Predictor.load(Path(row["artifact_path"]), row["sha256"]).doc
+    for key in ("id", "side", "status", "schema_version", "label_spec_id", "label_spec", "symbols", "artifact_path",
+                "sha256", "actor", "reason"):
+        report.print(f"{key:>15}: {row[key]}")
+    report.print(f"{'window':>15}: {_day(row['train_start'])} .. {_day(row['train_end'])} (exclusive); created "
+              f"{_day(row['created_at'], '%Y-%m-%d %H:%M')}, promoted {_day(row['promoted_at'], '%Y-%m-%d %H:%M')}")
+    m, folds = registry.metrics_of(row)
+    report.print(_fold_table(row["id"], folds, m))
+    rel = Table(title="reliability of calibrated P(TP), out of fold")
+    for col in ("bin", "rows", "predicted", "observed"):
+        rel.add_column(col, justify="right")
+    for r in doc["reliability"]:
+        rel.add_row(r["bin"], f"{r['rows']:,}", f"{r['predicted']:.3f}", f"{r['observed']:.3f}")
+    report.print(rel)
+    top = sorted(doc["importance"].items(), key=lambda kv: -kv[1])[:10]
+    report.print("top features (share of gain): " + json_.dumps({k: round(v, 3) for k, v in top}))
+
+
+@models_app.command("evaluate")
+def models_evaluate(
+    model: str = typer.Argument(..., help="Model id (see `perpflow models list`)."),
+    start: str = typer.Option(..., help="First bar of the window (UTC, inclusive)."),
+    end: str = typer.Option(..., help="End of the window (UTC, exclusive)."),
+) -> None:
+    """Score a model on a window (features and labels built for it): P(TP) AUC, log loss and Brier against the
+    base rate, ECE; hold-time error and MAE-quantile coverage. Says when the window overlaps the training one."""
+    from training import registry
+    from training.evaluate import evaluate
+
+    start_ms, end_ms = _window_options(start, end)
+    settings = _settings()
+    store = _registry_store(settings, "perpflow models evaluate")
+    try:
+        m = evaluate(store, registry.get(store, model), start_ms, end_ms)
+    finally:
+        store.close()
+    if m["overlaps_training"]:
+        report.print("[yellow]the window overlaps the model's training window: these are not out-of-sample "
+                     "figures[/]")
+    report.print(f"{model} on {start}..{end}: {m['rows']:,} rows, TP rate {m['rate']:.3f}; P(TP) AUC {m['auc']:.3f}, "
+                 f"log loss {m['log_loss']:.4f} (base rate {m['log_loss_base']:.4f}, uncalibrated "
+                 f"{m['log_loss_uncalibrated']:.4f}), Brier {m['brier']:.4f} "
+                 f"(base {m['brier_base']:.4f}), ECE {m['ece']:.4f}; hold-time RMSE {m['hold_rmse']:.2f} bars (the "
+                 f"window's mean: {m['hold_rmse_window_mean']:.2f}); MAE below its q{m['mae_quantile']:g} prediction: "
+                 f"{m['mae_coverage']:.3f}, pinball loss {m['mae_pinball']:.6f} (the window's quantile: "
+                 f"{m['mae_pinball_window_quantile']:.6f})")
+
+
+@models_app.command("promote")
+def models_promote(
+    model: str = typer.Argument(..., help="Model id (see `perpflow models list`)."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the schema or not-worse gate fails "
+                               "(needs --reason)."),
+    reason: str = typer.Option("", help="Why (recorded; required with --force)."),
+) -> None:
+    """Promote a model for its side after the gates (feature schema version, not worse than the incumbent on a
+    common out-of-fold window); archives the side's previous model and publishes the change on `control`."""
+    import getpass
+
+    from streams.control import publish
+    from training import registry
+
+    if force and not reason.strip():
+        raise typer.BadParameter("--force needs --reason TEXT saying why the gates are overridden",
+                                 param_hint="--reason")
+    settings = _settings()
+    bootstrap = settings.kafka_bootstrap
+
+    def announce(row: dict, previous: dict | None) -> dict | None:
+        if not bootstrap:
+            return None
+        return publish(bootstrap, f"model:{row['side']}", "model_promoted", registry.control_value(row, previous),
+                       row["actor"], row["promoted_at"])
+
+    store = _registry_store(settings, "perpflow models promote")
+    try:
+        result = registry.promote(store, model, getpass.getuser(), reason.strip(), force, announce)
+    finally:
+        store.close()
+    for g in result.gates:
+        report.print(f"  {'pass' if g.ok else '[yellow]FAIL (forced)[/]'} {g.name}: {g.detail}")
+    prev = f"; archived {result.incumbent['id']}" if result.incumbent else ""
+    report.print(f"promoted {model} for the {result.model['side']} side{prev}")
+    if result.control is None:
+        report.print("no broker configured (PERPFLOW_KAFKA_BOOTSTRAP): nothing published on `control`; a stack "
+                  "started later reads the promoted model from the registry")
+    else:
+        report.print(f"published on `control`: {result.control['entity']} → {model}")
+
+
 @app.command()
 def backfill(
     symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
@@ -329,17 +596,15 @@ def backfill(
     from connectors.binance.runner import backfill as run_backfill
     from streams.stack import StackInfo
 
-    start_ms, end_ms = parse_time(start, "--start"), parse_time(end, "--end")
-    if end_ms <= start_ms:  # type: ignore[operator]
-        raise typer.BadParameter("--end must be after --start", param_hint="--end")
+    start_ms, end_ms = _window_options(start, end)
     settings = _settings()
-    wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()] if symbols else settings.symbols
+    wanted = _symbols(symbols, settings)
     info = StackInfo.load(settings)
     bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else "")
     if not bootstrap:
         raise PerpflowError("no broker: start `perpflow up --source none` first (its sink archives what the "
                             "backfill publishes), or set PERPFLOW_KAFKA_BOOTSTRAP")
-    published = asyncio.run(run_backfill(settings, bootstrap, wanted, start_ms, end_ms))  # type: ignore[arg-type]
+    published = asyncio.run(run_backfill(settings, bootstrap, wanted, start_ms, end_ms))
     table = Table(title="backfill published")
     table.add_column("topic")
     table.add_column("messages", justify="right")

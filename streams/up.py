@@ -182,8 +182,8 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
 
 
 def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
-    """Until the agents' consumer group has committed everything now in its input topics (twice in a row: the
-    agents write to some of their own inputs, e.g. features.btc)."""
+    """Until the agents' consumer group has committed everything now in its input topics and holds no bar back
+    (twice in a row: the agents write to some of their own inputs, e.g. features.btc)."""
     topics = list(INPUT_TOPICS) + [BTC_TOPIC]
     admin = AdminClient(client_config(bootstrap))
     previous: dict | None = None
@@ -191,7 +191,7 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
         worker.check()
         targets = end_offsets(bootstrap, topics)
         committed = committed_offsets(admin, APP_ID)
-        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0):
+        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0) and worker.held_bars() == 0:
             if targets == previous:
                 return
             previous = targets

@@ -6,14 +6,17 @@ them to AGENT_MODULES. The worker serves its own /metrics."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import faust
+from prometheus_client.parser import text_string_to_metric_families
 
 from streams import metrics
 from streams.app import create_app
@@ -30,11 +33,20 @@ def run_worker(settings: Settings, bootstrap: str) -> None:
     for module in AGENT_MODULES:
         importlib.import_module(module).register(app, settings)
     api = ControlApi(settings.metrics_host, settings.worker_metrics_port).start()
+    info = _info_path(settings.run_dir, os.getpid())
+    info.parent.mkdir(parents=True, exist_ok=True)
+    info.write_text(json.dumps({"pid": os.getpid(), "metrics_url": api.url + "/metrics"}))
     try:
         worker = faust.Worker(app, loglevel=settings.log_level.lower(), redirect_stdouts=False, quiet=True)
         worker.execute_from_commandline()
     finally:
+        info.unlink(missing_ok=True)
         api.stop()
+
+
+def _info_path(run_dir: Path, pid: int) -> Path:
+    """Where a worker says where its /metrics are (its port may be chosen by the OS)."""
+    return run_dir / f"worker-{pid}.json"
 
 
 class WorkerProcess:
@@ -74,6 +86,17 @@ class WorkerProcess:
         metrics.WORKER_RESTARTS.inc()
         self.restarts += 1
         self._start()
+
+    def held_bars(self) -> float | None:
+        """Bars the worker's agents hold back for their context now (from its /metrics); None until it answers."""
+        try:
+            info = json.loads(_info_path(self.log_path.parent, self.process.pid).read_text())
+            with urllib.request.urlopen(info["metrics_url"], timeout=5) as response:
+                text = response.read().decode()
+        except (OSError, ValueError, KeyError):
+            return None
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   if family.name == "perpflow_features_held_bars" for sample in family.samples)
 
     def stop(self, grace: float = 15.0) -> None:
         if self.process.poll() is None:

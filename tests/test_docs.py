@@ -18,3 +18,13 @@ def test_every_setting_is_documented():
     missing = [f"PERPFLOW_{name.upper()}" for name in Settings.model_fields
                if f"PERPFLOW_{name.upper()}" not in README]
     assert not missing, f"README's settings table lacks {missing}"
+
+
+def test_every_command_is_documented():
+    from streams.cli import app
+
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    for group in app.registered_groups:
+        names += [f"{group.name} {c.name or c.callback.__name__}" for c in group.typer_instance.registered_commands]
+    missing = [n for n in names if f"`perpflow {n}" not in README]
+    assert not missing, f"README's command table lacks {missing}"

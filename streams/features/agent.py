@@ -47,8 +47,11 @@ OUTPUT_TOPIC = "features"
 STATE_TABLE = "features-state"
 STREAM_SOURCE = "stream"
 BATCH_EVENTS = 2000
-BATCH_SECONDS = 0.05
-BTC_WAIT_SECONDS = 30.0
+BATCH_SECONDS = 0.25  # a micro-batch closes after this (or BATCH_EVENTS): the latency one hop adds live
+# live, BTC's close arrives within a second or two of the others'; "read BTC to its end" is no signal here, as a
+# live consumer always is: a bar that waited this long goes without BTC (counted), as offline would without data
+BTC_WAIT_SECONDS = 10.0
+TICK_SECONDS = 1.0
 KEEP_BTC_SNAPSHOTS = 2016  # a week of bars, for a partition none of whose symbols has started yet
 
 
@@ -72,7 +75,9 @@ class FeaturesAgent:
         self.btc_saved: dict[int, set[int]] = {}  # partition → open_times of the snapshots in the table
         self.processed: dict[TP, int] = {}  # offset of the last message handled, per input partition
         self.btc_waiting_since: dict[tuple[str, int], float] = {}
+        self.lock = asyncio.Lock()  # the agent's batches and the timer's ticks take turns
         app.agent(self.inputs, name="features")(self.run)
+        app.timer(TICK_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
@@ -83,10 +88,20 @@ class FeaturesAgent:
 
     async def run(self, stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
-            await self.process(events)
+            async with self.lock:
+                pending, touched, new_btc = self._intake(events)
+                await self._release(pending, touched, new_btc)
+
+    async def tick(self) -> None:
+        """Bars held while no input arrives (waiting for a silent BTC, at the end of a replay) are released by
+        time, not only by the next message."""
+        if any(seq.pending() for seq, _ in self.sequencers.values()):
+            async with self.lock:
+                await self._release([], set(), {})
 
     # -- one micro-batch --------------------------------------------------------------------------------------------
-    async def process(self, events: list[faust.EventT]) -> None:
+    def _intake(self, events: list[faust.EventT]) -> tuple[list[Any], set[str], dict[int, list[int]]]:
+        """Decode and hold the batch's events; bad ones go to the dead-letter topic (their futures returned)."""
         pending: list[Any] = []  # delivery futures of this batch
         touched: set[str] = set()
         new_btc: dict[int, list[int]] = {}
@@ -117,7 +132,10 @@ class FeaturesAgent:
             symbol = record["symbol"]
             self._sequencer(symbol, msg.partition).add(kind, record)
             touched.add(symbol)
+        return pending, touched, new_btc
 
+    async def _release(self, pending: list[Any], touched: set[str], new_btc: dict[int, list[int]]) -> None:
+        """Release what can be, send it, and once it is acknowledged save the state of what changed."""
         released: set[str] = set()
         # BTC first: its snapshots reach this worker's other symbols in the same batch (the copies arriving later
         # through features.btc change nothing); other workers get them from the topic
@@ -168,8 +186,10 @@ class FeaturesAgent:
         return seq
 
     def _context_complete(self, kind: int, partition: int) -> bool:
-        """True when this partition of the kind's topic has nothing more to give now (read up to its end)."""
-        tp = TP(TOPIC_OF_KIND[kind], partition)
+        return self._read_to_end(TP(TOPIC_OF_KIND[kind], partition))
+
+    def _read_to_end(self, tp: TP) -> bool:
+        """True when this input partition has nothing more to give now: handled up to its high-watermark."""
         consumer = self.app.consumer
         try:
             high = consumer.highwater(tp)

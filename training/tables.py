@@ -1,0 +1,41 @@
+"""The ClickHouse tables of the training room: `label_specs`, `labels` and `models`.
+
+They are not topics (nothing streams them), so their DDL lives here rather than being derived from an Avro
+schema. All are ReplacingMergeTrees versioned by a time column: writing a row again with the same key replaces it
+(read with FINAL) — labeling a window again, or a model row whose status changed.
+"""
+
+from __future__ import annotations
+
+from connectors.clickhouse_store import Store
+
+DDL = {
+    "label_specs": """CREATE TABLE IF NOT EXISTS label_specs (
+  spec_id String, spec String, created_at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = ReplacingMergeTree(created_at) ORDER BY spec_id""",
+    "labels": """CREATE TABLE IF NOT EXISTS labels (
+  spec_id LowCardinality(String), side LowCardinality(String), symbol LowCardinality(String),
+  open_time DateTime64(3, 'UTC'), outcome LowCardinality(String),
+  entry_price Float64, exit_price Float64, gross_return Float64, fee Float64, slippage Float64, funding Float64,
+  net_return Float64, mae Float64, mfe Float64, bars_held Int32, minutes_to_event Int32, settlements Int32,
+  labeled_at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = ReplacingMergeTree(labeled_at) PARTITION BY toYYYYMM(open_time)
+ORDER BY (spec_id, side, symbol, open_time)""",
+    "models": """CREATE TABLE IF NOT EXISTS models (
+  id String, side LowCardinality(String), created_at DateTime64(3, 'UTC'), schema_version Int32,
+  label_spec_id String, label_spec String, train_start DateTime64(3, 'UTC'), train_end DateTime64(3, 'UTC'),
+  symbols Array(String), fold_metrics String, metrics String, artifact_path String, sha256 String,
+  status LowCardinality(String), promoted_at Nullable(DateTime64(3, 'UTC')), actor String, reason String,
+  updated_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(updated_at) ORDER BY id""",
+}
+
+
+def ensure(store: Store, *names: str) -> None:
+    for name in names:
+        store.command(DDL[name])
+
+
+def exists(store: Store, name: str) -> bool:
+    return bool(store.query_rows("SELECT count() FROM system.tables WHERE database = currentDatabase() "
+                                 f"AND name = '{name}'")[0][0])
