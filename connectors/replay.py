@@ -27,7 +27,7 @@ import numpy as np
 from confluent_kafka import Producer
 
 from connectors.history_files import LoadReport, SymbolHistory, load_history
-from schemas import event_ids
+from schemas import records
 from schemas.codec import Codec, default_codec
 from streams import metrics
 from streams.broker import producer_config
@@ -35,8 +35,7 @@ from streams.console import ProgressLine
 
 log = logging.getLogger(__name__)
 
-INTERVAL_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
-               "1h": 3_600_000, "2h": 7_200_000, "4h": 14_400_000, "8h": 28_800_000, "1d": 86_400_000}
+INTERVAL_MS = records.INTERVAL_MS
 DEFAULT_FUNDING_MS = 8 * 3_600_000
 
 KIND_KLINE, KIND_MARK, KIND_FUNDING = 0, 1, 2
@@ -196,29 +195,15 @@ class ReplaySource:
 
     # -- the records, one per event kind (also used by benchmarks/codec.py) ----------------------
     def kline_record(self, p: _Prepared, row: int) -> dict:
-        symbol, interval = p.history.symbol, p.history.interval
         open_time, close_time, o, h, low, c, v, qv, trades, tbv, tbqv = p.kline_rows[row]
-        return {
-            "event_id": event_ids.kline(symbol, interval, open_time), "event_time": close_time,
-            "symbol": symbol, "interval": interval, "open_time": open_time, "close_time": close_time,
-            "open": o, "high": h, "low": low, "close": c, "volume": v,
-            "quote_volume": _nan_to_none(qv), "trades": trades, "taker_buy_volume": _nan_to_none(tbv),
-            "taker_buy_quote_volume": _nan_to_none(tbqv), "is_closed": True, "source": self.source_name,
-        }
+        return records.kline(p.history.symbol, p.history.interval, open_time, close_time, o, h, low, c, v,
+                             _nan_to_none(qv), trades, _nan_to_none(tbv), _nan_to_none(tbqv), self.source_name)
 
     def mark_record(self, p: _Prepared, row: int) -> dict:
-        symbol, close_time = p.history.symbol, p.kline_rows[row][1]
-        return {
-            "event_id": event_ids.mark_price(symbol, close_time), "event_time": close_time, "symbol": symbol,
-            "mark_price": p.kline_rows[row][5], "index_price": None, "estimated_settle_price": None,
-            "funding_rate": p.mark_funding_rate[row], "next_funding_time": p.next_funding[row],
-            "source": f"{self.source_name}:close-as-mark",
-        }
+        close_time = p.kline_rows[row][1]
+        return records.mark_price(p.history.symbol, close_time, p.kline_rows[row][5], None, None,
+                                  p.mark_funding_rate[row], p.next_funding[row], f"{self.source_name}:close-as-mark")
 
     def funding_record(self, p: _Prepared, row: int) -> dict:
-        symbol, (funding_time, rate) = p.history.symbol, p.funding_rows[row]
-        return {
-            "event_id": event_ids.funding(symbol, funding_time), "event_time": funding_time, "symbol": symbol,
-            "funding_time": funding_time, "funding_rate": rate, "mark_price": p.funding_marks[row],
-            "source": self.source_name,
-        }
+        funding_time, rate = p.funding_rows[row]
+        return records.funding(p.history.symbol, funding_time, rate, p.funding_marks[row], self.source_name)

@@ -1,6 +1,8 @@
 """Deterministic event ids: the same fact always gets the same id, wherever it was observed
 (websocket, REST backfill or replay), so the archive and the consumers can deduplicate on it."""
 
+import hashlib
+
 
 def kline(symbol: str, interval: str, open_time_ms: int) -> str:
     return f"kline:{symbol}:{interval}:{open_time_ms:013d}"
@@ -24,3 +26,29 @@ def dead_letter(source_topic: str, partition: int, offset: int) -> str:
 
 def control(entity: str, event_time_ms: int) -> str:
     return f"control:{entity}:{event_time_ms:013d}"
+
+
+def book_ticker(symbol: str, update_id: int) -> str:
+    return f"book:{symbol}:{update_id}"
+
+
+def open_interest(symbol: str, time_ms: int) -> str:
+    return f"oi:{symbol}:{time_ms:013d}"
+
+
+def liquidation(symbol: str, trade_time_ms: int, side: str, quantity: str, price: str) -> str:
+    return f"liq:{symbol}:{trade_time_ms:013d}:{side}:{quantity}@{price}"
+
+
+def user_event(event_type: str, *parts: object) -> str:
+    """One Binance user-data event: its type and the fields that make it unique (ids, status, times)."""
+    return ":".join(["user", event_type, *(str(p) for p in parts)])
+
+
+def risk_event(kind: str, symbol: str, *parts: object) -> str:
+    return ":".join(["risk", kind, symbol, *(str(p) for p in parts)])
+
+
+def dead_letter_payload(source: str, payload: bytes) -> str:
+    """Input that never was a Kafka message (e.g. a WebSocket frame): named by its content."""
+    return f"dlq:{source}:{hashlib.sha1(payload).hexdigest()[:20]}"

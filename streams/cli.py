@@ -39,6 +39,7 @@ report = out if out.is_terminal else Console(width=160)
 
 class Source(StrEnum):
     replay = "replay"
+    binance = "binance"
     none = "none"
 
 
@@ -118,7 +119,8 @@ def _stop_on_signals() -> None:
 
 @app.command()
 def up(
-    source: Source = typer.Option(Source.replay, help="Where market data comes from: a replay of files, or none."),
+    source: Source = typer.Option(Source.replay, help="Where market data comes from: a replay of files, Binance's "
+                                  "streams (testnet unless PERPFLOW_BINANCE_TESTNET=false), or none."),
     data: Path = typer.Option(Path("data/binance-um-futures"), help="Directory of historical files for the replay "
                               "(freqtrade futures layout, or Binance monthly kline CSV/ZIP dumps)."),
     symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
@@ -127,12 +129,18 @@ def up(
     speed: str = typer.Option("max", help="'max' (as fast as the broker takes it) or N for N× real time."),
     until_drained: bool = typer.Option(False, "--until-drained", help="Exit once the replay finished and "
                                        "every topic is archived, printing a summary."),
+    live: bool = typer.Option(False, "--live", help="With --source binance: trade the account (user data stream "
+                              "and execution connector). Without it, trading stays paper."),
+    mainnet: bool = typer.Option(False, "--mainnet", help="Required with --live when PERPFLOW_BINANCE_TESTNET=false: "
+                                 "real money."),
 ) -> None:
     """Start the stack (embedded broker and store unless configured), create topics and tables, run the
-    replay source and the ClickHouse sink, serve /metrics."""
+    market source (replay or Binance) and the ClickHouse sink, serve /metrics."""
     from streams.up import UpOptions, run_up
 
     start_ms, end_ms, speed_f = parse_time(start, "--start"), parse_time(end, "--end"), parse_speed(speed)
+    if live and source is not Source.binance:
+        raise typer.BadParameter("needs --source binance", param_hint="--live")
     if start_ms is not None and end_ms is not None and end_ms <= start_ms:
         raise typer.BadParameter("--end must be after --start", param_hint="--end")
     if until_drained and source is not Source.replay:
@@ -141,11 +149,25 @@ def up(
         raise typer.BadParameter(f"{data} is not a directory", param_hint="--data")
     settings = _settings()
     wanted = _symbols(symbols, settings)
+    if live:
+        _check_live(settings, mainnet)
     _stop_on_signals()
-    opts = UpOptions(source.value, str(data), wanted, start_ms, end_ms, speed_f, until_drained)
+    opts = UpOptions(source.value, str(data), wanted, start_ms, end_ms, speed_f, until_drained, live)
     summary = run_up(settings, opts)
     if until_drained:
         _print_summary(summary)
+
+
+def _check_live(settings: Settings, mainnet: bool) -> None:
+    if not (settings.binance_api_key.get_secret_value() and settings.binance_api_secret.get_secret_value()):
+        raise PerpflowError("--live needs PERPFLOW_BINANCE_API_KEY and PERPFLOW_BINANCE_API_SECRET in the "
+                            "environment (testnet keys unless PERPFLOW_BINANCE_TESTNET=false)")
+    if not settings.binance_testnet and not mainnet:
+        raise PerpflowError("PERPFLOW_BINANCE_TESTNET=false trades real money on Binance mainnet: add --mainnet "
+                            "to confirm, or unset it to trade on the testnet")
+    if not settings.binance_testnet:
+        logging.getLogger("perpflow").warning("LIVE TRADING ON BINANCE MAINNET (%s) WITH REAL MONEY",
+                                              settings.binance_rest_base)
 
 
 def _print_summary(s) -> None:
@@ -558,6 +580,37 @@ def models_promote(
                   "started later reads the promoted model from the registry")
     else:
         report.print(f"published on `control`: {result.control['entity']} → {model}")
+
+
+@app.command()
+def backfill(
+    symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
+    start: str = typer.Option(..., help="First bar to load (UTC date or time, inclusive)."),
+    end: str = typer.Option(..., help="Where loading stops (UTC, exclusive; capped at now)."),
+) -> None:
+    """Load Binance history (klines of PERPFLOW_BINANCE_INTERVALS, mark-price klines, funding, open interest)
+    from REST into the md.* topics with the market connector's code — and so into ClickHouse through the sink
+    of the running `perpflow up` (or of PERPFLOW_KAFKA_BOOTSTRAP's cluster)."""
+    import asyncio
+
+    from connectors.binance.runner import backfill as run_backfill
+    from streams.stack import StackInfo
+
+    start_ms, end_ms = _window_options(start, end)
+    settings = _settings()
+    wanted = _symbols(symbols, settings)
+    info = StackInfo.load(settings)
+    bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else "")
+    if not bootstrap:
+        raise PerpflowError("no broker: start `perpflow up --source none` first (its sink archives what the "
+                            "backfill publishes), or set PERPFLOW_KAFKA_BOOTSTRAP")
+    published = asyncio.run(run_backfill(settings, bootstrap, wanted, start_ms, end_ms))
+    table = Table(title="backfill published")
+    table.add_column("topic")
+    table.add_column("messages", justify="right")
+    for topic, n in sorted(published.items()):
+        table.add_row(topic, f"{n:,}")
+    out.print(table)
 
 
 @app.command()

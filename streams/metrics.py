@@ -45,16 +45,12 @@ FEATURES_LAST_CLOSE = Gauge("perpflow_features_last_close_seconds", "close_time 
                             ["symbol"])
 WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")
 
-# The decision chain's and the exchange connectors' metrics, named before their agents exist: the alert rules
+# The decision chain's metrics, named before their agents exist: the alert rules
 # (deploy/prometheus/rules) and the Trading/Models dashboards (grafana/) already query them. Whoever builds
 # the agent that owns one exports it under exactly this name (series name as PromQL sees it: a Counter
 # "perpflow_x" is "perpflow_x_total", a Histogram's is "perpflow_x_bucket") and removes it from this list;
 # tests/test_observability.py fails while a listed name is exported, or an unlisted queried one is not.
 DECISION_CHAIN_METRICS: dict[str, str] = {
-    # exchange connectors
-    "perpflow_connector_connected": "gauge {connector}: 1 while its stream is connected, else 0",
-    "perpflow_connector_reconnects_total": "counter {connector}: reconnects",
-    "perpflow_last_closed_bar_seconds": "gauge {symbol, interval}: close time (unix s) of the newest closed bar",
     # risk and account state
     "perpflow_trading_state": "gauge {state}: 1 for the current state (RUNNING, REDUCE_ONLY, HALTED), else 0",
     "perpflow_account_equity_usdt": "gauge: account equity",
@@ -62,7 +58,6 @@ DECISION_CHAIN_METRICS: dict[str, str] = {
     "perpflow_daily_pnl_ratio": "gauge: today's (UTC) PnL / equity at the day's start; a loss is negative",
     "perpflow_daily_loss_limit_ratio": "gauge: the daily-loss limit that halts trading (0.02 = 2 %)",
     "perpflow_position_liq_distance_atr": "gauge {symbol, side}: distance to the estimated liquidation, in ATRs",
-    "perpflow_position_unprotected": "gauge {symbol}: 1 while a position is open without both SL and TP orders",
     # decisions
     "perpflow_signals_total": "counter {decision}: signals by LONG / SHORT / FLAT",
     "perpflow_signal_ev_bucket": "histogram perpflow_signal_ev {side}: EV of the signals, net of costs",
@@ -74,3 +69,24 @@ DECISION_CHAIN_METRICS: dict[str, str] = {
     "perpflow_model_calibration_error": "gauge {side}: |mean predicted P(TP) - realized TP rate|, recent labels",
     "perpflow_prediction_p_tp_bucket": "histogram perpflow_prediction_p_tp {side}: predicted P(TP)",
 }
+
+# Binance connectors (connectors/binance): connector = binance-market | binance-user. The first four names are
+# the ones the alert rules and dashboards query (deploy/prometheus/rules, grafana/boards.py).
+CONNECTOR_CONNECTED = Gauge("perpflow_connector_connected", "1 while the connector's stream is connected, else 0",
+                            ["connector"])
+CONNECTOR_RECONNECTS = Counter("perpflow_connector_reconnects", "Stream reconnects (the reason is logged)",
+                               ["connector"])
+LAST_CLOSED_BAR = Gauge("perpflow_last_closed_bar_seconds", "Close time (unix s) of the newest closed bar published",
+                        ["symbol", "interval"])
+POSITION_UNPROTECTED = Gauge("perpflow_position_unprotected",
+                             "1 while a position is open without its stop-loss and take-profit orders", ["symbol"])
+BINANCE_MESSAGES = Counter("perpflow_binance_messages", "WebSocket messages received", ["connector", "event"])
+BINANCE_LATENCY = Histogram(
+    "perpflow_binance_latency_seconds", "Receive time minus the event time Binance stamped (E)", ["connector"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BINANCE_GAPS = Counter("perpflow_binance_kline_gaps", "Gaps of closed klines detected", ["symbol", "interval"])
+BINANCE_BACKFILLED = Counter("perpflow_binance_backfilled", "Records backfilled from REST", ["topic"])
+BINANCE_REST_ERRORS = Counter("perpflow_binance_rest_errors", "REST errors by path and code", ["path", "code"])
+BINANCE_USED_WEIGHT = Gauge("perpflow_binance_used_weight_1m", "X-MBX-USED-WEIGHT-1M of the last response")
+BINANCE_ORDERS = Counter("perpflow_binance_orders", "Execution outcomes", ["outcome"])

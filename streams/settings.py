@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -34,12 +34,45 @@ class Settings(BaseSettings):
     sink_batch_rows: int = 50_000
     sink_batch_seconds: float = 1.0
 
+    # -- Binance USDT-M (connectors/binance): only the base URLs differ between testnet, mainnet and a fake
+    binance_testnet: bool = True
+    """Testnet unless set to false; mainnet also needs `--mainnet` on the command line."""
+    binance_rest_url: str = ""
+    """REST base URL; empty = the testnet's or mainnet's."""
+    binance_ws_url: str = ""
+    """WebSocket base URL (combined market streams at /stream, user data at /ws/<listenKey>); empty = default."""
+    binance_api_key: SecretStr = SecretStr("")
+    binance_api_secret: SecretStr = SecretStr("")
+    """API credentials: from the environment only, never logged."""
+    binance_intervals: Annotated[list[str], NoDecode] = ["1m", "5m"]
+    """Kline intervals the market connector streams and backfills."""
+    binance_recv_window_ms: int = 5000
+    binance_leverage: int = 2
+    """Leverage set per symbol (isolated margin) before the first order."""
+    binance_stale_seconds: float = 30.0
+    """A market or user stream silent this long is treated as dead and reconnected."""
+    binance_max_connection_seconds: float = 23.5 * 3600
+    """Connections are rolled before Binance's 24-hour limit."""
+    binance_open_interest_seconds: float = 60.0
+    """How often open interest is polled from REST."""
+    binance_listen_key_keepalive_seconds: float = 30 * 60
+    """PUT /fapi/v1/listenKey interval (a key lives 60 minutes)."""
+    binance_backfill_hours: float = 24.0
+    """On a first start with no bars in md.klines, how far back the market connector backfills."""
+
     @field_validator("symbols", mode="before")
     @classmethod
     def _split_symbols(cls, value):
         if isinstance(value, str):
             value = [s for s in value.replace(" ", "").split(",") if s]
         return [s.upper() for s in value]
+
+    @field_validator("binance_intervals", mode="before")
+    @classmethod
+    def _split_intervals(cls, value):
+        if isinstance(value, str):
+            value = [s for s in value.replace(" ", "").split(",") if s]
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -60,6 +93,16 @@ class Settings(BaseSettings):
     @property
     def embedded_store(self) -> bool:
         return not self.clickhouse_url
+
+    @property
+    def binance_rest_base(self) -> str:
+        default = "https://testnet.binancefuture.com" if self.binance_testnet else "https://fapi.binance.com"
+        return (self.binance_rest_url or default).rstrip("/")
+
+    @property
+    def binance_ws_base(self) -> str:
+        default = "wss://stream.binancefuture.com" if self.binance_testnet else "wss://fstream.binance.com"
+        return (self.binance_ws_url or default).rstrip("/")
 
     @property
     def clickhouse_dsn(self) -> str:

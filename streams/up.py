@@ -1,7 +1,8 @@
 """`perpflow up`: start what is not configured externally, then run the pipeline — the replay source
-(its own process), the ClickHouse sink (a thread of this one, which owns the store) and a Faust worker
-(its own process) — until Ctrl-C/SIGTERM, or with `until_drained` until the replay finished and the
-sink caught up.
+(its own process) or the Binance connectors (a thread: live rates are low, and their metrics belong on
+this process's /metrics), the ClickHouse sink (a thread of this one, which owns the store) and a Faust
+worker (its own process) — until Ctrl-C/SIGTERM, or with `until_drained` until the replay finished and
+the sink caught up.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UpOptions:
-    source: str = "replay"  # replay | none
+    source: str = "replay"  # replay | binance | none
     data: str | None = None
     symbols: list[str] | None = None
     start_ms: int | None = None
     end_ms: int | None = None
     speed: float | None = None  # None = max
     until_drained: bool = False
+    live: bool = False  # with source binance: the user data stream and the execution connector too
 
 
 @dataclass
@@ -124,10 +126,20 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
         sink_thread.start()
         worker = WorkerProcess(settings, stack.bootstrap, opts.symbols) if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
+        binance, binance_thread = None, None
+        if opts.source == "binance":  # a thread: its metrics are this process's /metrics
+            from connectors.binance.runner import BinanceSource
+
+            binance = BinanceSource(settings, stack.bootstrap, opts.symbols or settings.symbols, opts.live,
+                                    opts.start_ms)
+            binance_thread = _ReportingThread("binance", binance.run)
+            binance_thread.start()
         try:
             while True:
                 if sink_thread.error is not None:
                     raise sink_thread.error
+                if binance_thread is not None and not binance_thread.is_alive():
+                    raise binance_thread.error or RuntimeError("the Binance connectors stopped")
                 if worker is not None:
                     worker.check()
                 if replay is not None and replay.poll():
@@ -146,6 +158,9 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                         break
                 time.sleep(0.1)
         finally:
+            if binance is not None:
+                binance.stop()
+                binance_thread.join(30)
             if replay:
                 replay.stop()
             if worker:

@@ -1,0 +1,1 @@
+"""Binance USDT-M connectors: REST client, market streams, user data stream, execution."""

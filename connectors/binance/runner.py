@@ -1,0 +1,131 @@
+"""Wires the Binance connectors for `perpflow up --source binance [--live]` and `perpflow backfill`.
+
+One RestClient is shared by every connector of a process: Binance counts request weight per IP, so one
+budget is the honest one. The market connector resumes after the newest bar already in md.klines.
+With `live`, the user data stream and the execution connector run too; orders wait while the user
+stream is down, and every (re)connect reconciles with the exchange before trading resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from confluent_kafka import Consumer, TopicPartition
+
+from connectors.binance.execution import Executor, OrderConsumer
+from connectors.binance.market import MarketConnector, MarketState
+from connectors.binance.publish import Publisher
+from connectors.binance.rest import RestClient
+from connectors.binance.user_stream import UserStream
+from schemas.codec import DecodeError, default_codec
+from schemas.records import INTERVAL_MS
+from streams.broker import client_config, end_offsets
+from streams.console import ProgressLine
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TAIL = 5000  # messages read back per md.klines partition to find where to resume
+
+
+def rest_client(settings: Settings) -> RestClient:
+    return RestClient(settings.binance_rest_base, settings.binance_api_key.get_secret_value(),
+                      settings.binance_api_secret.get_secret_value(), settings.binance_recv_window_ms)
+
+
+def last_published_bars(bootstrap: str, prefix: str = "") -> dict[tuple[str, str], int]:
+    """The newest open time per (symbol, interval) in the tail of md.klines."""
+    topic = prefix + "md.klines"
+    ends = {p: o for (_, p), o in end_offsets(bootstrap, [topic]).items() if o > 0}
+    last: dict[tuple[str, str], int] = {}
+    if not ends:
+        return last
+    consumer = Consumer(client_config(bootstrap, **{"group.id": "perpflow-binance-resume",
+                                                    "enable.auto.commit": False}))
+    consumer.assign([TopicPartition(topic, p, max(o - TAIL, 0)) for p, o in ends.items()])
+    codec, seen, deadline = default_codec(), dict.fromkeys(ends, -1), time.monotonic() + 30
+    try:
+        while any(seen[p] < ends[p] - 1 for p in ends) and time.monotonic() < deadline:
+            for m in consumer.consume(1000, timeout=0.5):
+                if m.error() is not None:
+                    continue
+                seen[m.partition()] = m.offset()
+                try:
+                    _, r = codec.decode(m.value())
+                except DecodeError:
+                    continue
+                key = (r["symbol"], r["interval"])
+                last[key] = max(last.get(key, r["open_time"]), r["open_time"])
+    finally:
+        consumer.close()
+    return last
+
+
+class BinanceSource:
+    """The live Binance connectors in one asyncio loop, run by a thread of `perpflow up`."""
+
+    def __init__(self, settings: Settings, bootstrap: str, symbols: list[str], live: bool,
+                 start_ms: int | None = None):
+        self.settings, self.bootstrap, self.symbols, self.live = settings, bootstrap, symbols, live
+        self.start_ms = start_ms
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self.market: MarketConnector | None = None
+        self.user: UserStream | None = None
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    def stop(self) -> None:
+        if self._loop is not None and self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+    async def _main(self) -> None:
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        s = self.settings
+        publisher = Publisher(self.bootstrap)
+        state = MarketState(last_open=await asyncio.to_thread(last_published_bars, self.bootstrap))
+        async with rest_client(s) as rest:
+            await rest.sync_time()  # "now" is the exchange's clock
+            start = self.start_ms or int(rest.server_now_ms() - s.binance_backfill_hours * 3_600_000)
+            self.market = MarketConnector(rest, s.binance_ws_base, publisher, self.symbols, s.binance_intervals,
+                                          start, s.binance_stale_seconds, s.binance_max_connection_seconds,
+                                          s.binance_open_interest_seconds, state)
+            jobs = [self.market.run()]
+            if self.live:
+                executor = Executor(rest, publisher, self.symbols, s.binance_leverage)
+                await executor.start()
+                self.user = UserStream(rest, s.binance_ws_base, publisher, s.binance_listen_key_keepalive_seconds,
+                                       max_connection_s=s.binance_max_connection_seconds,
+                                       on_event=executor.on_user_event, on_reconnected=executor.reconcile)
+                jobs += [self.user.run(), OrderConsumer(self.bootstrap, executor, ready=self.user.healthy).run()]
+            try:
+                await asyncio.gather(*jobs)
+            finally:
+                await asyncio.to_thread(publisher.flush)
+
+
+async def backfill(settings: Settings, bootstrap: str, symbols: list[str], start_ms: int, end_ms: int) -> dict:
+    """History [start, end) → the md.* topics through the market connector's own backfill code."""
+    publisher = Publisher(bootstrap)
+    total = sum((end_ms - start_ms) // INTERVAL_MS[i] for i in settings.binance_intervals) * len(symbols)
+    progress = ProgressLine("backfill", total=total, unit="bars")
+    done = 0
+
+    def on_progress(_: str, n: int) -> None:
+        nonlocal done
+        done += n
+        progress.update(done)
+
+    async with rest_client(settings) as rest:
+        await rest.sync_time()
+        market = MarketConnector(rest, settings.binance_ws_base, publisher, symbols, settings.binance_intervals,
+                                 start_ms, on_progress=on_progress)
+        await market.backfill(end_ms)
+    remaining = await asyncio.to_thread(publisher.flush, 60)
+    if remaining:
+        raise RuntimeError(f"{remaining} backfilled messages were not delivered to the broker")
+    progress.done(done)
+    return dict(publisher.published)
