@@ -52,6 +52,7 @@ BATCH_SECONDS = 0.25  # a micro-batch closes after this (or BATCH_EVENTS): the l
 # live consumer always is: a bar that waited this long goes without BTC (counted), as offline would without data
 BTC_WAIT_SECONDS = 10.0
 TICK_SECONDS = 1.0
+COMMIT_SECONDS = 1.0
 KEEP_BTC_SNAPSHOTS = 2016  # a week of bars, for a partition none of whose symbols has started yet
 
 
@@ -78,6 +79,7 @@ class FeaturesAgent:
         self.processed: dict[TP, int] = {}  # offset of the last message handled, per input partition
         self.btc_waiting_since: dict[tuple[str, int], float] = {}
         self.lock = asyncio.Lock()  # the agent's batches and the timer's ticks take turns
+        self.last_commit = 0.0
         app.agent(self.inputs, name="features")(self.run)
         app.timer(TICK_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -196,6 +198,24 @@ class FeaturesAgent:
             self._save(partition, symbol.encode(), json.dumps(state).encode())
         for partition, open_times in new_btc.items():
             self._save_btc(partition, open_times)
+        await self._commit()
+
+    async def _commit(self) -> None:
+        """Commit what was handled, once a second, after the state that covers it is flushed.
+
+        Faust's own ack-based commits can stall after a restart (messages handed before its seek to the
+        committed offsets leave holes in its acked lists: seen on Tansu, a restarted worker processed everything
+        and kept committing the old offset). Every message of a batch is handled in order before this runs, so
+        the offsets to commit are simply the last ones handled."""
+        if time.monotonic() - self.last_commit < COMMIT_SECONDS or not self.processed:
+            return
+        self.last_commit = time.monotonic()
+        await self.app.producer.flush()  # outputs and changelog durable before the input offsets move
+        offsets = {tp: offset + 1 for tp, offset in self.processed.items()}
+        if await self.app.consumer._commit(offsets):
+            committed = self.app.consumer._committed_offset  # keep Faust from committing older offsets later
+            for tp, offset in offsets.items():
+                committed[tp] = max(committed[tp] or 0, offset)
 
     # -- inputs ----------------------------------------------------------------------------------------------------
     def _sequencer(self, symbol: str, partition: int) -> FeatureSequencer:
