@@ -80,6 +80,7 @@ class FeaturesAgent:
         self.btc_waiting_since: dict[tuple[str, int], float] = {}
         self.lock = asyncio.Lock()  # the agent's batches and the timer's ticks take turns
         self.last_commit = 0.0
+        self.committed: dict[TP, int] = {}  # the offsets last committed
         app.agent(self.inputs, name="features")(self.run)
         app.timer(TICK_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -117,13 +118,14 @@ class FeaturesAgent:
         time, not only by the next message."""
         if self.app.in_recovery:
             return
-        if self.reload:
-            async with self.lock:
+        async with self.lock:
+            if self.reload:
                 self.reload = False
                 self._load_owned()
-        if any(seq.pending() for seq, _ in self.sequencers.values()):
-            async with self.lock:
+            if any(seq.pending() for seq, _ in self.sequencers.values()):
                 await self._release([], set(), {})
+            else:
+                await self._commit()  # the last batch's offsets, when no batch follows it
 
     # -- one micro-batch --------------------------------------------------------------------------------------------
     def _intake(self, events: list[faust.EventT]) -> tuple[list[Any], set[str], dict[int, list[int]]]:
@@ -207,12 +209,13 @@ class FeaturesAgent:
         committed offsets leave holes in its acked lists: seen on Tansu, a restarted worker processed everything
         and kept committing the old offset). Every message of a batch is handled in order before this runs, so
         the offsets to commit are simply the last ones handled."""
-        if time.monotonic() - self.last_commit < COMMIT_SECONDS or not self.processed:
+        offsets = {tp: offset + 1 for tp, offset in self.processed.items()}
+        if time.monotonic() - self.last_commit < COMMIT_SECONDS or offsets == self.committed:
             return
         self.last_commit = time.monotonic()
         await self.app.producer.flush()  # outputs and changelog durable before the input offsets move
-        offsets = {tp: offset + 1 for tp, offset in self.processed.items()}
         if await self.app.consumer._commit(offsets):
+            self.committed = offsets
             committed = self.app.consumer._committed_offset  # keep Faust from committing older offsets later
             for tp, offset in offsets.items():
                 committed[tp] = max(committed[tp] or 0, offset)
