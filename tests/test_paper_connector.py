@@ -59,6 +59,8 @@ def test_order_fill_protection_trigger_and_restart_through_the_broker(broker, tm
     first = PaperConnector(bootstrap, state, CONFIG)
     run_until(first, 5)
     assert first.events == 5 and state.exists()
+    # a group without committed offsets (another broker's life) does not inherit the saved position
+    assert PaperConnector(bootstrap, state, CONFIG, group="perpflow-paper-fresh").exchange.state.positions == {}
 
     # restart: the saved state holds the position; a new duplicate, funding and the take-profit bar
     send(bootstrap, [("orders", intent("i1")),

@@ -188,3 +188,49 @@ def test_state_survives_a_restart_and_replayed_input_changes_nothing():
     assert restarted.order(order("i1", T0 + 299_999)) == [] and restarted.bar(bar(1, 100, 101, 99.5, 100.5)) == []
     assert [e for b in bars for e in restarted.bar(b)] == expected and len(expected) == 6
     assert restarted.state.balance == pytest.approx(straight.state.balance)
+
+
+def test_exits_match_the_labels_on_random_bars():
+    """Parity with `training/labels.py`: with no fee or slippage and each bar opening at the previous close,
+    an entry at the bar after t with the labels' barriers exits where, when and how the label says."""
+    import numpy as np
+
+    from training.labels import SL, TP, Bars, LabelSpec, Settlements, label_side
+
+    rng = np.random.default_rng(7)
+    n = 400
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.004, n)))
+    open_ = np.concatenate([[100.0], close[:-1]])
+    jump = rng.random(n) < 0.1  # some gaps: bars opening away from the previous close
+    open_[jump] *= 1 + rng.normal(0, 0.01, jump.sum())
+    high = np.maximum(open_, close) * (1 + rng.exponential(0.006, n))
+    low = np.minimum(open_, close) * (1 - rng.exponential(0.006, n))
+    times = T0 + np.arange(n) * 300_000
+    bars = Bars.on_grid(times, open_, high, low, close, np.full(n, 0.5))
+    spec = LabelSpec(k_tp=2, k_sl=1, horizon=48, fee=0, slippage=0)
+    checked, both, gapped = 0, 0, 0
+    for side, name in ((1, "BUY"), (-1, "SELL")):
+        labels = label_side(bars, Settlements.none(), side, spec)
+        for i in range(0, n - 60, 7):
+            row = np.flatnonzero(labels["open_time"] == times[i])
+            if not len(row) or labels["outcome"][row[0]] not in (TP, SL) or jump[i + 1]:
+                continue  # the labels enter at the close: compare where the next bar opens there
+            r = row[0]
+            entry = close[i]
+            ex = PaperExchange(PaperConfig(taker_fee=0, slippage_bps=0, leverage=1, initial_balance=1e9))
+            ex.order(order(f"p{i}", int(times[i]) + 299_999, name, qty=1.0, sl=entry - side * 0.5,
+                           tp=entry + side * 1.0))
+            for j in range(i + 1, n):
+                events = ex.bar(bar(j, open_[j], high[j], low[j], close[j]))
+                fills = [e for e in events if e["execution_type"] == "TRADE" and e["reduce_only"]]
+                if fills:
+                    break
+            kind = "STOP_MARKET" if labels["outcome"][r] == SL else "TAKE_PROFIT_MARKET"
+            assert (fills[0]["order_type"], j - i) == (kind, labels["bars_held"][r]), (side, i)
+            assert fills[0]["last_filled_price"] == pytest.approx(labels["exit_price"][r])
+            checked += 1
+            stop, target = entry - side * 0.5, entry + side * 1.0
+            adverse, favourable = (low[j], high[j]) if side > 0 else (high[j], low[j])
+            both += side * adverse <= side * stop and side * favourable >= side * target
+            gapped += kind == "STOP_MARKET" and side * open_[j] < side * stop
+    assert checked > 40 and both and gapped  # the sample holds both-touch bars and gaps through the stop
