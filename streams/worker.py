@@ -24,7 +24,7 @@ from streams.broker import die_with_parent
 from streams.control_api import ControlApi
 from streams.settings import Settings
 
-AGENT_MODULES: list[str] = ["streams.features.agent"]
+AGENT_MODULES: list[str] = ["streams.features.agent", "streams.predict.agent", "streams.policy.agent"]
 log = logging.getLogger(__name__)
 
 
