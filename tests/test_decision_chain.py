@@ -69,10 +69,10 @@ def test_every_ready_features_row_has_one_prediction_and_one_signal(chain):
     assert count(home, "signals FINAL") == ready
     # the archive's FINAL hides duplicates: the raw tables must not hold a second id for one bar
     assert count(home, "(SELECT DISTINCT event_id FROM predictions)") == ready
-    orphans = count(home, "features FINAL AS f LEFT ANTI JOIN predictions FINAL AS p "
+    orphans = count(home, "features AS f FINAL LEFT ANTI JOIN predictions AS p FINAL "
                           "ON p.symbol = f.symbol AND p.open_time = f.open_time WHERE f.ready")
     assert orphans == 0
-    unmatched = count(home, "signals FINAL AS s LEFT ANTI JOIN predictions FINAL AS p ON s.prediction_id = p.event_id")
+    unmatched = count(home, "signals AS s FINAL LEFT ANTI JOIN predictions AS p FINAL ON s.prediction_id = p.event_id")
     assert unmatched == 0
     models = sql(home, "SELECT DISTINCT model_id_long, model_id_short FROM predictions FINAL")
     assert len(models) == 1
@@ -108,3 +108,64 @@ def test_signals_follow_the_ev_rule_and_are_sized_to_the_exchange_rules(chain):
     assert ((btc.quantity * 1000).round(6) % 1 == 0).all()  # step 0.001
     assert ((btc.entry_price * 10).round(6) % 1 == 0).all()  # tick 0.10
     assert trades.leverage.between(2, 8).all() and (trades.liq_distance_atr > 0).all()
+
+
+def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker):
+    """Runs last: it opens the module's store itself. The second promotion names a new model id on the same
+    artifact (content-addressed, so only the id differs): predictions made after it carry that id."""
+    import time
+
+    from connectors.clickhouse_store import Store
+    from schemas.codec import default_codec
+    from streams.broker import ensure_topics
+    from streams.control import publish
+    from streams.settings import Settings
+    from streams.worker import WorkerProcess
+    from tests.conftest import read_topic
+    from tests.test_sink import produce
+    from training import registry
+
+    home, ids, _, _ = chain
+    settings = Settings(home=home, kafka_bootstrap=broker.bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["ETHUSDT"])
+    fields = [f["name"] for f in default_codec().schema("features")["fields"]]
+    times = {"event_time", "open_time", "close_time"}
+    store = Store(settings)
+    try:
+        rows = {side: registry.promoted(store, side) for side in ("long", "short")}
+        select = ", ".join(f"toUnixTimestamp64Milli({f})" if f in times else f for f in fields)
+        records = [dict(zip(fields, r, strict=True)) for r in store.query_rows(
+            f"SELECT {select} FROM features FINAL WHERE symbol = 'ETHUSDT' AND ready ORDER BY open_time LIMIT 20")]
+    finally:
+        store.close()
+    assert len(records) == 20
+    ensure_topics(broker.bootstrap)
+    for side, row in rows.items():
+        publish(broker.bootstrap, f"model:{side}", "model_promoted", registry.control_value(row, None), "test",
+                row["promoted_at"])
+    codec = default_codec()
+    produce(broker.bootstrap, [("features", "ETHUSDT", codec.encode("features", r)) for r in records[:10]])
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(settings, broker.bootstrap)
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_topic(broker.bootstrap, "predictions")) < 10:
+            assert time.monotonic() < deadline, "no predictions from the first model"
+            worker.check()
+            time.sleep(0.5)
+        second = {**registry.control_value(rows["long"], rows["long"]), "model_id": "long-reloaded"}
+        publish(broker.bootstrap, "model:long", "model_promoted", second, "test", rows["long"]["promoted_at"] + 1)
+        while worker.metric("perpflow_model_info", side="long", model_id="long-reloaded") != 1:
+            assert time.monotonic() < deadline, "the worker did not load the second promotion"
+            time.sleep(0.5)
+        produce(broker.bootstrap, [("features", "ETHUSDT", codec.encode("features", r)) for r in records[10:]])
+        while len(read_topic(broker.bootstrap, "predictions")) < 20:
+            assert time.monotonic() < deadline, "no predictions after the reload"
+            time.sleep(0.5)
+        assert worker.restarts == 0
+    finally:
+        worker.stop()
+    got = sorted(read_topic(broker.bootstrap, "predictions"), key=lambda p: p["open_time"])
+    assert [p["open_time"] for p in got] == [r["open_time"] for r in records]
+    assert [p["model_id_long"] for p in got] == [rows["long"]["id"]] * 10 + ["long-reloaded"] * 10
+    assert {p["model_id_short"] for p in got} == {rows["short"]["id"]}

@@ -108,7 +108,7 @@ class PredictAgent(BatchAgent):
         self.control: ControlReader | None = None
         self.status = ""
         for side in SIDES:
-            metrics.MODEL_INFO.labels(side, "none").set(1)
+            metrics.MODEL_INFO.labels(side, "none").set(0)  # exported before a model loads; 1 marks the one in use
             metrics.PREDICTION_P_TP.labels(side)
         app.timer(CONTROL_POLL_SECONDS)(self.poll_control)
 
