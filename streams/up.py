@@ -124,8 +124,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                               batch_seconds=settings.sink_batch_seconds)
         sink_thread = _ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
-        if settings.run_worker:
-            announce_promoted_models(stack)
+        announce_promoted_models(stack)
         worker = WorkerProcess(settings, stack.bootstrap, opts.symbols) if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
         binance, binance_thread = None, None

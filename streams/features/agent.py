@@ -81,6 +81,7 @@ class FeaturesAgent:
         self.btc_waiting_since: dict[tuple[str, int], float] = {}
         self.lock = asyncio.Lock()  # the agent's batches and the timer's ticks take turns
         self.last_commit = 0.0
+        self.committed: dict[TP, int] = {}  # self.processed when last committed
         app.agent(self.inputs, name="features")(self.run)
         app.timer(TICK_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -92,6 +93,7 @@ class FeaturesAgent:
         self.btc.clear()
         self.btc_saved.clear()
         self.processed.clear()
+        self.committed.clear()
 
     async def _on_recovered(self) -> None:
         self.reload = True  # the next tick loads every symbol of the partitions this worker now owns
@@ -125,6 +127,9 @@ class FeaturesAgent:
         if any(seq.pending() for seq, _ in self.sequencers.values()):
             async with self.lock:
                 await self._release([], set(), {})
+        elif self.processed != self.committed:  # the last batch before a pause: committed by time
+            async with self.lock:
+                await self._commit()
 
     # -- one micro-batch --------------------------------------------------------------------------------------------
     def _intake(self, events: list[faust.EventT]) -> tuple[list[Any], set[str], dict[int, list[int]]]:
@@ -206,7 +211,9 @@ class FeaturesAgent:
         if time.monotonic() - self.last_commit < COMMIT_SECONDS or not self.processed:
             return
         self.last_commit = time.monotonic()
-        await commit_handled(self.app, self.processed)
+        snapshot = dict(self.processed)
+        await commit_handled(self.app, snapshot)
+        self.committed = snapshot
 
     # -- inputs ----------------------------------------------------------------------------------------------------
     def _sequencer(self, symbol: str, partition: int) -> FeatureSequencer:
