@@ -129,3 +129,44 @@ def test_size_respects_min_notional_and_small_ticks():
     assert pepe.entry == pytest.approx(0.0012346) and pepe.stop_loss == pytest.approx(0.0012246)
     assert pepe.quantity == float(int(50 / 0.00001))  # whole contracts
 
+
+
+def prediction(symbol="ETHUSDT", long=(0.6, 0.3, 0.1), short=(0.2, 0.7, 0.1), **extra) -> dict:
+    p = {"event_id": f"prediction:{symbol}:5m:1", "event_time": 2, "symbol": symbol, "source": "stream",
+         "interval": "5m", "open_time": 1, "model_id_long": "long-a", "model_id_short": "short-b", "close": 2000.0,
+         "atr_14": 10.0, "funding_rate": 0.0, "minutes_to_funding": 100.0, "k_tp": 2.0, "k_sl": 1.0}
+    for side, (tp, sl, timeout) in (("long", long), ("short", short)):
+        p.update({f"p_tp_{side}": tp, f"p_sl_{side}": sl, f"p_timeout_{side}": timeout, f"hold_bars_{side}": 10.0,
+                  f"mae_{side}": -0.004, f"timeout_return_{side}": 0.0,
+                  f"top_features_{side}": [{"feature": "rsi_14", "value": 0.25}]})
+    return {**p, **extra}
+
+
+def test_policy_turns_each_prediction_into_one_sized_signal():
+    from schemas.codec import default_codec
+    from streams.policy.agent import Policy
+    from streams.settings import Settings
+
+    preds = [prediction(), prediction(long=(0.2, 0.7, 0.1), short=(0.6, 0.3, 0.1)),
+             prediction(long=(0.3, 0.3, 0.4)), prediction(symbol="XYZUSDT")]
+    long, short, flat, unknown = Policy(Settings(risk_per_trade_usdt=50)).signals(preds)
+    # tp 1 %, sl 0.5 %: gross 0.6·0.01 − 0.3·0.005 = 0.0045, costs 0.0019 · 2.0045, no settlement within 50 min
+    assert long["ev_long"] == pytest.approx(0.0045 - 0.0019 * 2.0045)
+    assert (long["decision"], long["side"], long["p_win_long"]) == ("LONG", "BUY", pytest.approx(2 / 3))
+    assert (long["entry_price"], long["stop_loss"], long["take_profit"]) == (2000.0, 1990.0, 2020.0)
+    # 50 USDT at a 10 USDT stop: 5 ETH; ATR 0.5 % of the price: leverage round(5 · 0.3 / 0.5) = 3
+    assert (long["quantity"], long["notional"], long["leverage"]) == (5.0, 10_000.0, 3)
+    assert long["liq_price"] == pytest.approx((2000 / 3 - 2000) / (0.004 - 1))
+    assert long["liq_distance_atr"] == pytest.approx((2000 - long["liq_price"]) / 10)
+    assert long["confidence"] == pytest.approx(2 / 3) and long["prediction_id"] == preds[0]["event_id"]
+    assert long["event_id"] == "signal:ETHUSDT:5m:0000000000001" and long["model_id_long"] == "long-a"
+    assert (short["decision"], short["side"], short["stop_loss"], short["take_profit"]) == \
+        ("SHORT", "SELL", 2010.0, 1980.0)
+    assert (flat["decision"], flat["flat_reason"], flat["quantity"], flat["side"]) == ("FLAT", "thresholds", None, None)
+    assert (unknown["decision"], unknown["flat_reason"]) == ("FLAT", "no_exchange_rules")
+    assert any("rsi_14" in r for r in long["reasons"]) and any("EV +0.00069" in r for r in long["reasons"])
+    codec = default_codec()
+    for signal in (long, flat):  # what the agent sends is a valid `signals` record
+        assert codec.decode(codec.encode("signal", signal))[1] == signal
+    tiny = Policy(Settings(risk_per_trade_usdt=0.09)).signals([prediction()])[0]
+    assert (tiny["decision"], tiny["flat_reason"]) == ("FLAT", "below_min_notional")

@@ -26,13 +26,10 @@ def _col(records: list[dict], name: str) -> np.ndarray:
     return np.array([np.nan if r[name] is None else r[name] for r in records], dtype=np.float64)
 
 
-class PolicyAgent(BatchAgent):
-    name = "policy"
-    input_topic, input_schema = "predictions", "prediction"
-    output_topic, output_schema = "signals", "signal"
+class Policy:
+    """Predictions → signals, one each, in order: what the agent runs on every micro-batch."""
 
-    def __init__(self, app: Any, settings: Settings) -> None:
-        super().__init__(app)
+    def __init__(self, settings: Settings) -> None:
         self.thresholds = ev.Thresholds(settings.min_ev, settings.min_pwin)
         self.sizing = ev.SizingRules(settings.risk_per_trade_usdt, settings.leverage_min, settings.leverage_max,
                                      settings.leverage_default, settings.leverage_ref_atr_pct)
@@ -42,9 +39,6 @@ class PolicyAgent(BatchAgent):
             metrics.SIGNALS.labels(decision)
         for side in ("long", "short"):
             metrics.SIGNAL_EV.labels(side)
-
-    async def handle(self, inputs: list[tuple[int, bytes, dict]]) -> list[tuple[int, bytes, dict]]:
-        return [(p, k, s) for (p, k, _), s in zip(inputs, self.signals([r for _, _, r in inputs]), strict=True)]
 
     def signals(self, preds: list[dict]) -> list[dict]:
         close, atr, rate, mtf = (_col(preds, n) for n in ("close", "atr_14", "funding_rate", "minutes_to_funding"))
@@ -113,6 +107,20 @@ class PolicyAgent(BatchAgent):
         top = ", ".join(f"{c['feature']} {c['value']:+.3f}" for c in p[f"top_features_{side}"][:3])
         out.append(f"top features ({side}): {top}")
         return out
+
+
+class PolicyAgent(BatchAgent):
+    name = "policy"
+    input_topic, input_schema = "predictions", "prediction"
+    output_topic, output_schema = "signals", "signal"
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        super().__init__(app)
+        self.policy = Policy(settings)
+
+    async def handle(self, inputs: list[tuple[int, bytes, dict]]) -> list[tuple[int, bytes, dict]]:
+        signals = self.policy.signals([r for _, _, r in inputs])
+        return [(p, k, s) for (p, k, _), s in zip(inputs, signals, strict=True)]
 
 
 def register(app: Any, settings: Settings) -> PolicyAgent:
