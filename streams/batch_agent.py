@@ -26,7 +26,7 @@ BATCH_SECONDS = 0.05  # a hop's added latency live: the batch closes after this 
 COMMIT_SECONDS = 1.0
 
 
-async def commit_handled(app: faust.App, processed: dict[TP, int]) -> None:
+async def commit_handled(app: faust.App, processed: dict[TP, int]) -> bool:
     """Commit the offsets after the last messages handled, once their outputs and changelog are flushed.
 
     Faust's own ack-based commits can stall after a restart (messages handed before its seek to the committed
@@ -35,10 +35,12 @@ async def commit_handled(app: faust.App, processed: dict[TP, int]) -> None:
     commit are simply the last ones handled."""
     await app.producer.flush()  # outputs and changelog durable before the input offsets move
     offsets = {tp: offset + 1 for tp, offset in processed.items()}
-    if await app.consumer._commit(offsets):
-        committed = app.consumer._committed_offset  # keep Faust from committing older offsets later
-        for tp, offset in offsets.items():
-            committed[tp] = max(committed[tp] or 0, offset)
+    if not await app.consumer._commit(offsets):
+        return False
+    committed = app.consumer._committed_offset  # keep Faust from committing older offsets later
+    for tp, offset in offsets.items():
+        committed[tp] = max(committed[tp] or 0, offset)
+    return True
 
 
 def send_dead_letter(topic: Any, codec: Any, msg: Any, exc: DecodeError) -> Any:
@@ -82,8 +84,8 @@ class BatchAgent:
     async def _commit(self) -> None:
         self.last_commit = time.monotonic()
         snapshot = dict(self.processed)
-        await commit_handled(self.app, snapshot)
-        self.committed = snapshot
+        if await commit_handled(self.app, snapshot):
+            self.committed = snapshot
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         self.processed.clear()

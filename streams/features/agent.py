@@ -212,8 +212,8 @@ class FeaturesAgent:
             return
         self.last_commit = time.monotonic()
         snapshot = dict(self.processed)
-        await commit_handled(self.app, snapshot)
-        self.committed = snapshot
+        if await commit_handled(self.app, snapshot):
+            self.committed = snapshot  # a failed commit is retried by the next tick
 
     # -- inputs ----------------------------------------------------------------------------------------------------
     def _sequencer(self, symbol: str, partition: int) -> FeatureSequencer:
