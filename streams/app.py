@@ -9,10 +9,13 @@ costs tens of µs per message, which the hot path cannot afford.
 
 from __future__ import annotations
 
+import asyncio
+
 import faust
 from faust.sensors.monitor import Monitor
 
 from schemas.catalog import SYMBOL_PARTITIONS
+from streams.broker import end_offsets
 
 
 class LeanMonitor(Monitor):
@@ -40,8 +43,23 @@ class LeanMonitor(Monitor):
 APP_ID = "perpflow"  # also the Kafka consumer group of the agents
 
 
+def _use_fetch_highwaters(bootstrap: str) -> None:
+    """Faust's table recovery reads a changelog up to the highwater from ListOffsets, which Tansu under-reports
+    when the last batch holds several records: the newest state (a batch's last keys) would silently not be
+    restored. Take the high-watermarks from fetch responses instead (`streams.broker.end_offsets`)."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    async def _highwaters(self, partitions):
+        ends = await asyncio.get_running_loop().run_in_executor(
+            None, end_offsets, bootstrap, sorted({tp.topic for tp in partitions}))
+        return {tp: ends.get((tp.topic, tp.partition), 0) for tp in partitions}
+
+    AIOKafkaConsumerThread._highwaters = _highwaters
+
+
 def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None,
                datadir: str | None = None) -> faust.App:
+    _use_fetch_highwaters(bootstrap)
     return faust.App(
         app_id,
         datadir=datadir or f"{app_id}-data",  # Faust's working files; perpflow keeps them under PERPFLOW_HOME

@@ -131,6 +131,8 @@ def up(
                                        "every topic is archived, printing a summary."),
     live: bool = typer.Option(False, "--live", help="With --source binance: trade the account (user data stream "
                               "and execution connector). Without it, trading stays paper."),
+    paper: bool = typer.Option(True, "--paper/--no-paper", help="Run the paper exchange: it answers `orders` with "
+                               "`user.events` from the market data (never with --live)."),
     mainnet: bool = typer.Option(False, "--mainnet", help="Required with --live when PERPFLOW_BINANCE_TESTNET=false: "
                                  "real money."),
 ) -> None:
@@ -152,7 +154,7 @@ def up(
     if live:
         _check_live(settings, mainnet)
     _stop_on_signals()
-    opts = UpOptions(source.value, str(data), wanted, start_ms, end_ms, speed_f, until_drained, live)
+    opts = UpOptions(source.value, str(data), wanted, start_ms, end_ms, speed_f, until_drained, live, paper)
     summary = run_up(settings, opts)
     if until_drained:
         _print_summary(summary)

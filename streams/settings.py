@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     slippage: float = 0.0015
     """Slippage per fill (entry and exit), as the label spec's."""
 
+    # -- the paper exchange (connectors/paper): the fill and cost model of paper trading
+    paper_taker_fee: float = 0.0004
+    """Fee per fill, a fraction of the notional (the labels' default)."""
+    paper_slippage_bps: float = 15.0
+    """Market fills move this far against the order (the labels' default slippage)."""
+    paper_leverage: int = 5
+    """Leverage of every paper position: its isolated margin is the entry notional divided by it."""
+    paper_balance: float = 10_000.0
+    """Starting USDT wallet balance."""
+
     @field_validator("symbols", mode="before")
     @classmethod
     def _split_symbols(cls, value):

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from confluent_kafka.admin import AdminClient
 
 from connectors.clickhouse_sink import ClickHouseSink
+from connectors.paper.connector import GROUP as PAPER_GROUP
+from connectors.paper.connector import INPUTS as PAPER_INPUTS
+from connectors.paper.connector import PaperConnector
+from connectors.paper.engine import PaperConfig
 from connectors.replay import ReplayResult, ReplaySource
 from schemas.catalog import archived
 from streams.app import APP_ID
@@ -39,6 +43,7 @@ class UpOptions:
     speed: float | None = None  # None = max
     until_drained: bool = False
     live: bool = False  # with source binance: the user data stream and the execution connector too
+    paper: bool = True  # the paper exchange answers `orders` (never with live)
 
 
 @dataclass
@@ -135,10 +140,18 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                                     opts.start_ms)
             binance_thread = _ReportingThread("binance", binance.run)
             binance_thread.start()
+        paper, paper_thread = None, None
+        if opts.paper and not opts.live:
+            paper = PaperConnector(stack.bootstrap, settings.home / "paper" / "state.json", PaperConfig(
+                settings.paper_taker_fee, settings.paper_slippage_bps, settings.paper_leverage, settings.paper_balance))
+            paper_thread = _ReportingThread("paper-exchange", paper.run)
+            paper_thread.start()
         try:
             while True:
                 if sink_thread.error is not None:
                     raise sink_thread.error
+                if paper_thread is not None and not paper_thread.is_alive():
+                    raise paper_thread.error or RuntimeError("the paper exchange stopped")
                 if binance_thread is not None and not binance_thread.is_alive():
                     raise binance_thread.error or RuntimeError("the Binance connectors stopped")
                 if worker is not None:
@@ -150,6 +163,9 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                         if worker is not None:
                             log.info("replay finished; waiting for the agents to process everything")
                             wait_for_agents(stack.bootstrap, worker)
+                        if paper_thread is not None:
+                            log.info("waiting for the paper exchange to answer every order")
+                            _wait_paper(stack.bootstrap, paper_thread)
                         log.info("waiting for the sink to archive everything")
                         _wait_drained(stack.bootstrap, sink, sink_thread)
                         summary.archive_seconds = time.monotonic() - (sink.first_insert_at or time.monotonic())
@@ -164,6 +180,9 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                 binance_thread.join(30)
             if replay:
                 replay.stop()
+            if paper is not None:
+                paper.stop()
+                paper_thread.join(30)
             if worker:
                 worker.stop()
             sink.stop()
@@ -213,6 +232,19 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
                 return
             previous = targets
         time.sleep(0.5)
+
+
+def _wait_paper(bootstrap: str, thread: _ReportingThread) -> None:
+    """Until the paper exchange has committed everything now in its inputs."""
+    admin = AdminClient(client_config(bootstrap))
+    while True:
+        if not thread.is_alive():
+            raise thread.error or RuntimeError("the paper exchange stopped")
+        targets = end_offsets(bootstrap, list(PAPER_INPUTS))
+        committed = committed_offsets(admin, PAPER_GROUP)
+        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0):
+            return
+        time.sleep(0.2)
 
 
 def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _ReportingThread) -> None:

@@ -91,9 +91,9 @@ def parse_account_update(m: dict) -> dict:
                  for p in a.get("P", [])]
     balances = [{"asset": b["a"], "wallet_balance": float(b["wb"]), "cross_wallet_balance": float(b["cw"]),
                  "balance_change": float(b["bc"])} for b in a.get("B", [])]
-    symbol = positions[0]["symbol"] if positions else ""
+    symbol = positions[0]["symbol"] if positions else ""  # in the id too: isolated positions update one by one
     return _record("ACCOUNT_UPDATE", int(m["E"]), symbol,
-                   event_ids.user_event("ACCOUNT_UPDATE", m["E"], m.get("T", 0), a["m"]),
+                   event_ids.user_event("ACCOUNT_UPDATE", m["E"], m.get("T", 0), a["m"], symbol),
                    transaction_time=_i(m.get("T")), reason=a["m"], balances=balances, positions=positions)
 
 

@@ -120,16 +120,14 @@ class FeaturesAgent:
         time, not only by the next message."""
         if self.app.in_recovery:
             return
-        if self.reload:
-            async with self.lock:
+        async with self.lock:
+            if self.reload:
                 self.reload = False
                 self._load_owned()
-        if any(seq.pending() for seq, _ in self.sequencers.values()):
-            async with self.lock:
+            if any(seq.pending() for seq, _ in self.sequencers.values()):
                 await self._release([], set(), {})
-        elif self.processed != self.committed:  # the last batch before a pause: committed by time
-            async with self.lock:
-                await self._commit()
+            else:
+                await self._commit()  # the last batch's offsets, when no batch follows it
 
     # -- one micro-batch --------------------------------------------------------------------------------------------
     def _intake(self, events: list[faust.EventT]) -> tuple[list[Any], set[str], dict[int, list[int]]]:
@@ -208,7 +206,7 @@ class FeaturesAgent:
 
     async def _commit(self) -> None:
         """Commit what was handled, once a second, after the state that covers it is flushed."""
-        if time.monotonic() - self.last_commit < COMMIT_SECONDS or not self.processed:
+        if time.monotonic() - self.last_commit < COMMIT_SECONDS or self.processed == self.committed:
             return
         self.last_commit = time.monotonic()
         snapshot = dict(self.processed)
