@@ -52,3 +52,11 @@ def risk_event(kind: str, symbol: str, *parts: object) -> str:
 def dead_letter_payload(source: str, payload: bytes) -> str:
     """Input that never was a Kafka message (e.g. a WebSocket frame): named by its content."""
     return f"dlq:{source}:{hashlib.sha1(payload).hexdigest()[:20]}"
+
+
+def prediction(symbol: str, interval: str, open_time_ms: int) -> str:
+    return f"prediction:{symbol}:{interval}:{open_time_ms:013d}"
+
+
+def signal(symbol: str, interval: str, open_time_ms: int) -> str:
+    return f"signal:{symbol}:{interval}:{open_time_ms:013d}"

@@ -59,16 +59,23 @@ DECISION_CHAIN_METRICS: dict[str, str] = {
     "perpflow_daily_loss_limit_ratio": "gauge: the daily-loss limit that halts trading (0.02 = 2 %)",
     "perpflow_position_liq_distance_atr": "gauge {symbol, side}: distance to the estimated liquidation, in ATRs",
     # decisions
-    "perpflow_signals_total": "counter {decision}: signals by LONG / SHORT / FLAT",
-    "perpflow_signal_ev_bucket": "histogram perpflow_signal_ev {side}: EV of the signals, net of costs",
     "perpflow_risk_verdicts_total": "counter {verdict, reason}: verdicts; a rejection counts once per violated rule",
     "perpflow_e2e_latency_seconds_bucket": "histogram perpflow_e2e_latency_seconds: kline publication to order",
     # models
-    "perpflow_model_info": "gauge {side, model_id}: 1 for the promoted model of each side",
     "perpflow_model_age_seconds": "gauge {side}: age of the promoted model's training data end",
     "perpflow_model_calibration_error": "gauge {side}: |mean predicted P(TP) - realized TP rate|, recent labels",
-    "perpflow_prediction_p_tp_bucket": "histogram perpflow_prediction_p_tp {side}: predicted P(TP)",
 }
+
+# decision chain: predict and policy agents (streams/predict, streams/policy)
+SIGNALS = Counter("perpflow_signals", "Signals by decision (LONG / SHORT / FLAT)", ["decision"])
+SIGNAL_EV = Histogram("perpflow_signal_ev", "EV of the signals per side, net of costs (return per unit notional)",
+                      ["side"], buckets=(-0.02, -0.01, -0.005, -0.002, -0.001, 0.0, 0.001, 0.002, 0.005, 0.01, 0.02))
+MODEL_INFO = Gauge("perpflow_model_info", "1 for the model each side predicts with", ["side", "model_id"])
+PREDICTION_P_TP = Histogram("perpflow_prediction_p_tp", "Predicted P(TP)", ["side"],
+                            buckets=tuple(i / 10 for i in range(1, 10)))
+PREDICTIONS = Counter("perpflow_predictions", "predictions emitted", ["symbol"])
+PREDICT_SKIPPED = Counter("perpflow_predict_skipped", "features records not predicted (not_ready, no_model)",
+                          ["reason"])
 
 # Binance connectors (connectors/binance): connector = binance-market | binance-user. The first four names are
 # the ones the alert rules and dashboards query (deploy/prometheus/rules, grafana/boards.py).

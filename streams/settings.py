@@ -60,6 +60,24 @@ class Settings(BaseSettings):
     binance_backfill_hours: float = 24.0
     """On a first start with no bars in md.klines, how far back the market connector backfills."""
 
+    # -- decision chain (streams/policy): EV thresholds and sizing; fee and slippage as in the label spec
+    min_ev: float = 0.0
+    """A side qualifies when its EV (return per unit of notional, net of costs) is above this..."""
+    min_pwin: float = 0.55
+    """... and its P(win) = P(TP) / (P(TP) + P(SL)) is at least this."""
+    risk_per_trade_usdt: float = 50.0
+    """Loss at the stop-loss a trade is sized for: notional = risk / stop distance."""
+    leverage_min: int = 2
+    leverage_max: int = 8
+    leverage_default: int = 5
+    """Leverage at the reference volatility; scaled inversely with ATR/price, kept in [min, max]."""
+    leverage_ref_atr_pct: float = 0.003
+    """The reference volatility: ATR(14) of 5m bars / price."""
+    fee: float = 0.0004
+    """Taker fee per fill (entry and exit), as the label spec's."""
+    slippage: float = 0.0015
+    """Slippage per fill (entry and exit), as the label spec's."""
+
     # -- the paper exchange (connectors/paper): the fill and cost model of paper trading
     paper_taker_fee: float = 0.0004
     """Fee per fill, a fraction of the notional (the labels' default)."""

@@ -129,6 +129,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                               batch_seconds=settings.sink_batch_seconds)
         sink_thread = _ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
+        announce_promoted_models(stack)
         worker = WorkerProcess(settings, stack.bootstrap, opts.symbols) if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
         binance, binance_thread = None, None
@@ -200,10 +201,26 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
     return summary
 
 
+def announce_promoted_models(stack: Stack) -> None:
+    """The registry's promoted models on `control`, where the worker's predict agent learns them (it cannot open
+    an embedded store, and the embedded broker starts empty). Same entity and event_id as the promotion's own
+    record: announcing again changes nothing."""
+    from streams.control import publish
+    from training import registry
+
+    for side in ("long", "short"):
+        row = registry.promoted(stack.store, side)
+        if row is None:
+            log.warning("no promoted model for the %s side: the worker will not predict (see `perpflow models`)", side)
+            continue
+        publish(stack.bootstrap, f"model:{side}", "model_promoted", registry.control_value(row, None),
+                row["actor"], row["promoted_at"])
+
+
 def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
     """Until the agents' consumer group has committed everything now in its input topics and holds no bar back
     (twice in a row: the agents write to some of their own inputs, e.g. features.btc)."""
-    topics = list(INPUT_TOPICS) + [BTC_TOPIC]
+    topics = list(INPUT_TOPICS) + [BTC_TOPIC, "features", "predictions"]  # inputs of features, predict, policy
     admin = AdminClient(client_config(bootstrap))
     previous: dict | None = None
     while True:

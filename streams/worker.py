@@ -24,7 +24,7 @@ from streams.broker import die_with_parent
 from streams.control_api import ControlApi
 from streams.settings import Settings
 
-AGENT_MODULES: list[str] = ["streams.features.agent"]
+AGENT_MODULES: list[str] = ["streams.features.agent", "streams.predict.agent", "streams.policy.agent"]
 log = logging.getLogger(__name__)
 
 
@@ -89,14 +89,18 @@ class WorkerProcess:
 
     def held_bars(self) -> float | None:
         """Bars the worker's agents hold back for their context now (from its /metrics); None until it answers."""
+        return self.metric("perpflow_features_held_bars")
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """Sum of the worker's samples of `name` with these labels (from its /metrics); None until it answers."""
         try:
             info = json.loads(_info_path(self.log_path.parent, self.process.pid).read_text())
             with urllib.request.urlopen(info["metrics_url"], timeout=5) as response:
                 text = response.read().decode()
         except (OSError, ValueError, KeyError):
             return None
-        return sum(sample.value for family in text_string_to_metric_families(text)
-                   if family.name == "perpflow_features_held_bars" for sample in family.samples)
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
     def stop(self, grace: float = 15.0) -> None:
         if self.process.poll() is None:

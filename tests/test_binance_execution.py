@@ -13,9 +13,10 @@ from decimal import Decimal
 
 import pytest
 
-from connectors.binance.execution import Executor, OrderConsumer, SymbolRules, client_ids
+from connectors.binance.execution import Executor, OrderConsumer, client_ids
 from connectors.binance.publish import Publisher
 from connectors.binance.rest import RestClient, sign
+from connectors.binance.rules import SymbolRules
 from schemas.codec import default_codec
 from streams.broker import EmbeddedBroker, ensure_topics, producer_config
 from tests.conftest import read_topic

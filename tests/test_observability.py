@@ -34,9 +34,8 @@ pytestmark = [pytest.mark.e2e,
 EXPECTED_MISSING = {
     "perpflow_trading_state", "perpflow_account_equity_usdt", "perpflow_account_drawdown_ratio",
     "perpflow_daily_pnl_ratio", "perpflow_daily_loss_limit_ratio", "perpflow_position_liq_distance_atr",
-    "perpflow_signals_total", "perpflow_signal_ev_bucket",
-    "perpflow_risk_verdicts_total", "perpflow_e2e_latency_seconds_bucket", "perpflow_model_info",
-    "perpflow_model_age_seconds", "perpflow_model_calibration_error", "perpflow_prediction_p_tp_bucket",
+    "perpflow_risk_verdicts_total", "perpflow_e2e_latency_seconds_bucket",
+    "perpflow_model_age_seconds", "perpflow_model_calibration_error",
 }
 SCRAPE_S = 1
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),

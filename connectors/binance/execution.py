@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass
-from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from confluent_kafka import Consumer
 
@@ -35,6 +34,7 @@ from connectors.binance.rest import (
     RestClient,
     UnknownOutcome,
 )
+from connectors.binance.rules import SymbolRules, plain
 from connectors.binance.user_stream import risk_record
 from schemas.codec import DecodeError, default_codec
 from streams import metrics
@@ -53,32 +53,6 @@ def client_ids(intent_id: str) -> dict[str, str]:
     take-profit and the emergency close."""
     h = hashlib.sha256(intent_id.encode()).hexdigest()[:24]
     return {"entry": f"pf{h}-e", "sl": f"pf{h}-sl", "tp": f"pf{h}-tp", "close": f"pf{h}-x"}
-
-
-def _plain(d: Decimal) -> str:
-    return format(d.normalize(), "f") if d != 0 else "0"
-
-
-@dataclass(frozen=True)
-class SymbolRules:
-    """exchangeInfo filters: quantities are floored to the step size, prices rounded to the tick size."""
-
-    tick: Decimal
-    step: Decimal
-    min_qty: Decimal
-    min_notional: Decimal
-
-    @classmethod
-    def from_exchange_info(cls, symbol_info: dict) -> SymbolRules:
-        f = {x["filterType"]: x for x in symbol_info["filters"]}
-        return cls(Decimal(f["PRICE_FILTER"]["tickSize"]), Decimal(f["LOT_SIZE"]["stepSize"]),
-                   Decimal(f["LOT_SIZE"]["minQty"]), Decimal(f.get("MIN_NOTIONAL", {}).get("notional", "0")))
-
-    def quantity(self, q: float) -> Decimal:
-        return (Decimal(repr(q)) / self.step).to_integral_value(ROUND_DOWN) * self.step
-
-    def price(self, p: float) -> Decimal:
-        return (Decimal(repr(p)) / self.tick).to_integral_value(ROUND_HALF_UP) * self.tick
 
 
 class Executor:
@@ -121,7 +95,7 @@ class Executor:
         await self._prepare(symbol)
         try:
             entry = await self._place_order(symbol, {
-                "symbol": symbol, "side": order["side"], "type": "MARKET", "quantity": _plain(qty),
+                "symbol": symbol, "side": order["side"], "type": "MARKET", "quantity": plain(qty),
                 "newClientOrderId": ids["entry"], "newOrderRespType": "RESULT"})
         except BinanceError as exc:
             kind = "margin_insufficient" if exc.code == MARGIN_INSUFFICIENT else "entry_failed"
@@ -150,7 +124,7 @@ class Executor:
             try:
                 await self._place_algo(symbol, {
                     "algoType": "CONDITIONAL", "symbol": symbol, "side": p["exit_side"], "type": kind,
-                    "triggerPrice": _plain(rules.price(trigger)), "workingType": "MARK_PRICE",
+                    "triggerPrice": plain(rules.price(trigger)), "workingType": "MARK_PRICE",
                     "closePosition": "true", "clientAlgoId": p[leg]})
             except (BinanceError, UnknownOutcome) as exc:
                 log.error("%s %s order failed (%s): closing the position at market", symbol, leg, exc)
@@ -239,7 +213,7 @@ class Executor:
         log.warning("%s: closing %s at market (%s)", symbol, amount, why)
         await self._place_order(symbol, {
             "symbol": symbol, "side": "SELL" if amount > 0 else "BUY", "type": "MARKET",
-            "quantity": _plain(abs(amount)), "reduceOnly": "true", "newClientOrderId": client_id,
+            "quantity": plain(abs(amount)), "reduceOnly": "true", "newClientOrderId": client_id,
             "newOrderRespType": "RESULT"})
 
     async def _place_order(self, symbol: str, params: dict) -> dict:

@@ -35,8 +35,9 @@ import faust
 from faust.types import TP
 
 from schemas.catalog import SYMBOL_PARTITIONS
-from schemas.codec import DecodeError, dead_letter_record, default_codec
+from schemas.codec import DecodeError, default_codec
 from streams import metrics
+from streams.batch_agent import commit_handled, send_dead_letter
 from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
 from streams.settings import Settings
@@ -80,7 +81,7 @@ class FeaturesAgent:
         self.btc_waiting_since: dict[tuple[str, int], float] = {}
         self.lock = asyncio.Lock()  # the agent's batches and the timer's ticks take turns
         self.last_commit = 0.0
-        self.committed: dict[TP, int] = {}  # the offsets last committed
+        self.committed: dict[TP, int] = {}  # self.processed when last committed
         app.agent(self.inputs, name="features")(self.run)
         app.timer(TICK_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -92,6 +93,7 @@ class FeaturesAgent:
         self.btc.clear()
         self.btc_saved.clear()
         self.processed.clear()
+        self.committed.clear()
 
     async def _on_recovered(self) -> None:
         self.reload = True  # the next tick loads every symbol of the partitions this worker now owns
@@ -203,22 +205,13 @@ class FeaturesAgent:
         await self._commit()
 
     async def _commit(self) -> None:
-        """Commit what was handled, once a second, after the state that covers it is flushed.
-
-        Faust's own ack-based commits can stall after a restart (messages handed before its seek to the
-        committed offsets leave holes in its acked lists: seen on Tansu, a restarted worker processed everything
-        and kept committing the old offset). Every message of a batch is handled in order before this runs, so
-        the offsets to commit are simply the last ones handled."""
-        offsets = {tp: offset + 1 for tp, offset in self.processed.items()}
-        if time.monotonic() - self.last_commit < COMMIT_SECONDS or offsets == self.committed:
+        """Commit what was handled, once a second, after the state that covers it is flushed."""
+        if time.monotonic() - self.last_commit < COMMIT_SECONDS or self.processed == self.committed:
             return
         self.last_commit = time.monotonic()
-        await self.app.producer.flush()  # outputs and changelog durable before the input offsets move
-        if await self.app.consumer._commit(offsets):
-            self.committed = offsets
-            committed = self.app.consumer._committed_offset  # keep Faust from committing older offsets later
-            for tp, offset in offsets.items():
-                committed[tp] = max(committed[tp] or 0, offset)
+        snapshot = dict(self.processed)
+        if await commit_handled(self.app, snapshot):
+            self.committed = snapshot  # a failed commit is retried by the next tick
 
     # -- inputs ----------------------------------------------------------------------------------------------------
     def _sequencer(self, symbol: str, partition: int) -> FeatureSequencer:
@@ -283,10 +276,7 @@ class FeaturesAgent:
         return True, None
 
     def _dead_letter(self, msg: Any, exc: DecodeError) -> Any:
-        record = dead_letter_record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc)
-        metrics.DEAD_LETTERS.labels(msg.topic, exc.reason).inc()
-        log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
-        return self.dead_letters.send_soon(key=msg.topic.encode(), value=self.codec.encode("dead_letter", record))
+        return send_dead_letter(self.dead_letters, self.codec, msg, exc)
 
     # -- outputs and state -------------------------------------------------------------------------------------------
     def _broadcast_btc(self, records: list[dict]) -> list[Any]:

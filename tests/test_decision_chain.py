@@ -1,0 +1,171 @@
+"""features → predictions → signals through the real broker, worker and store, on the bundled real sample.
+
+First `perpflow up` with no promoted model (the chain must run and predict nothing), then label, train and promote
+on what it archived, then `perpflow up` again over the same window: every ready features row gets exactly one
+prediction, from the promoted models, and one signal."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from tests.conftest import SAMPLE, run_cli
+
+pytestmark = pytest.mark.e2e
+
+SYMBOLS = "BTCUSDT,ETHUSDT,1000PEPEUSDT"
+WINDOW = ["--start", "2023-12-09", "--end", "2023-12-29"]
+UP = ["up", "--source", "replay", "--data", str(SAMPLE), "--symbols", SYMBOLS, *WINDOW, "--speed", "max",
+      "--until-drained"]
+
+
+def sql(home, query: str) -> pd.DataFrame:
+    result = run_cli(home, "sql", query, "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    return pd.read_csv(io.StringIO(result.stdout), na_values=["\\N"])
+
+
+def count(home, query: str) -> int:
+    return int(sql(home, f"SELECT count() AS n FROM {query}").n[0])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    home = tmp_path_factory.mktemp("chain") / "home"
+    first = run_cli(home, *UP, timeout=600)
+    assert first.returncode == 0, first.stderr
+    ready_first = count(home, "features FINAL WHERE ready")
+    predicted_first = count(home, "predictions FINAL")
+    for args in (["label", "--symbols", SYMBOLS, *WINDOW],
+                 ["train", "--symbols", SYMBOLS, *WINDOW, "--folds", "2", "--embargo-bars", "48",
+                  "--max-rounds", "20", "--threads", "1"]):
+        step = run_cli(home, *args, timeout=600)
+        assert step.returncode == 0, f"{args[0]}: {step.stderr}"
+    ids = re.findall(r"registered ((?:long|short)-\S+)", step.stderr + step.stdout)
+    assert len(ids) == 2, step.stderr
+    for model in ids:
+        promoted = run_cli(home, "models", "promote", model)
+        assert promoted.returncode == 0, promoted.stderr
+    second = run_cli(home, *UP, timeout=600)
+    assert second.returncode == 0, second.stderr
+    return home, ids, ready_first, predicted_first
+
+
+def test_no_promoted_model_means_no_predictions_and_no_crash(chain):
+    _, _, ready_first, predicted_first = chain
+    assert ready_first > 3000  # the features agent ran and archived ready rows
+    assert predicted_first == 0
+
+
+def test_every_ready_features_row_has_one_prediction_and_one_signal(chain):
+    home, ids, ready_first, _ = chain
+    ready = count(home, "features FINAL WHERE ready")
+    assert ready == ready_first  # same window, same bars
+    assert count(home, "predictions FINAL") == ready
+    assert count(home, "signals FINAL") == ready
+    # the archive's FINAL hides duplicates: the raw tables must not hold a second id for one bar
+    assert count(home, "(SELECT DISTINCT event_id FROM predictions)") == ready
+    orphans = count(home, "features AS f FINAL LEFT ANTI JOIN predictions AS p FINAL "
+                          "ON p.symbol = f.symbol AND p.open_time = f.open_time WHERE f.ready")
+    assert orphans == 0
+    unmatched = count(home, "signals AS s FINAL LEFT ANTI JOIN predictions AS p FINAL ON s.prediction_id = p.event_id")
+    assert unmatched == 0
+    models = sql(home, "SELECT DISTINCT model_id_long, model_id_short FROM predictions FINAL")
+    assert len(models) == 1
+    assert sorted([models.model_id_long[0], models.model_id_short[0]]) == sorted(ids)
+
+
+def test_predictions_are_calibrated_probabilities_with_contributions(chain):
+    home, _, _, _ = chain
+    p = sql(home, "SELECT p_tp_long + p_sl_long + p_timeout_long AS s_long, p_tp_short + p_sl_short + "
+                  "p_timeout_short AS s_short, hold_bars_long, top_features_long, close, atr_14, k_tp "
+                  "FROM predictions FINAL LIMIT 200")
+    assert ((p.s_long - 1).abs() < 1e-6).all() and ((p.s_short - 1).abs() < 1e-6).all()
+    assert (p.hold_bars_long > 0).all() and (p.k_tp == 2.0).all() and (p.close > 0).all()
+    top = json.loads(p.top_features_long[0])
+    assert len(top) == 5 and {"feature", "value"} <= set(top[0])
+
+
+def test_signals_follow_the_ev_rule_and_are_sized_to_the_exchange_rules(chain):
+    home, _, _, _ = chain
+    s = sql(home, "SELECT symbol, decision, side, ev_long, ev_short, p_win_long, p_win_short, entry_price, stop_loss, "
+                  "take_profit, quantity, notional, leverage, liq_distance_atr, flat_reason FROM signals FINAL")
+    longs = s[s.decision == "LONG"]
+    assert ((longs.ev_long > 0) & (longs.p_win_long >= 0.55) & (longs.side == "BUY")).all()
+    assert (longs.stop_loss < longs.entry_price).all() and (longs.take_profit > longs.entry_price).all()
+    shorts = s[s.decision == "SHORT"]
+    assert ((shorts.ev_short > 0) & (shorts.p_win_short >= 0.55) & (shorts.side == "SELL")).all()
+    flat = s[s.decision == "FLAT"]
+    qualifies = ((flat.ev_long > 0) & (flat.p_win_long >= 0.55)) | ((flat.ev_short > 0) & (flat.p_win_short >= 0.55))
+    assert (flat[qualifies].flat_reason != "thresholds").all()  # a qualifying side is FLAT only for a sizing reason
+    assert (flat[~qualifies].flat_reason == "thresholds").all()
+    trades = s[s.decision != "FLAT"]
+    btc = trades[trades.symbol == "BTCUSDT"]
+    assert ((btc.quantity * 1000).round(6) % 1 == 0).all()  # step 0.001
+    assert ((btc.entry_price * 10).round(6) % 1 == 0).all()  # tick 0.10
+    assert trades.leverage.between(2, 8).all() and (trades.liq_distance_atr > 0).all()
+
+
+def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker):
+    """Runs last: it opens the module's store itself. The second promotion names a new model id on the same
+    artifact (content-addressed, so only the id differs): predictions made after it carry that id."""
+    import time
+
+    from connectors.clickhouse_store import Store
+    from schemas.codec import default_codec
+    from streams.broker import ensure_topics
+    from streams.control import publish
+    from streams.settings import Settings
+    from streams.worker import WorkerProcess
+    from tests.conftest import read_topic
+    from tests.test_sink import produce
+    from training import registry
+
+    home, ids, _, _ = chain
+    settings = Settings(home=home, kafka_bootstrap=broker.bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["ETHUSDT"])
+    fields = [f["name"] for f in default_codec().schema("features")["fields"]]
+    times = {"event_time", "open_time", "close_time"}
+    store = Store(settings)
+    try:
+        rows = {side: registry.promoted(store, side) for side in ("long", "short")}
+        select = ", ".join(f"toUnixTimestamp64Milli({f})" if f in times else f for f in fields)
+        records = [dict(zip(fields, r, strict=True)) for r in store.query_rows(
+            f"SELECT {select} FROM features FINAL WHERE symbol = 'ETHUSDT' AND ready ORDER BY open_time LIMIT 20")]
+    finally:
+        store.close()
+    assert len(records) == 20
+    ensure_topics(broker.bootstrap)
+    for side, row in rows.items():
+        publish(broker.bootstrap, f"model:{side}", "model_promoted", registry.control_value(row, None), "test",
+                row["promoted_at"])
+    codec = default_codec()
+    produce(broker.bootstrap, [("features", "ETHUSDT", codec.encode("features", r)) for r in records[:10]])
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(settings, broker.bootstrap)
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_topic(broker.bootstrap, "predictions")) < 10:
+            assert time.monotonic() < deadline, "no predictions from the first model"
+            worker.check()
+            time.sleep(0.5)
+        second = {**registry.control_value(rows["long"], rows["long"]), "model_id": "long-reloaded"}
+        publish(broker.bootstrap, "model:long", "model_promoted", second, "test", rows["long"]["promoted_at"] + 1)
+        while worker.metric("perpflow_model_info", side="long", model_id="long-reloaded") != 1:
+            assert time.monotonic() < deadline, "the worker did not load the second promotion"
+            time.sleep(0.5)
+        produce(broker.bootstrap, [("features", "ETHUSDT", codec.encode("features", r)) for r in records[10:]])
+        while len(read_topic(broker.bootstrap, "predictions")) < 20:
+            assert time.monotonic() < deadline, "no predictions after the reload"
+            time.sleep(0.5)
+        assert worker.restarts == 0
+    finally:
+        worker.stop()
+    got = sorted(read_topic(broker.bootstrap, "predictions"), key=lambda p: p["open_time"])
+    assert [p["open_time"] for p in got] == [r["open_time"] for r in records]
+    assert [p["model_id_long"] for p in got] == [rows["long"]["id"]] * 10 + ["long-reloaded"] * 10
+    assert {p["model_id_short"] for p in got} == {rows["short"]["id"]}
