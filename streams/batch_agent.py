@@ -99,9 +99,10 @@ class BatchAgent:
     async def batch(self, events: list[faust.EventT]) -> None:
         pending: list[Any] = []
         inputs: list[tuple[int, bytes, dict]] = []
+        offsets: dict[TP, int] = {}
         for event in events:
             msg = event.message
-            self.processed[msg.tp] = msg.offset
+            offsets[msg.tp] = msg.offset
             try:
                 name, record = self.codec.decode(msg.value)
                 if name != self.input_name:
@@ -116,6 +117,7 @@ class BatchAgent:
                            for partition, key, out in await self.handle(inputs))
         if pending:
             await asyncio.gather(*pending)
+        self.processed.update(offsets)  # only once the outputs are acknowledged: a cancelled batch is not committed
         if time.monotonic() - self.last_commit >= COMMIT_SECONDS:
             await self._commit()
 

@@ -77,22 +77,28 @@ class FeaturesAgent:
         self.sequencers: dict[str, tuple[FeatureSequencer, int]] = {}  # symbol → (sequencer, partition)
         self.btc: dict[int, dict[int, BtcSnapshot]] = {}  # partition → open_time → snapshot
         self.btc_saved: dict[int, set[int]] = {}  # partition → open_times of the snapshots in the table
-        self.processed: dict[TP, int] = {}  # offset of the last message handled, per input partition
+        self.processed: dict[TP, int] = {}  # offset of the last message taken in, per input partition
+        self.saved: dict[TP, int] = {}  # ... whose effects (outputs, state) are saved: what may be committed
         self.btc_waiting_since: dict[tuple[str, int], float] = {}
         self.lock = asyncio.Lock()  # the agent's batches and the timer's ticks take turns
         self.last_commit = 0.0
-        self.committed: dict[TP, int] = {}  # self.processed when last committed
+        self.committed: dict[TP, int] = {}  # self.saved when last committed
         app.agent(self.inputs, name="features")(self.run)
         app.timer(TICK_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
+        async with self.lock:  # not in the middle of a batch
+            self._forget()
+
+    def _forget(self) -> None:
         for symbol in self.sequencers:
             metrics.FEATURES_HELD_BARS.labels(symbol).set(0)  # no longer this worker's
         self.sequencers.clear()
         self.btc.clear()
         self.btc_saved.clear()
         self.processed.clear()
+        self.saved.clear()
         self.committed.clear()
 
     async def _on_recovered(self) -> None:
@@ -202,14 +208,17 @@ class FeaturesAgent:
             self._save(partition, symbol.encode(), json.dumps(state).encode())
         for partition, open_times in new_btc.items():
             self._save_btc(partition, open_times)
+        # only now are this batch's inputs covered by saved state: a batch cancelled midway (a rebalance) must
+        # not have its offsets committed by a later tick
+        self.saved.update(self.processed)
         await self._commit()
 
     async def _commit(self) -> None:
         """Commit what was handled, once a second, after the state that covers it is flushed."""
-        if time.monotonic() - self.last_commit < COMMIT_SECONDS or self.processed == self.committed:
+        if time.monotonic() - self.last_commit < COMMIT_SECONDS or self.saved == self.committed:
             return
         self.last_commit = time.monotonic()
-        snapshot = dict(self.processed)
+        snapshot = dict(self.saved)
         if await commit_handled(self.app, snapshot):
             self.committed = snapshot  # a failed commit is retried by the next tick
 
