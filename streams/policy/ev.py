@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from connectors.binance.rules import Bracket, SymbolRules, isolated_liquidation_price
+from training.labels import LabelSpec
 
 FUNDING_INTERVAL_MINUTES = 480  # Binance settles USDT-M funding at 00, 08 and 16 UTC
 BAR_MINUTES = 5
@@ -40,10 +41,12 @@ SIDE = {LONG: 1, SHORT: -1}
 
 @dataclass(frozen=True)
 class CostModel:
-    k_tp: float = 2.0
-    k_sl: float = 1.0
-    fee: float = 0.0004
-    slippage: float = 0.0015
+    """The label spec's barriers and costs (floats, or arrays per row): the EV prices what the labels measured."""
+
+    k_tp: float = LabelSpec.k_tp
+    k_sl: float = LabelSpec.k_sl
+    fee: float = LabelSpec.fee
+    slippage: float = LabelSpec.slippage
 
 
 @dataclass(frozen=True)
