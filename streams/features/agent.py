@@ -88,10 +88,7 @@ class FeaturesAgent:
         app.on_partitions_revoked.connect(self._on_revoked)
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
-        async with self.lock:  # not in the middle of a batch
-            self._forget()
-
-    def _forget(self) -> None:
+        # not under self.lock: a batch holding it may be waiting on a commit that waits for this rebalance
         for symbol in self.sequencers:
             metrics.FEATURES_HELD_BARS.labels(symbol).set(0)  # no longer this worker's
         self.sequencers.clear()
