@@ -60,3 +60,21 @@ def prediction(symbol: str, interval: str, open_time_ms: int) -> str:
 
 def signal(symbol: str, interval: str, open_time_ms: int) -> str:
     return f"signal:{symbol}:{interval}:{open_time_ms:013d}"
+
+
+def verdict(symbol: str, interval: str, open_time_ms: int) -> str:
+    return f"verdict:{symbol}:{interval}:{open_time_ms:013d}"
+
+
+def open_intent(symbol: str, interval: str, open_time_ms: int) -> str:
+    """The entry a signal became: a replayed signal gives the same intent, which the exchange side never fills twice."""
+    return f"open:{symbol}:{interval}:{open_time_ms:013d}"
+
+
+def close_intent(position_intent: str, reason: str) -> str:
+    """Closing one position for one reason: asked again (a replay, a second kill), it is the same intent."""
+    return f"close:{position_intent}:{reason}"
+
+
+def order(intent_id: str) -> str:
+    return f"order:{intent_id}"

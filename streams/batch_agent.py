@@ -1,10 +1,11 @@
-"""The shape shared by the decision-chain agents that map one input record to one output record (predict, policy):
-micro-batches (`take_events`), Avro decoding with dead letters, one vectorized call per batch, outputs sent to the
-input's partition (same key, so per-symbol order holds down the chain), offsets committed by the agent itself
-after the outputs are acknowledged (see `commit_handled`).
+"""The shape shared by the decision-chain agents after features (predict, policy, risk): micro-batches
+(`take_events`) of one or more input topics, Avro decoding with dead letters (each topic's schema from the
+catalog), one call per batch, outputs sent to the input's partition (same key, so per-symbol order holds down the
+chain), offsets committed by the agent itself after the outputs are acknowledged (see `commit_handled`).
 
-Stateless between records, so at-least-once is enough: a replayed input gives the same output with the same
-deterministic event_id, which the archive deduplicates on."""
+Predict and policy are stateless between records, so at-least-once is enough: a replayed input gives the same
+output with the same deterministic event_id, which the archive deduplicates on. An agent with state (risk) saves it
+in `save`, after the outputs are acknowledged and before the offsets may be committed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from schemas.catalog import topic
 from schemas.codec import DecodeError, dead_letter_record, default_codec
 from streams import metrics
 
@@ -51,27 +53,25 @@ def send_dead_letter(topic: Any, codec: Any, msg: Any, exc: DecodeError) -> Any:
 
 
 class BatchAgent:
-    """Subclasses say their topics and schemas and implement `handle`: decoded records (with their partition and
-    key) → output records, in any number."""
+    """Subclasses name their topics and implement `handle`: decoded records (topic, partition, key, record) →
+    output records (topic, partition or None, key, record), in any number."""
 
     name: str
-    input_topic: str
-    input_schema: str  # schema file stem
-    output_topic: str
-    output_schema: str
+    input_topics: tuple[str, ...]
+    output_topics: tuple[str, ...]
 
     def __init__(self, app: faust.App) -> None:
         self.app = app
         self.codec = default_codec()
-        self.input_name = self.codec.full_name(self.input_schema)
+        self.input_names = {t: self.codec.full_name(topic(t).schema) for t in self.input_topics}
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.output = app.topic(self.output_topic, **raw)
+        self.outputs = {t: (app.topic(t, **raw), topic(t).schema) for t in self.output_topics}
         self.dead_letters = app.topic("deadletter", **raw)
         self.processed: dict[TP, int] = {}
         self.last_commit = 0.0
         self.committed: dict[TP, int] = {}
         self.lock = asyncio.Lock()  # batches and the commit timer take turns
-        app.agent(app.topic(self.input_topic, **raw), name=self.name)(self.run)
+        app.agent(app.topic(*self.input_topics, **raw), name=self.name)(self.run)
         app.timer(COMMIT_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
 
@@ -98,28 +98,38 @@ class BatchAgent:
 
     async def batch(self, events: list[faust.EventT]) -> None:
         pending: list[Any] = []
-        inputs: list[tuple[int, bytes, dict]] = []
+        inputs: list[tuple[str, int, bytes, dict]] = []
         offsets: dict[TP, int] = {}
         for event in events:
             msg = event.message
             offsets[msg.tp] = msg.offset
             try:
                 name, record = self.codec.decode(msg.value)
-                if name != self.input_name:
-                    raise DecodeError("wrong_schema", f"{name} on a topic of {self.input_name}")
+                if name != self.input_names[msg.topic]:
+                    raise DecodeError("wrong_schema", f"{name} on a topic of {self.input_names[msg.topic]}")
             except DecodeError as exc:
                 pending.append(send_dead_letter(self.dead_letters, self.codec, msg, exc))
                 continue
-            inputs.append((msg.partition, msg.key, record))
+            inputs.append((msg.topic, msg.partition, msg.key, record))
         if inputs:
-            send, encode, stem = self.output.send_soon, self.codec.encode, self.output_schema
-            pending.extend(send(key=key, value=encode(stem, out), partition=partition)
-                           for partition, key, out in await self.handle(inputs))
+            pending.extend(self.send(await self.handle(inputs)))
         if pending:
             await asyncio.gather(*pending)
+        self.save()
         self.processed.update(offsets)  # only once the outputs are acknowledged: a cancelled batch is not committed
         if time.monotonic() - self.last_commit >= COMMIT_SECONDS:
             await self._commit()
 
-    async def handle(self, inputs: list[tuple[int, bytes, dict]]) -> list[tuple[int, bytes, dict]]:
+    def send(self, outputs: list[tuple[str, int | None, bytes, dict]]) -> list[Any]:
+        """Encode and send; the delivery futures."""
+        futures = []
+        for name, partition, key, record in outputs:
+            out, schema = self.outputs[name]
+            futures.append(out.send_soon(key=key, value=self.codec.encode(schema, record), partition=partition))
+        return futures
+
+    def save(self) -> None:
+        """State to write once the batch's outputs are acknowledged (none for a stateless agent)."""
+
+    async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         raise NotImplementedError

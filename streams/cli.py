@@ -615,6 +615,100 @@ def backfill(
     out.print(table)
 
 
+trading_app = typer.Typer(help="Trading state: start (RUNNING), stop (REDUCE_ONLY), kill (flatten and HALT), status.",
+                          no_args_is_help=True)
+app.add_typer(trading_app, name="trading")
+
+
+class TradingCommand(StrEnum):
+    start = "start"
+    stop = "stop"
+    kill = "kill"
+
+
+def _worker_api(settings: Settings) -> str:
+    """The control API of the worker: PERPFLOW_CONTROL_URL, else the newest local worker's (run/worker-*.json)."""
+    if settings.control_url:
+        return settings.control_url.rstrip("/")
+    infos = sorted(settings.run_dir.glob("worker-*.json"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(infos):
+        try:
+            return json.loads(path.read_text())["api_url"]
+        except (OSError, ValueError, KeyError):
+            continue
+    raise PerpflowError(f"no running worker for {settings.home_dir}: start `perpflow up` (or set "
+                        "PERPFLOW_CONTROL_URL to a worker's control API)")
+
+
+def _call(url: str, token: str = "", body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise PerpflowError(f"{url}: {exc.code} {json.loads(exc.read() or b'{}').get('error', exc.reason)}") from None
+    except OSError as exc:
+        raise PerpflowError(f"cannot reach the worker's control API at {url} ({exc})") from None
+
+
+@trading_app.command("status")
+def trading_status() -> None:
+    """Trading state, account, positions and the newest verdict per symbol, from the running worker."""
+    settings = _settings()
+    s = _call(_worker_api(settings) + "/status")
+    out.print(f"trading [bold]{s.get('trading_state', '?')}[/bold] {s.get('reason') or ''}")
+    out.print(f"equity {s.get('equity', 0):,.2f} USDT · drawdown {s.get('drawdown', 0):.2%} · "
+              f"today {s.get('daily_pnl', 0):+.2%} · margin used {s.get('margin_used', 0):,.2f}")
+    out.print("models: " + (", ".join(f"{k} {v}" for k, v in sorted(s.get("models", {}).items())) or "none"))
+    out.print("lag: " + ", ".join(f"{k} {v:,}" for k, v in sorted(s.get("lag", {}).items())))
+    table = Table(title="positions")
+    for col in ("symbol", "side", "status", "quantity", "entry", "leverage", "liq distance (ATR)", "closing"):
+        table.add_column(col)
+    for symbol, p in sorted(s.get("positions", {}).items()):
+        distance = p.get("liq_distance_atr")
+        table.add_row(symbol, p["side"], p["status"], f"{p['quantity']:g}", f"{p['entry']:g}", str(p["leverage"]),
+                      "–" if distance is None else f"{distance:.1f}", p.get("closing") or "")
+    out.print(table)
+    latest = Table(title="newest verdict per symbol")
+    for col in ("symbol", "bar", "decision", "verdict", "violations"):
+        latest.add_column(col)
+    for symbol, v in sorted(s.get("latest", {}).items()):
+        latest.add_row(symbol, _day(v["open_time"], "%Y-%m-%d %H:%M"), v["decision"], v["verdict"],
+                       ", ".join(v["violations"]))
+    out.print(latest)
+
+
+def _trading(command: TradingCommand, reason: str | None) -> None:
+    from streams.control import control_token
+
+    settings = _settings()
+    answer = _call(f"{_worker_api(settings)}/trading/{command.value}", control_token(settings),
+                   {"reason": reason or command.value, "actor": "cli"})
+    accepted = answer["accepted"]
+    out.print(f"trading → {accepted['state']}{' (flattening every position)' if accepted['flatten'] else ''}: "
+              f"published on `control` as {answer['event_id']}")
+
+
+@trading_app.command("start")
+def trading_start(reason: str = typer.Option(None, help="Why, for the record.")) -> None:
+    """RUNNING: entries allowed again."""
+    _trading(TradingCommand.start, reason)
+
+
+@trading_app.command("stop")
+def trading_stop(reason: str = typer.Option(None, help="Why, for the record.")) -> None:
+    """REDUCE_ONLY: no new entries; open positions keep their stop-loss and take-profit."""
+    _trading(TradingCommand.stop, reason)
+
+
+@trading_app.command("kill")
+def trading_kill(reason: str = typer.Option(None, help="Why, for the record.")) -> None:
+    """Flatten every position at market and HALT."""
+    _trading(TradingCommand.kill, reason)
+
+
 @app.command()
 def worker() -> None:
     """Run one Faust worker (the decision-chain agents) against PERPFLOW_KAFKA_BOOTSTRAP or the broker of

@@ -1,18 +1,28 @@
-"""Writing the control plane: one record on the compacted `control` topic, keyed by its entity (e.g. model:long),
-so the latest record per entity is the current state. Published synchronously: the caller learns whether the
-broker has it."""
+"""The control plane's topic: one record on the compacted `control` topic per change, keyed by its entity
+(model:long, trading), so the latest record per entity is the current state. `publish` writes synchronously (the
+caller learns whether the broker has it); `ControlReader` reads every record, from the beginning, without a group:
+every worker needs every command, whatever partitions it owns."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import secrets
+import time
+from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from schemas import event_ids
 from schemas.catalog import topic
-from schemas.codec import default_codec
-from streams.broker import ensure_topics, producer_config
+from schemas.codec import DecodeError, default_codec
+from streams.broker import consumer_config, ensure_topics, producer_config
 from streams.errors import PerpflowError
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+CATCH_UP_SECONDS = 30.0
 
 
 def publish(bootstrap: str, entity: str, kind: str, value: dict, actor: str, event_time_ms: int,
@@ -30,3 +40,69 @@ def publish(bootstrap: str, entity: str, kind: str, value: dict, actor: str, eve
         raise PerpflowError(f"the `control` topic at {bootstrap} did not take the {kind} record "
                             f"({'; '.join(errors) or 'timed out'})")
     return record
+
+
+def control_token(settings: Settings) -> str:
+    """The bearer token of the state-changing HTTP routes: PERPFLOW_CONTROL_TOKEN, else one made for this home and
+    kept in run/control-token (mode 0600), where `perpflow trading ...` on the same machine finds it."""
+    if settings.control_token.get_secret_value():
+        return settings.control_token.get_secret_value()
+    path = settings.run_dir / "control-token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # made meanwhile by the other process of this home
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+class ControlReader:
+    """Every record on `control`, in order: `catch_up` to its end, then `poll` for new ones."""
+
+    def __init__(self, bootstrap: str, group: str) -> None:
+        self.name = topic("control").name
+        self.consumer = Consumer(consumer_config(bootstrap, group,
+                                                 **{"enable.partition.eof": True}))
+        meta = self.consumer.list_topics(self.name, timeout=10).topics.get(self.name)
+        partitions = sorted(meta.partitions) if meta and meta.partitions else [0]
+        self.consumer.assign([TopicPartition(self.name, p, OFFSET_BEGINNING) for p in partitions])
+        self.partitions = set(partitions)
+
+    def catch_up(self, timeout: float = CATCH_UP_SECONDS) -> list[dict]:
+        """Every record up to the end of `control` (librdkafka's end-of-partition comes from Fetch's
+        high-watermark, which Tansu gets right)."""
+        found: list[dict] = []
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while at_end != self.partitions and time.monotonic() < deadline:
+            msg = self.consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition())
+                continue
+            self._take(msg, found)
+        return found
+
+    def poll(self) -> list[dict]:
+        found: list[dict] = []
+        for msg in self.consumer.consume(100, timeout=0):
+            if not msg.error():
+                self._take(msg, found)
+        return found
+
+    @staticmethod
+    def _take(msg: Any, found: list[dict]) -> None:
+        try:
+            _, record = default_codec().decode(msg.value())
+        except DecodeError as exc:
+            log.warning("unreadable control record at offset %d: %s", msg.offset(), exc)
+            return
+        found.append(record)
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -6,23 +6,32 @@
 - POST /sql      a read-only query against the store this process owns (body: JSON
                  {"query": ..., "format": "table|tsv|csv"}) — how `perpflow sql` reaches an embedded
                  chDB store while `perpflow up` holds it
+- whatever `routes` a process adds: the worker's trading views and commands (streams/risk/views.py), `up`'s
+  model promotion. A route that changes state (POST) needs `Authorization: Bearer <token>` when a token is set.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams.errors import PerpflowError
 
+# (method, path prefix) → handler(path, JSON body or None) → (HTTP status, JSON-able answer)
+Route = Callable[[str, dict | None], tuple[int, object]]
+
 
 class ControlApi:
-    def __init__(self, host: str, port: int, store=None, health=None):
+    def __init__(self, host: str, port: int, store=None, health=None,
+                 routes: dict[tuple[str, str], Route] | None = None, token: str = ""):
         api = self
+        self.routes, self.token = routes or {}, token
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # quiet: requests are not news
@@ -35,7 +44,30 @@ class ControlApi:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _route(self, method: str) -> bool:
+                """A registered route answers; False when none matches."""
+                for (m, prefix), handler in api.routes.items():
+                    if m != method or not (self.path == prefix or self.path.startswith(prefix.rstrip("/") + "/")):
+                        continue
+                    if method == "POST" and api.token and not hmac.compare_digest(
+                            self.headers.get("Authorization", ""), f"Bearer {api.token}"):
+                        self._send(401, b'{"error":"a bearer token is required (Authorization: Bearer ...)"}')
+                        return True
+                    try:
+                        length = int(self.headers.get("Content-Length", 0))
+                        body = json.loads(self.rfile.read(length)) if length else None
+                        code, answer = handler(self.path, body)
+                    except PerpflowError as exc:
+                        code, answer = 400, {"error": str(exc)}
+                    except Exception as exc:
+                        code, answer = 500, {"error": f"{type(exc).__name__}: {exc}"}
+                    self._send(code, json.dumps(answer, default=str).encode())
+                    return True
+                return False
+
             def do_GET(self):
+                if self._route("GET"):
+                    return
                 if self.path == "/metrics":
                     self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
                 elif self.path == "/health":
@@ -49,6 +81,8 @@ class ControlApi:
                     self._send(404, b'{"error":"not found"}')
 
             def do_POST(self):
+                if self._route("POST"):
+                    return
                 if self.path != "/sql" or api.store is None:
                     self._send(404, b'{"error":"not found"}')
                     return

@@ -51,20 +51,24 @@ WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes re
 # "perpflow_x" is "perpflow_x_total", a Histogram's is "perpflow_x_bucket") and removes it from this list;
 # tests/test_observability.py fails while a listed name is exported, or an unlisted queried one is not.
 DECISION_CHAIN_METRICS: dict[str, str] = {
-    # risk and account state
-    "perpflow_trading_state": "gauge {state}: 1 for the current state (RUNNING, REDUCE_ONLY, HALTED), else 0",
-    "perpflow_account_equity_usdt": "gauge: account equity",
-    "perpflow_account_drawdown_ratio": "gauge: 1 - equity / peak equity",
-    "perpflow_daily_pnl_ratio": "gauge: today's (UTC) PnL / equity at the day's start; a loss is negative",
-    "perpflow_daily_loss_limit_ratio": "gauge: the daily-loss limit that halts trading (0.02 = 2 %)",
-    "perpflow_position_liq_distance_atr": "gauge {symbol, side}: distance to the estimated liquidation, in ATRs",
-    # decisions
-    "perpflow_risk_verdicts_total": "counter {verdict, reason}: verdicts; a rejection counts once per violated rule",
-    "perpflow_e2e_latency_seconds_bucket": "histogram perpflow_e2e_latency_seconds: kline publication to order",
     # models
     "perpflow_model_age_seconds": "gauge {side}: age of the promoted model's training data end",
     "perpflow_model_calibration_error": "gauge {side}: |mean predicted P(TP) - realized TP rate|, recent labels",
 }
+
+# decision chain: the risk agent (streams/risk): account, trading state, verdicts
+TRADING_STATE = Gauge("perpflow_trading_state", "1 for the current trading state (RUNNING, REDUCE_ONLY, HALTED)",
+                      ["state"])
+ACCOUNT_EQUITY = Gauge("perpflow_account_equity_usdt", "Account equity: wallet balance + unrealized PnL, USDT")
+ACCOUNT_DRAWDOWN = Gauge("perpflow_account_drawdown_ratio", "1 - equity / peak equity")
+DAILY_PNL = Gauge("perpflow_daily_pnl_ratio", "Today's (UTC) PnL / equity at the day's start; a loss is negative")
+DAILY_LOSS_LIMIT = Gauge("perpflow_daily_loss_limit_ratio", "The daily loss that halts trading (0.02 = 2 %)")
+LIQ_DISTANCE = Gauge("perpflow_position_liq_distance_atr", "Distance of an open position to its liquidation, in ATRs",
+                     ["symbol", "side"])
+RISK_VERDICTS = Counter("perpflow_risk_verdicts", "Verdicts; a rejection counts once per violated rule",
+                        ["verdict", "reason"])
+E2E_LATENCY = Histogram("perpflow_e2e_latency_seconds", "Live bars: the bar's close to its verdict (and order)",
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 # decision chain: predict and policy agents (streams/predict, streams/policy)
 SIGNALS = Counter("perpflow_signals", "Signals by decision (LONG / SHORT / FLAT)", ["decision"])

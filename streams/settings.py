@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     """Port of the /metrics + control API server of `perpflow up`; 0 = any free port."""
     worker_metrics_port: int = 9465
     """Port of the /metrics server of a `perpflow worker`; 0 = any free port."""
+    control_token: SecretStr = SecretStr("")
+    """Bearer token of the HTTP routes that change state (trading start/stop/kill, promote); empty = one is made
+    per home in run/control-token."""
+    control_url: str = ""
+    """Base URL of the worker's control API for `perpflow trading ...`; empty = the local worker's."""
     run_worker: bool = True
     """Whether `perpflow up` starts a Faust worker (off when workers run as their own deployment)."""
     log_level: str = "INFO"
@@ -77,6 +82,28 @@ class Settings(BaseSettings):
     """Taker fee per fill (entry and exit), as the label spec's."""
     slippage: float = 0.0015
     """Slippage per fill (entry and exit), as the label spec's."""
+
+    # -- the risk guard (streams/risk): every rule's threshold; defaults from the seeds
+    risk_max_margin_usage: float = 0.70
+    """Isolated margin in use (the new entry's included) / equity above this rejects an entry."""
+    risk_daily_loss: float = 0.02
+    """Today's (UTC) loss ≥ this share of the day's starting equity: flatten everything and HALT."""
+    risk_max_drawdown: float = 0.15
+    """Drawdown from peak equity ≥ this: flatten everything and HALT."""
+    risk_min_liq_distance_atr: float = 2.0
+    """An entry needs its liquidation this many ATRs away; an open position closer than this is force-closed."""
+    risk_max_funding_rate: float = 0.01
+    """A funding rate beyond this, against the entry's side, rejects it."""
+    risk_max_symbol_exposure: float = 0.20
+    """Isolated margin on one symbol / equity above this rejects an entry (an isolated position loses at most it)."""
+    risk_fat_finger_multiple: float = 10.0
+    """An entry's notional above this many times the average approved notional rejects it."""
+    risk_max_orders_per_minute: int = 10
+    """Orders in a minute (event time) at which entries cool down for a minute."""
+    risk_stale_seconds: float = 30.0
+    """Live bars older than this (wall clock) are stale: their entries are rejected."""
+    risk_allow_pyramiding: bool = False
+    """Whether a second entry may add to a symbol's open position."""
 
     # -- the paper exchange (connectors/paper): the fill and cost model of paper trading
     paper_taker_fee: float = 0.0004

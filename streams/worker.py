@@ -21,21 +21,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from streams import metrics
 from streams.app import create_app
 from streams.broker import die_with_parent
+from streams.control import control_token
 from streams.control_api import ControlApi
 from streams.settings import Settings
 
-AGENT_MODULES: list[str] = ["streams.features.agent", "streams.predict.agent", "streams.policy.agent"]
+AGENT_MODULES: list[str] = ["streams.features.agent", "streams.predict.agent", "streams.policy.agent",
+                             "streams.risk.agent"]
 log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, bootstrap: str) -> None:
     app = create_app(bootstrap, datadir=str(settings.run_dir / 'faust'))
-    for module in AGENT_MODULES:
-        importlib.import_module(module).register(app, settings)
-    api = ControlApi(settings.metrics_host, settings.worker_metrics_port).start()
+    agents = {module: importlib.import_module(module).register(app, settings) for module in AGENT_MODULES}
+    routes = {}
+    if "streams.risk.agent" in agents:  # the trading views and commands (GET /status, POST /trading/kill, ...)
+        from streams.risk.views import routes as trading_routes
+
+        routes = trading_routes(agents["streams.risk.agent"], bootstrap, agents.get("streams.predict.agent"))
+    api = ControlApi(settings.metrics_host, settings.worker_metrics_port, routes=routes,
+                     token=control_token(settings)).start()
     info = _info_path(settings.run_dir, os.getpid())
     info.parent.mkdir(parents=True, exist_ok=True)
-    info.write_text(json.dumps({"pid": os.getpid(), "metrics_url": api.url + "/metrics"}))
+    info.write_text(json.dumps({"pid": os.getpid(), "metrics_url": api.url + "/metrics", "api_url": api.url}))
     try:
         worker = faust.Worker(app, loglevel=settings.log_level.lower(), redirect_stdouts=False, quiet=True)
         worker.execute_from_commandline()

@@ -124,7 +124,7 @@ class PaperExchange:
         self.state.seen.append(intent)
         self.state.pending.setdefault(order["symbol"], []).append(
             {k: order.get(k) for k in ("event_time", "symbol", "action", "side", "quantity", "stop_loss",
-                                       "take_profit")} | {"intent_id": intent})
+                                       "take_profit", "leverage")} | {"intent_id": intent})
         return []
 
     def funding(self, rec: dict) -> list[dict]:
@@ -177,7 +177,8 @@ class PaperExchange:
         sign = 1 if side == "BUY" else -1
         notional = qty * price
         fee = notional * self.config.taker_fee
-        pos = Position(sign * qty, price, notional / self.config.leverage, intent["intent_id"],
+        leverage = intent.get("leverage") or self.config.leverage  # the order's, else the configured one
+        pos = Position(sign * qty, price, notional / leverage, intent["intent_id"],
                        intent["stop_loss"], intent["take_profit"])
         self.state.positions[symbol] = pos
         self.state.balance -= fee

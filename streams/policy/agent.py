@@ -63,7 +63,8 @@ class Policy:
                 "model_id_long": p["model_id_long"], "model_id_short": p["model_id_short"],
                 "ev_long": float(evs["long"]["ev"][i]), "ev_short": float(evs["short"]["ev"][i]),
                 "p_win_long": float(pwin["long"][i]), "p_win_short": float(pwin["short"][i]),
-                "confidence": float(pwin[side][i]), "atr_14": p["atr_14"], "funding_rate": p["funding_rate"],
+                "confidence": float(pwin[side][i]), "close": p["close"], "atr_14": p["atr_14"],
+                "funding_rate": p["funding_rate"],
                 "decision": ev.FLAT, "side": None, "flat_reason": "", "entry_price": None, "stop_loss": None,
                 "take_profit": None, "quantity": None, "notional": None, "leverage": None, "liq_price": None,
                 "liq_distance_atr": None,
@@ -111,16 +112,15 @@ class Policy:
 
 class PolicyAgent(BatchAgent):
     name = "policy"
-    input_topic, input_schema = "predictions", "prediction"
-    output_topic, output_schema = "signals", "signal"
+    input_topics, output_topics = ("predictions",), ("signals",)
 
     def __init__(self, app: Any, settings: Settings) -> None:
         super().__init__(app)
         self.policy = Policy(settings)
 
-    async def handle(self, inputs: list[tuple[int, bytes, dict]]) -> list[tuple[int, bytes, dict]]:
-        signals = self.policy.signals([r for _, _, r in inputs])
-        return [(p, k, s) for (p, k, _), s in zip(inputs, signals, strict=True)]
+    async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
+        signals = self.policy.signals([r for _, _, _, r in inputs])
+        return [("signals", p, k, s) for (_, p, k, _), s in zip(inputs, signals, strict=True)]
 
 
 def register(app: Any, settings: Settings) -> PolicyAgent:

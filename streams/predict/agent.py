@@ -19,19 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from schemas import event_ids
-from schemas.catalog import topic
-from schemas.codec import DecodeError, default_codec
 from streams import metrics
 from streams.batch_agent import BatchAgent
-from streams.broker import consumer_config
+from streams.control import ControlReader
 from streams.features.registry import SCHEMA_VERSION
 from streams.settings import Settings
 from training.artifact import Predictor
@@ -41,64 +37,21 @@ log = logging.getLogger(__name__)
 SIDES = ("long", "short")
 TOP_FEATURES = 5
 CONTROL_POLL_SECONDS = 1.0
-CATCH_UP_SECONDS = 30.0
 
 
-class ControlReader:
-    """The model promotions on `control`: the newest record per side."""
-
-    def __init__(self, bootstrap: str) -> None:
-        self.name = topic("control").name
-        self.consumer = Consumer(consumer_config(bootstrap, "perpflow-predict-control",
-                                                 **{"enable.partition.eof": True}))
-        meta = self.consumer.list_topics(self.name, timeout=10).topics.get(self.name)
-        partitions = sorted(meta.partitions) if meta and meta.partitions else [0]
-        self.consumer.assign([TopicPartition(self.name, p, OFFSET_BEGINNING) for p in partitions])
-        self.partitions = set(partitions)
-
-    def catch_up(self, timeout: float = CATCH_UP_SECONDS) -> dict[str, dict]:
-        """Every promotion up to the end of `control` (librdkafka's end-of-partition comes from Fetch's
-        high-watermark, which Tansu gets right)."""
-        found: dict[str, dict] = {}
-        at_end: set[int] = set()
-        deadline = time.monotonic() + timeout
-        while at_end != self.partitions and time.monotonic() < deadline:
-            msg = self.consumer.poll(0.5)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(msg.partition())
-                continue
-            self._take(msg, found)
-        return found
-
-    def poll(self) -> dict[str, dict]:
-        found: dict[str, dict] = {}
-        for msg in self.consumer.consume(100, timeout=0):
-            if not msg.error():
-                self._take(msg, found)
-        return found
-
-    @staticmethod
-    def _take(msg: Any, found: dict[str, dict]) -> None:
-        try:
-            _, record = default_codec().decode(msg.value())
-        except DecodeError as exc:
-            log.warning("unreadable control record at offset %d: %s", msg.offset(), exc)
-            return
+def promotions(records: list[dict]) -> dict[str, dict]:
+    """The newest model promotion per side among `control` records."""
+    found: dict[str, dict] = {}
+    for record in records:
         if record["kind"] == "model_promoted" and record["entity"].startswith("model:"):
             value = json.loads(record["value"])
             found[value["side"]] = value
-
-    def close(self) -> None:
-        self.consumer.close()
+    return found
 
 
 class PredictAgent(BatchAgent):
     name = "predict"
-    input_topic, input_schema = "features", "features"
-    output_topic, output_schema = "predictions", "prediction"
+    input_topics, output_topics = ("features",), ("predictions",)
 
     def __init__(self, app: Any, settings: Settings) -> None:
         super().__init__(app)
@@ -143,16 +96,16 @@ class PredictAgent(BatchAgent):
 
     async def poll_control(self) -> None:
         if self.control is not None:
-            promotions = self.control.poll()
-            if promotions:
+            found = promotions(self.control.poll())
+            if found:
                 async with self.lock:
-                    self._apply(promotions)
+                    self._apply(found)
 
-    async def handle(self, inputs: list[tuple[int, bytes, dict]]) -> list[tuple[int, bytes, dict]]:
+    async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         if self.control is None:
-            self.control = ControlReader(self.bootstrap)
-            self._apply(await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up))
-        ready = [(p, k, r) for p, k, r in inputs if r["ready"]]
+            self.control = ControlReader(self.bootstrap, "perpflow-predict-control")
+            self._apply(promotions(await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)))
+        ready = [(p, k, r) for _, p, k, r in inputs if r["ready"]]
         if len(ready) < len(inputs):
             metrics.PREDICT_SKIPPED.labels("not_ready").inc(len(inputs) - len(ready))
         if not ready:
@@ -166,7 +119,7 @@ class PredictAgent(BatchAgent):
             self._predict_side(side, records, out)
         for r in out:
             metrics.PREDICTIONS.labels(r["symbol"]).inc()
-        return [(p, k, o) for (p, k, _), o in zip(ready, out, strict=True)]
+        return [("predictions", p, k, o) for (p, k, _), o in zip(ready, out, strict=True)]
 
     def _base(self, r: dict) -> dict:
         spec = self.models["long"][1].doc["label_spec"]

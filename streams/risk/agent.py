@@ -1,0 +1,205 @@
+"""The risk agent: `signals` (+ `user.events`, the connectors' `risk.events`, operator commands on `control`) →
+exactly one `risk.verdicts` record per signal, `orders` for approved entries and forced closes, the guard's own
+`risk.events`, and its trading-state changes on `control`. The rules are `streams.risk.guard`; this is the wiring.
+
+State: the guard's whole book (account, positions, trading state) is saved after every batch whose outputs are
+acknowledged, in the `risk-state` table (changelog topic), under the key of the batch's last partition with a
+sequence number; a restarted worker takes the newest snapshot of its table, then reads `control` to its end and
+applies the operator commands newer than the book's. The account is one book per worker: the embedded default
+runs one worker, which owns every partition (with several workers, each guards the symbols it owns and sees the
+account through their events; run the risk agent on one worker when account-wide limits must be exact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import faust
+
+from schemas import event_ids
+from schemas.catalog import SYMBOL_PARTITIONS
+from streams import metrics
+from streams.batch_agent import BatchAgent
+from streams.control import ControlReader
+from streams.risk.guard import STATES, TRADING_ENTITY, Book, Limits, RiskGuard
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATE_TABLE = "risk-state"
+CONTROL_POLL_SECONDS = 0.5
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_margin_usage=settings.risk_max_margin_usage, daily_loss=settings.risk_daily_loss,
+        max_drawdown=settings.risk_max_drawdown, min_liq_distance_atr=settings.risk_min_liq_distance_atr,
+        max_funding_rate=settings.risk_max_funding_rate, max_symbol_exposure=settings.risk_max_symbol_exposure,
+        fat_finger_multiple=settings.risk_fat_finger_multiple,
+        max_orders_per_minute=settings.risk_max_orders_per_minute,
+        live_stale_ms=int(settings.risk_stale_seconds * 1000), allow_pyramiding=settings.risk_allow_pyramiding,
+        initial_equity=settings.paper_balance)
+
+
+class RiskAgent(BatchAgent):
+    name = "risk"
+    input_topics = ("signals", "user.events", "risk.events")
+    output_topics = ("risk.verdicts", "orders", "risk.events", "control")
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        super().__init__(app)
+        self.bootstrap = settings.kafka_bootstrap or app.conf.broker[0].netloc
+        self.limits = limits_from(settings)
+        self.guard = RiskGuard(self.limits)
+        self.table = app.Table(STATE_TABLE, partitions=SYMBOL_PARTITIONS, key_type=bytes, value_type=bytes,
+                               on_recover=self._on_recovered)
+        self.seq = 0
+        self.dirty: int | None = None  # the partition to save the book under after this batch
+        self.restore = True
+        self.control: ControlReader | None = None
+        self.liq_shown: set[tuple[str, str]] = set()
+        self.latest: dict[str, dict] = {}  # symbol → its newest verdict, for GET /signals/latest
+        self.snapshot: dict = {}  # what the control API shows; replaced whole, read from the API's threads
+        for state in STATES:
+            metrics.TRADING_STATE.labels(state)
+        for verdict, reason in (("approved", "flat"), ("approved", "entry")):
+            metrics.RISK_VERDICTS.labels(verdict, reason)  # series from the start, not from the first verdict
+        self._export()
+        metrics.DAILY_LOSS_LIMIT.set(self.limits.daily_loss)
+        app.timer(CONTROL_POLL_SECONDS)(self.poll_control)
+
+    async def _on_recovered(self) -> None:
+        self.restore = True
+
+    def _restore(self) -> None:
+        """The newest book in the table (its snapshots carry a sequence number)."""
+        self.restore = False
+        newest: dict | None = None
+        for blob in self.table.data.values():
+            snap = json.loads(blob)
+            if newest is None or snap["seq"] > newest["seq"]:
+                newest = snap
+        if newest is not None and newest["seq"] > self.seq:
+            self.seq = newest["seq"]
+            self.guard = RiskGuard(self.limits, Book.loads(newest["book"]))
+            log.info("risk: book restored (trading %s, %d positions)", self.guard.book.state,
+                     len(self.guard.book.positions))
+
+    async def _ready(self) -> None:
+        if self.restore:
+            self._restore()
+        if self.control is None:
+            self.control = ControlReader(self.bootstrap, "perpflow-risk-control")
+            records = await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)
+            self._apply_control(records)
+
+    def _apply_control(self, records: list[dict]) -> bool:
+        applied = False
+        for record in records:
+            if record["entity"] == TRADING_ENTITY and self.guard.control(record):
+                log.warning("risk: trading %s by %s (%s)", self.guard.book.state, record["actor"],
+                            self.guard.book.state_reason)
+                applied = True
+        return applied
+
+    async def poll_control(self) -> None:
+        if self.control is None or self.app.in_recovery:
+            return
+        records = self.control.poll()
+        if not records:
+            return
+        async with self.lock:
+            if self._apply_control(records):
+                await asyncio.gather(*self.send(self._outputs()))
+                self.dirty = 0 if self.dirty is None else self.dirty
+                self.save()
+                await self.app.producer.flush()
+
+    async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
+        await self._ready()
+        guard, now = self.guard, int(time.time() * 1000)
+        for name, partition, _, record in inputs:
+            if name == "signals":
+                guard.signal(record, partition, now)
+                if record["source"] in ("binance",):
+                    metrics.E2E_LATENCY.observe(max(now - record["event_time"], 0) / 1000)
+            elif name == "user.events":
+                guard.user_event(record)
+            elif record["source"] != "risk":  # risk.events: the connectors' (our own come back too)
+                guard.connector_event(record)
+            self.dirty = partition
+        return self._outputs()
+
+    def _outputs(self) -> list[tuple[str, int | None, bytes, dict]]:
+        out = self.guard.take_outputs()
+        sends: list[tuple[str, int | None, bytes, dict]] = []
+        for v in out.verdicts:
+            self.latest[v["symbol"]] = {k: v[k] for k in ("event_time", "open_time", "decision", "verdict", "action",
+                                                          "violations", "intent_id", "signal_id")}
+            sends.append(("risk.verdicts", self._partition(v["symbol"]), v["symbol"].encode(), v))
+            reason = "flat" if v["decision"] == "FLAT" else "entry"
+            for r in v["violations"] or [reason]:
+                metrics.RISK_VERDICTS.labels(v["verdict"].lower(), r).inc()
+        for partition, order in out.orders:
+            sends.append(("orders", partition, order["symbol"].encode(), order))
+            log.info("risk: %s %s %s (%s)", order["action"], order["symbol"], order["side"], order["reason"])
+        for partition, ev in out.risk_events:
+            key = (ev["symbol"] or "account").encode()
+            sends.append(("risk.events", partition if ev["symbol"] else None, key, ev))
+        now = int(time.time() * 1000)
+        for change in out.control:  # wall-clock stamped, as operators' commands: the newest is the state
+            now = max(now, self.guard.book.control_time + 1)
+            self.guard.book.control_time = now
+            sends.append(("control", 0, TRADING_ENTITY.encode(), {
+                "event_id": event_ids.control(TRADING_ENTITY, now), "event_time": now, "entity": TRADING_ENTITY,
+                "kind": "trading_state", "value": json.dumps(change, sort_keys=True), "actor": "risk"}))
+        self._export()
+        return sends
+
+    def _partition(self, symbol: str) -> int | None:
+        mark = self.guard.book.marks.get(symbol)
+        return mark.partition if mark else None
+
+    def save(self) -> None:
+        if self.dirty is None:
+            return
+        self.seq += 1
+        key = f"book:{self.dirty}".encode()
+        value = json.dumps({"seq": self.seq, "book": self.guard.book.dumps()}).encode()
+        self.table.data[key] = value
+        self.table.send_changelog(self.dirty, key, value)
+        self.dirty = None
+
+    def _export(self) -> None:
+        g, b = self.guard, self.guard.book
+        for state in STATES:
+            metrics.TRADING_STATE.labels(state).set(1 if b.state == state else 0)
+        metrics.ACCOUNT_EQUITY.set(g.equity())
+        metrics.ACCOUNT_DRAWDOWN.set(g.drawdown())
+        metrics.DAILY_PNL.set(g.daily_pnl())
+        shown = set()
+        for symbol, pos in b.positions.items():
+            distance = g.liq_distance_atr(symbol)
+            if distance is not None:
+                labels = (symbol, "long" if pos.side > 0 else "short")
+                metrics.LIQ_DISTANCE.labels(*labels).set(distance)
+                shown.add(labels)
+        for labels in self.liq_shown - shown:  # a closed position has no distance
+            metrics.LIQ_DISTANCE.remove(*labels)
+        self.liq_shown = shown
+        self.snapshot = {
+            "trading_state": b.state, "reason": b.state_reason, "equity": g.equity(), "drawdown": g.drawdown(),
+            "daily_pnl": g.daily_pnl(), "margin_used": g.margin_used(), "wallet_balance": b.balance,
+            "last_bar": {s: m.event_time for s, m in b.marks.items()}, "latest": dict(self.latest),
+            "positions": {s: {"side": "LONG" if p.side > 0 else "SHORT", "status": p.status, "quantity": p.quantity,
+                              "entry": p.entry, "leverage": p.leverage, "margin": p.margin, "closing": p.closing,
+                              "liq_price": g.liq_price(s), "liq_distance_atr": g.liq_distance_atr(s)}
+                          for s, p in b.positions.items()}}
+
+
+def register(app: faust.App, settings: Settings) -> RiskAgent:
+    return RiskAgent(app, settings)

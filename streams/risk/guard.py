@@ -1,0 +1,435 @@
+"""The risk guard: the last word on every signal. Pure and deterministic — no Kafka inside; the risk agent feeds it
+`signals`, `user.events`, the connectors' `risk.events` and operator commands from `control`, in arrival order,
+and sends what it answers.
+
+What it keeps (the `Book`, saved whole in the agent's changelog-backed table):
+- the account from `user.events`: the wallet balance of the newest ACCOUNT_UPDATE, each position's quantity,
+  entry and isolated margin; unrealized PnL marked at the newest close its signals carried; peak equity; the
+  equity at the start of the UTC day (event time) for the daily loss;
+- positions from the moment an entry is approved (`pending`), not from its fill: a signal of the next bar must not
+  open a second position because the fill is still on its way;
+- the trading state RUNNING / REDUCE_ONLY / HALTED, changed by operators (`control`) and by the guard itself
+  (daily loss, drawdown, the user data stream down), and which operator command it applied last.
+
+Each signal gets exactly one verdict: APPROVED (a FLAT signal with action NONE, an entry with action OPEN and its
+order intent) or REJECTED with every rule it violates. Closing is never refused: a HALT or a liquidation-distance
+breach closes positions with reduce-only CLOSE intents whose ids are deterministic, so asking twice is one order.
+
+Times: the rules run in event time (a signal's bar close), so a replay gives the verdicts live gave; only a live
+source's staleness is measured against the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from connectors.binance.execution import client_ids
+from connectors.binance.rules import Bracket, bundled_brackets
+from schemas import event_ids
+
+RUNNING, REDUCE_ONLY, HALTED = "RUNNING", "REDUCE_ONLY", "HALTED"
+STATES = (RUNNING, REDUCE_ONLY, HALTED)
+APPROVED, REJECTED = "APPROVED", "REJECTED"
+DAY_MS = 86_400_000
+KEEP_VERDICTS = 16  # per symbol: a signal delivered again after a crash gets the verdict it got the first time
+LIVE_SOURCES = ("binance",)  # sources whose data must be fresh by the wall clock
+TRADING_ENTITY = "trading"  # the `control` entity of the trading state
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The rules' thresholds (settings `risk_*`; defaults from the seeds)."""
+
+    max_margin_usage: float = 0.70
+    daily_loss: float = 0.02  # today's loss ≥ 2 % of the day's starting equity → flatten and HALT
+    max_drawdown: float = 0.15  # 1 − equity / peak ≥ 15 % → flatten and HALT
+    min_liq_distance_atr: float = 2.0  # before entry, and the running monitor
+    max_funding_rate: float = 0.01  # |rate| above this, against the side, rejects
+    max_symbol_exposure: float = 0.20  # isolated margin on one symbol / equity: what an isolated position can lose
+    fat_finger_multiple: float = 10.0  # notional > this × the average approved notional rejects
+    fat_finger_min_samples: int = 5
+    max_orders_per_minute: int = 10
+    cooldown_ms: int = 60_000
+    max_bar_lag_ms: int = 600_000  # a signal this far behind the newest bar seen is stale data
+    live_stale_ms: int = 30_000  # live sources: wall clock − the signal's bar close
+    allow_pyramiding: bool = False
+    initial_equity: float = 10_000.0  # until the first ACCOUNT_UPDATE says otherwise
+
+
+@dataclass
+class Position:
+    intent_id: str
+    side: int  # +1 long, −1 short
+    quantity: float
+    entry: float
+    leverage: int
+    margin: float  # isolated margin
+    status: str = "pending"  # pending (approved, not filled) → open
+    closing: str = ""  # the reason a CLOSE was asked for ("" = none)
+    partition: int = 0
+
+
+@dataclass
+class Mark:
+    close: float
+    atr: float | None
+    event_time: int
+    partition: int
+
+
+@dataclass
+class Book:
+    state: str = RUNNING
+    state_reason: str = ""
+    control_time: int = 0  # event_time of the last `control` record applied
+    balance: float | None = None
+    balance_time: int = 0
+    peak_equity: float = 0.0
+    day: int = -1
+    day_start_equity: float = 0.0
+    newest_bar: int = 0
+    positions: dict[str, Position] = field(default_factory=dict)
+    marks: dict[str, Mark] = field(default_factory=dict)
+    order_times: list[int] = field(default_factory=list)  # event times of the orders of the last minute
+    cooldown_until: int = 0
+    notional_sum: float = 0.0
+    notional_count: int = 0
+    user_stream_up: bool = True
+    recent: dict[str, list[dict]] = field(default_factory=dict)  # symbol → its newest verdicts (redeliveries)
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def loads(cls, text: str) -> Book:
+        raw = json.loads(text)
+        raw["positions"] = {s: Position(**p) for s, p in raw["positions"].items()}
+        raw["marks"] = {s: Mark(**m) for s, m in raw["marks"].items()}
+        return cls(**raw)
+
+
+@dataclass
+class Outputs:
+    verdicts: list[dict] = field(default_factory=list)
+    orders: list[tuple[int, dict]] = field(default_factory=list)  # (partition, order)
+    risk_events: list[tuple[int, dict]] = field(default_factory=list)
+    control: list[dict] = field(default_factory=list)  # trading-state records for `control`
+
+
+class RiskGuard:
+    def __init__(self, limits: Limits | None = None, book: Book | None = None,
+                 brackets: dict[str, list[Bracket]] | None = None):
+        self.limits = limits or Limits()
+        self.book = book or Book()
+        self.brackets = brackets if brackets is not None else bundled_brackets()
+        self.out = Outputs()
+
+    def take_outputs(self) -> Outputs:
+        out, self.out = self.out, Outputs()
+        return out
+
+    # -- account figures ---------------------------------------------------------------------------------------------
+    def equity(self) -> float:
+        b = self.book
+        balance = self.limits.initial_equity if b.balance is None else b.balance
+        return balance + sum(self._unrealized(s, p) for s, p in b.positions.items())
+
+    def _unrealized(self, symbol: str, pos: Position) -> float:
+        mark = self.book.marks.get(symbol)
+        if pos.status != "open" or mark is None:
+            return 0.0
+        return pos.side * pos.quantity * (mark.close - pos.entry)
+
+    def margin_used(self) -> float:
+        return sum(p.margin for p in self.book.positions.values())
+
+    def drawdown(self) -> float:
+        peak = self.book.peak_equity
+        return 1.0 - self.equity() / peak if peak > 0 else 0.0
+
+    def daily_pnl(self) -> float:
+        start = self.book.day_start_equity
+        return self.equity() / start - 1.0 if start > 0 else 0.0
+
+    def liq_price(self, symbol: str) -> float | None:
+        pos = self.book.positions.get(symbol)
+        tiers = self.brackets.get(symbol)
+        if pos is None or pos.status != "open" or not tiers or pos.quantity <= 0:
+            return None
+        bracket = Bracket.for_notional(tiers, pos.quantity * pos.entry)
+        q = pos.quantity
+        return (pos.margin + bracket.cum - pos.side * q * pos.entry) / (q * bracket.mmr - pos.side * q)
+
+    def liq_distance_atr(self, symbol: str) -> float | None:
+        lp, mark = self.liq_price(symbol), self.book.marks.get(symbol)
+        if lp is None or mark is None or not mark.atr:
+            return None
+        return abs(mark.close - lp) / mark.atr
+
+    # -- inputs ------------------------------------------------------------------------------------------------------
+    def signal(self, sig: dict, partition: int, now_ms: int) -> None:
+        """One signal: mark its symbol, run the monitors, then give it its verdict."""
+        b, t, symbol = self.book, sig["event_time"], sig["symbol"]
+        again = next((v for v in b.recent.get(symbol, []) if v["signal_id"] == sig["event_id"]), None)
+        if again is not None:  # at-least-once: its effects are in the book already
+            self.out.verdicts.append(dict(again))
+            return
+        if sig.get("close") is not None:
+            b.marks[symbol] = Mark(sig["close"], sig.get("atr_14"), t, partition)
+        elif symbol in b.marks:
+            b.marks[symbol].partition = partition
+        b.newest_bar = max(b.newest_bar, t)
+        self._roll_day(t)
+        self._account_limits(t)
+        self._liq_monitor(symbol, t)
+        self._verdict(sig, partition, now_ms)
+
+    def user_event(self, ev: dict) -> None:
+        kind = ev["event_type"]
+        if kind == "ORDER_TRADE_UPDATE":
+            self._order_update(ev)
+        elif kind == "ACCOUNT_UPDATE":
+            self._account_update(ev)
+
+    def connector_event(self, ev: dict) -> None:
+        """The user data stream's health (live): down → HALT until it is back and reconciled."""
+        if ev["kind"] == "user_stream_down":
+            self.book.user_stream_up = False
+            if self.book.state != HALTED:
+                self._set_state(HALTED, "user_stream_down", ev["event_time"], flatten=False)
+        elif ev["kind"] == "user_stream_restored":
+            self.book.user_stream_up = True
+            if self.book.state == HALTED and self.book.state_reason == "user_stream_down":
+                self._set_state(RUNNING, "user_stream_restored", ev["event_time"], flatten=False)
+
+    def control(self, rec: dict) -> bool:
+        """An operator's command on `control` (entity `trading`): newer than the last one applied → applied."""
+        if rec["entity"] != TRADING_ENTITY or rec["event_time"] <= self.book.control_time:
+            return False
+        value = json.loads(rec["value"])
+        state = value.get("state")
+        if state not in STATES:
+            return False
+        self.book.control_time = rec["event_time"]
+        if rec.get("actor") == "risk":  # the guard's own record, read back: already in effect
+            return False
+        self._set_state(state, value.get("reason") or f"operator {rec.get('actor', '')}".strip(),
+                        self._event_now(), flatten=bool(value.get("flatten")), publish=False)
+        return True
+
+    # -- verdicts ----------------------------------------------------------------------------------------------------
+    def _verdict(self, sig: dict, partition: int, now_ms: int) -> None:
+        b, symbol, t = self.book, sig["symbol"], sig["event_time"]
+        verdict = {"event_id": event_ids.verdict(symbol, sig["interval"], sig["open_time"]), "event_time": t,
+                   "symbol": symbol, "source": sig["source"], "interval": sig["interval"],
+                   "open_time": sig["open_time"], "signal_id": sig["event_id"], "decision": sig["decision"],
+                   "verdict": APPROVED, "action": "NONE", "violations": [], "intent_id": None,
+                   "trading_state": b.state, "equity": self.equity(), "margin_usage": 0.0,
+                   "daily_pnl_ratio": self.daily_pnl(), "drawdown_ratio": self.drawdown(), "detail": ""}
+        if sig["decision"] == "FLAT" or sig.get("side") is None:
+            verdict["margin_usage"] = self._usage(0.0)
+            self._decided(verdict)
+            return
+        margin = (sig["notional"] or 0.0) / max(sig["leverage"] or 1, 1)
+        verdict["margin_usage"] = self._usage(margin)
+        detail = self._violations(sig, margin, now_ms)
+        if detail:
+            verdict.update(verdict=REJECTED, violations=sorted(detail), detail=json.dumps(detail, sort_keys=True))
+        else:
+            intent = event_ids.open_intent(symbol, sig["interval"], sig["open_time"])
+            side = 1 if sig["side"] == "BUY" else -1
+            b.positions[symbol] = Position(intent, side, sig["quantity"], sig["entry_price"], sig["leverage"], margin,
+                                           partition=partition)
+            b.notional_sum += sig["notional"]
+            b.notional_count += 1
+            self._order(partition, {"event_id": event_ids.order(intent), "event_time": t, "symbol": symbol,
+                                    "intent_id": intent, "action": "OPEN", "side": sig["side"],
+                                    "quantity": sig["quantity"], "stop_loss": sig["stop_loss"],
+                                    "take_profit": sig["take_profit"], "leverage": sig["leverage"],
+                                    "signal_id": sig["event_id"], "reason": "entry", "source": sig["source"]})
+            verdict.update(action="OPEN", intent_id=intent)
+        self._decided(verdict)
+
+    def _decided(self, verdict: dict) -> None:
+        recent = self.book.recent.setdefault(verdict["symbol"], [])
+        recent.append(verdict)
+        del recent[:-KEEP_VERDICTS]
+        self.out.verdicts.append(verdict)
+
+    def _usage(self, new_margin: float) -> float:
+        equity = self.equity()
+        return (self.margin_used() + new_margin) / equity if equity > 0 else float("inf")
+
+    def _violations(self, sig: dict, margin: float, now_ms: int) -> dict[str, Any]:
+        """Every rule the entry breaks, with the figures that break it."""
+        b, lim, symbol, t = self.book, self.limits, sig["symbol"], sig["event_time"]
+        v: dict[str, Any] = {}
+        if b.state == HALTED:
+            v["halted"] = b.state_reason
+        elif b.state == REDUCE_ONLY:
+            v["reduce_only"] = b.state_reason
+        if sig["source"] in LIVE_SOURCES:  # replayed data is old by definition: staleness is a live question
+            if now_ms - t > lim.live_stale_ms:
+                v["stale_data"] = {"age_ms": now_ms - t}
+            elif b.newest_bar - t > lim.max_bar_lag_ms:
+                v["stale_data"] = {"behind_newest_bar_ms": b.newest_bar - t}
+            if not b.user_stream_up:
+                v["user_stream_down"] = True
+        equity = self.equity()
+        usage = self._usage(margin)
+        if usage > lim.max_margin_usage:
+            v["margin_usage"] = {"usage": round(usage, 6), "limit": lim.max_margin_usage}
+        if -self.daily_pnl() >= lim.daily_loss:
+            v["daily_loss"] = {"daily_pnl": round(self.daily_pnl(), 6), "limit": lim.daily_loss}
+        if self.drawdown() >= lim.max_drawdown:
+            v["drawdown"] = {"drawdown": round(self.drawdown(), 6), "limit": lim.max_drawdown}
+        liq = sig.get("liq_distance_atr")
+        if liq is None or liq < lim.min_liq_distance_atr:
+            v["liq_distance"] = {"atr": liq, "limit": lim.min_liq_distance_atr}
+        rate, side = sig.get("funding_rate") or 0.0, 1 if sig["side"] == "BUY" else -1
+        if abs(rate) > lim.max_funding_rate and side * rate > 0:  # longs pay a positive rate, shorts a negative one
+            v["extreme_funding"] = {"rate": rate, "limit": lim.max_funding_rate}
+        held = b.positions.get(symbol)
+        if held is not None and not lim.allow_pyramiding:
+            v["position_open"] = held.intent_id
+        exposure = (margin + (held.margin if held is not None else 0.0)) / equity if equity > 0 else float("inf")
+        if exposure > lim.max_symbol_exposure:
+            v["symbol_exposure"] = {"exposure": round(exposure, 6), "limit": lim.max_symbol_exposure}
+        if b.notional_count >= lim.fat_finger_min_samples:
+            average = b.notional_sum / b.notional_count
+            if sig["notional"] > lim.fat_finger_multiple * average:
+                v["fat_finger"] = {"notional": sig["notional"], "average": round(average, 2)}
+        recent = [x for x in b.order_times if x > t - 60_000]
+        if t < b.cooldown_until or len(recent) >= lim.max_orders_per_minute:
+            if t >= b.cooldown_until:
+                b.cooldown_until = t + lim.cooldown_ms
+            v["order_rate"] = {"orders_last_minute": len(recent), "cooldown_until": b.cooldown_until}
+        if not sig.get("quantity") or not sig.get("entry_price") or sig.get("stop_loss") is None \
+                or sig.get("take_profit") is None:
+            v["incomplete_order"] = True  # never an entry without both protective orders
+        return v
+
+    # -- monitors ----------------------------------------------------------------------------------------------------
+    def _roll_day(self, t: int) -> None:
+        b = self.book
+        day = t // DAY_MS
+        if day != b.day:
+            b.day, b.day_start_equity = day, self.equity()
+        b.peak_equity = max(b.peak_equity, self.equity())
+
+    def _account_limits(self, t: int) -> None:
+        if self.book.state == HALTED:
+            return
+        if -self.daily_pnl() >= self.limits.daily_loss:
+            self._set_state(HALTED, "daily_loss", t, flatten=True,
+                            detail={"daily_pnl": self.daily_pnl(), "limit": self.limits.daily_loss})
+        elif self.drawdown() >= self.limits.max_drawdown:
+            self._set_state(HALTED, "drawdown", t, flatten=True,
+                            detail={"drawdown": self.drawdown(), "limit": self.limits.max_drawdown})
+
+    def _liq_monitor(self, symbol: str, t: int) -> None:
+        distance = self.liq_distance_atr(symbol)
+        pos = self.book.positions.get(symbol)
+        if distance is not None and pos is not None and distance < self.limits.min_liq_distance_atr \
+                and not pos.closing:
+            self._risk_event("liq_distance", "critical", symbol, t, pos.partition,
+                             {"distance_atr": distance, "limit": self.limits.min_liq_distance_atr,
+                              "liq_price": self.liq_price(symbol), "close": self.book.marks[symbol].close})
+            self._close(symbol, "liq_distance")
+
+    # -- state changes -----------------------------------------------------------------------------------------------
+    def _set_state(self, state: str, reason: str, t: int, flatten: bool, detail: dict | None = None,
+                   publish: bool = True) -> None:
+        b = self.book
+        previous = b.state
+        b.state, b.state_reason = state, reason
+        self._risk_event("trading_state", "critical" if state == HALTED else "info", "", t, 0,
+                         {"from": previous, "to": state, "reason": reason, "flatten": flatten, **(detail or {})})
+        if publish:  # the guard's own changes go on `control` too: operators and a restarted worker see them
+            self.out.control.append({"state": state, "reason": reason, "flatten": flatten})
+        if flatten:
+            for symbol in list(b.positions):
+                self._close(symbol, reason)
+
+    def _close(self, symbol: str, reason: str) -> None:
+        """Ask for a reduce-only close of the symbol's position; a pending entry is closed once it fills."""
+        pos = self.book.positions[symbol]
+        if pos.closing:
+            return
+        pos.closing = reason
+        if pos.status == "open":
+            self._send_close(symbol, pos)
+
+    def _send_close(self, symbol: str, pos: Position) -> None:
+        mark = self.book.marks.get(symbol)
+        intent = event_ids.close_intent(pos.intent_id, pos.closing)
+        self._order(pos.partition, {
+            "event_id": event_ids.order(intent), "event_time": mark.event_time if mark else self.book.newest_bar,
+            "symbol": symbol, "intent_id": intent, "action": "CLOSE", "side": "SELL" if pos.side > 0 else "BUY",
+            "quantity": pos.quantity, "stop_loss": None, "take_profit": None, "leverage": None,
+            "signal_id": "", "reason": pos.closing, "source": "risk"})
+
+    def _order(self, partition: int, order: dict) -> None:
+        b = self.book
+        b.order_times = [x for x in b.order_times if x > order["event_time"] - 60_000] + [order["event_time"]]
+        self.out.orders.append((partition, order))
+
+    def _risk_event(self, kind: str, severity: str, symbol: str, t: int, partition: int, detail: dict) -> None:
+        self.out.risk_events.append((partition, {
+            "event_id": event_ids.risk_event(kind, symbol, t, detail.get("to", detail.get("reason", ""))),
+            "event_time": t, "symbol": symbol, "kind": kind, "severity": severity,
+            "detail": json.dumps(detail, sort_keys=True, default=str), "source": "risk"}))
+
+    def _event_now(self) -> int:
+        return max([self.book.newest_bar] + [m.event_time for m in self.book.marks.values()])
+
+    # -- user.events -------------------------------------------------------------------------------------------------
+    def _leg(self, client_id: str | None) -> tuple[str, Position] | tuple[None, None]:
+        """Which of our positions a client order id belongs to, and as which leg."""
+        if not client_id:
+            return None, None
+        for pos in self.book.positions.values():
+            for leg, cid in client_ids(pos.intent_id).items():
+                if cid == client_id:
+                    return leg, pos
+        return None, None
+
+    def _order_update(self, ev: dict) -> None:
+        symbol = ev["symbol"]
+        pos = self.book.positions.get(symbol)
+        if pos is None:
+            return
+        leg, mine = self._leg(ev.get("client_order_id"))
+        status = ev.get("order_status")
+        if leg == "entry" and mine is pos:
+            if status == "FILLED":
+                pos.status, pos.entry = "open", ev.get("avg_price") or pos.entry
+                pos.quantity = ev.get("filled_qty") or pos.quantity
+                if pos.closing:  # a HALT or kill came while the entry was on its way
+                    self._send_close(symbol, pos)
+            elif status in ("EXPIRED", "CANCELED", "REJECTED"):
+                del self.book.positions[symbol]
+        elif status == "FILLED" and ev.get("reduce_only") and pos.status == "open":
+            del self.book.positions[symbol]  # stop-loss, take-profit, our close, or a liquidation
+
+    def _account_update(self, ev: dict) -> None:
+        b = self.book
+        for bal in ev.get("balances") or []:
+            if bal["asset"] == "USDT" and ev["event_time"] >= b.balance_time:
+                if b.balance is None:  # the configured starting equity was a guess: measure from the wallet before
+                    b.peak_equity = b.day_start_equity = bal["wallet_balance"] - bal["balance_change"]
+                b.balance, b.balance_time = bal["wallet_balance"], ev["event_time"]
+        for p in ev.get("positions") or []:
+            pos = b.positions.get(p["symbol"])
+            if pos is None or pos.status != "open":
+                continue
+            if p["position_amount"] == 0:
+                del b.positions[p["symbol"]]
+            else:
+                pos.quantity, pos.margin = abs(p["position_amount"]), p["isolated_wallet"] or pos.margin
+                pos.entry = p.get("entry_price") or pos.entry
+        b.peak_equity = max(b.peak_equity, self.equity())
+        if b.day < 0:
+            b.day = ev["event_time"] // DAY_MS

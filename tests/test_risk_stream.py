@@ -1,0 +1,164 @@
+"""The risk agent through the real broker and a real worker process, with the paper exchange answering its
+orders: signals in, exactly one verdict each, orders for approved entries, protective orders on the exchange, the
+kill switch from the CLI, and the trading state across a SIGKILL of the worker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from connectors.binance.execution import client_ids
+from connectors.binance.publish import Publisher
+from connectors.paper.connector import PaperConnector
+from schemas import event_ids, records
+from streams.broker import ensure_topics
+from streams.settings import Settings
+from streams.worker import WorkerProcess
+from tests.conftest import read_topic, run_cli
+
+pytestmark = pytest.mark.e2e
+
+T0 = 1_704_067_200_000  # 2024-01-01 00:00 UTC
+BAR = 300_000
+
+
+def signal(symbol: str, n: int, decision: str, close: float, qty: float) -> dict:
+    open_time = T0 + n * BAR
+    s = {"event_id": event_ids.signal(symbol, "5m", open_time), "event_time": open_time + BAR, "symbol": symbol,
+         "source": "replay", "interval": "5m", "open_time": open_time, "prediction_id": "", "model_id_long": "m-l",
+         "model_id_short": "m-s", "decision": decision, "side": None, "ev_long": 0.001, "ev_short": -0.001,
+         "p_win_long": 0.6, "p_win_short": 0.4, "confidence": 0.6, "entry_price": None, "stop_loss": None,
+         "take_profit": None, "quantity": None, "notional": None, "leverage": None, "liq_price": None,
+         "liq_distance_atr": None, "close": close, "atr_14": close * 0.003, "funding_rate": 0.0001,
+         "flat_reason": "thresholds" if decision == "FLAT" else "", "reasons": []}
+    if decision == "LONG":
+        s.update(side="BUY", entry_price=close, stop_loss=round(close * 0.994, 1), take_profit=round(close * 1.012, 1),
+                 quantity=qty, notional=qty * close, leverage=5, liq_price=close * 0.8, liq_distance_atr=60.0)
+    return s
+
+
+def kline(symbol: str, n: int, price: float) -> dict:
+    t = T0 + n * BAR
+    return records.kline(symbol, "5m", t, t + BAR - 1, price, price * 1.001, price * 0.999, price, 1.0, None, None,
+                         None, None, "test")
+
+
+def publish(bootstrap: str, items: list[tuple[str, dict]]) -> None:
+    pub = Publisher(bootstrap)
+    for topic, rec in items:
+        pub.publish(topic, rec)
+    assert pub.flush() == 0
+
+
+def wait(what: str, check, timeout: float = 90, worker: WorkerProcess | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        if worker is not None:
+            worker.check()
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def verdicts(bootstrap: str) -> dict[str, dict]:
+    return {v["signal_id"]: v for v in read_topic(bootstrap, "risk.verdicts")}
+
+
+def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
+    bootstrap = broker.bootstrap
+    ensure_topics(bootstrap)
+    home = tmp_path / "home"
+    settings = Settings(home=home, kafka_bootstrap=bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["BTCUSDT", "ETHUSDT"])
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    paper = PaperConnector(bootstrap, home / "paper" / "state.json")
+    paper_thread = threading.Thread(target=paper.run, daemon=True)
+    paper_thread.start()
+    worker = WorkerProcess(settings, bootstrap)
+    cli = {"PERPFLOW_KAFKA_BOOTSTRAP": bootstrap}
+    try:
+        btc = signal("BTCUSDT", 0, "LONG", 42_000.0, 0.1)
+        publish(bootstrap, [("signals", btc), ("signals", signal("ETHUSDT", 0, "FLAT", 2_300.0, 0))])
+        got = wait("two verdicts", lambda: len(verdicts(bootstrap)) == 2 and verdicts(bootstrap), worker=worker)
+        assert (got[btc["event_id"]]["verdict"], got[btc["event_id"]]["action"]) == ("APPROVED", "OPEN")
+        assert got[signal("ETHUSDT", 0, "FLAT", 0, 0)["event_id"]]["action"] == "NONE"
+        [order] = read_topic(bootstrap, "orders")
+        assert (order["intent_id"], order["action"], order["quantity"], order["leverage"]) == \
+               (event_ids.open_intent("BTCUSDT", "5m", T0), "OPEN", 0.1, 5)
+        ids = client_ids(order["intent_id"])
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 1, 42_010.0))])  # the bar the entry fills at
+
+        def protected():
+            events = read_topic(bootstrap, "user.events")
+            filled = any(e["client_order_id"] == ids["entry"] and e["order_status"] == "FILLED" for e in events)
+            legs = {e["client_order_id"] for e in events if e["event_type"] == "ALGO_UPDATE"
+                    and e["order_status"] == "NEW"}
+            return filled and {ids["sl"], ids["tp"]} <= legs
+
+        wait("the entry filled with both protective orders", protected, worker=worker)
+
+        # the same signal again (a redelivery) changes nothing: same verdict, no second order
+        publish(bootstrap, [("signals", btc), ("signals", signal("BTCUSDT", 1, "LONG", 42_010.0, 0.1))])
+        wait("three verdicts", lambda: len(read_topic(bootstrap, "risk.verdicts")) == 4, worker=worker)
+        again = [v for v in read_topic(bootstrap, "risk.verdicts") if v["signal_id"] == btc["event_id"]]
+        assert len(again) == 2 and again[0] == again[1]
+        assert verdicts(bootstrap)[signal("BTCUSDT", 1, "LONG", 0, 0)["event_id"]]["violations"] == ["position_open"]
+        assert len(read_topic(bootstrap, "orders")) == 1
+
+        # the state-changing routes want the token
+        api = json.loads(next(settings.run_dir.glob("worker-*.json")).read_text())["api_url"]
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(urllib.request.Request(api + "/trading/kill", data=b"{}", method="POST"))
+        assert denied.value.code == 401
+
+        killed = run_cli(home, "trading", "kill", "--reason", "test", **cli)
+        assert killed.returncode == 0, killed.stderr
+        close = wait("the kill's close order", lambda: [o for o in read_topic(bootstrap, "orders")
+                                                         if o["action"] == "CLOSE"], worker=worker)
+        assert close[0]["reason"] == "test" and close[0]["side"] == "SELL"
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 2, 42_020.0))])  # the next bar: flat
+        closing = client_ids(close[0]["intent_id"])["close"]
+        wait("the position closed", lambda: any(
+            e["client_order_id"] == closing and e["order_status"] == "FILLED"
+            for e in read_topic(bootstrap, "user.events")), worker=worker)
+
+        # SIGKILL the worker: the restarted one is still HALTED
+        worker.process.kill()
+        eth = signal("ETHUSDT", 3, "LONG", 2_300.0, 1.0)
+        publish(bootstrap, [("signals", eth)])
+        v = wait("the verdict after the restart", lambda: verdicts(bootstrap).get(eth["event_id"]), timeout=120,
+                 worker=worker)
+        assert worker.restarts == 1
+        assert v["verdict"] == "REJECTED" and "halted" in v["violations"] and v["trading_state"] == "HALTED"
+
+        status = run_cli(home, "trading", "status", **cli)
+        assert status.returncode == 0 and "HALTED" in status.stdout, status.stderr
+        started = run_cli(home, "trading", "start", **cli)
+        assert started.returncode == 0, started.stderr
+        eth4 = signal("ETHUSDT", 4, "LONG", 2_300.0, 1.0)
+        wait("RUNNING", lambda: "RUNNING" in run_cli(home, "trading", "status", **cli).stdout, worker=worker)
+        publish(bootstrap, [("signals", eth4)])
+        v = wait("an approved entry", lambda: verdicts(bootstrap).get(eth4["event_id"]), worker=worker)
+        assert v["verdict"] == "APPROVED"
+        # every signal, exactly one verdict (the redelivered one twice, with one event_id)
+        signals = {s["event_id"] for s in read_topic(bootstrap, "signals")}
+        assert set(verdicts(bootstrap)) == signals
+    finally:
+        worker.stop()
+        paper.stop()
+        paper_thread.join(30)
+
+
+def test_trading_command_errors_are_one_line(tmp_path: Path):
+    bad = run_cli(tmp_path / "home", "trading", "explode")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    none = run_cli(tmp_path / "home", "trading", "status")
+    assert none.returncode == 1 and "no running worker" in none.stderr
