@@ -21,11 +21,11 @@ $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@ $(STAMP)
 
-# The main job on the embedded default: broker + store in-process, replay of the bundled
-# real sample through the topics, every topic archived in ClickHouse, a summary at the end.
+# The main job on the embedded default (broker + store in-process): replay the older part of the bundled
+# real sample into the archive, label, train and promote, then trade the most recent days through the
+# live chain and the paper exchange, and print what happened.
 run: $(STAMP)
-	$(BIN)/perpflow up --source replay --data data/binance-um-futures --symbols BTCUSDT,ETHUSDT,1000PEPEUSDT \
-		--speed max --until-drained
+	$(BIN)/perpflow demo --data data/binance-um-futures --symbols BTCUSDT,ETHUSDT,1000PEPEUSDT
 
 # The deployment checks run real tools, installed here when missing: promtool and Prometheus (Debian's
 # prometheus package) and docker-compose v1 (Debian's; `config` needs no engine). kubectl (for kustomize)

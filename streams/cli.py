@@ -710,6 +710,58 @@ def trading_kill(reason: str = typer.Option(None, help="Why, for the record.")) 
 
 
 @app.command()
+def demo(
+    data: Path = typer.Option(Path("data/binance-um-futures"), help="Directory of historical files (the bundled "
+                              "real sample by default)."),
+    symbols: str = typer.Option("BTCUSDT,ETHUSDT,1000PEPEUSDT", help="Comma-separated symbols."),
+    trade_days: int = typer.Option(7, min=1, help="The most recent days traded through the live chain."),
+) -> None:
+    """The whole system on historical files: replay the older part into the archive, label, train and promote,
+    then replay the most recent days through features → predict → policy → risk → the paper exchange, and
+    summarize what it traded (what `make run` runs)."""
+    from connectors.history_files import load_history
+    from streams.demo import plan, run_demo
+
+    if not data.is_dir():
+        raise typer.BadParameter(f"{data} is not a directory", param_hint="--data")
+    settings = _settings()
+    wanted = _symbols(symbols, settings)
+    histories, _ = load_history(data, wanted)
+    bars = [h.klines.open_time for h in histories.values() if len(h.klines)]
+    if not bars:
+        raise PerpflowError(f"no 5m klines of {', '.join(wanted)} in {data}")
+    first, last = max(int(b.min()) for b in bars), min(int(b.max()) for b in bars) + 300_000
+    p = plan(str(data), wanted, first, last, trade_days)
+    _stop_on_signals()
+    started = time.monotonic()
+    up, t, models = run_demo(settings, p, say=lambda line: print(line, file=sys.stderr))
+    _print_summary(up)
+    table = Table(title=f"traded {_day(p.trade_start_ms)} → {_day(p.end_ms)} on models trained "
+                        f"{_day(p.start_ms)} → {_day(p.train_end_ms)} ({time.monotonic() - started:.0f} s in all)")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [("bars with features", f"{t.bars:,}"),
+            ("signals", " · ".join(f"{k} {v:,}" for k, v in sorted(t.signals.items())) or "none"),
+            ("verdicts by reason", " · ".join(f"{k} {v:,}" for k, v in sorted(t.verdicts.items())) or "none"),
+            ("orders", " · ".join(f"{k} {v:,}" for k, v in sorted(t.orders.items())) or "none"),
+            ("trades closed (won)", f"{t.trades:,} ({t.wins:,})"),
+            ("realized PnL at fill prices", f"{t.realized:+,.2f} USDT"), ("fees", f"{-t.fees:+,.2f} USDT"),
+            ("funding", f"{t.funding:+,.2f} USDT"), ("net PnL", f"{t.net:+,.2f} USDT"),
+            ("max drawdown (wallet)", f"{t.max_drawdown:.2%}"),
+            ("trading state changes", " → ".join(t.trading_states) or "none (RUNNING throughout)")]
+    for label_, value in rows:
+        table.add_row(label_, value)
+    out.print(table)
+    for model_id, m in models:
+        out.print(f"model {model_id}: out-of-sample AUC {m.get('auc', float('nan')):.3f}, "
+                  f"log loss {m.get('log_loss', float('nan')):.4f}")
+    if not t.signals.get("LONG") and not t.signals.get("SHORT"):
+        out.print(f"no entry qualified: the best P(win) was {t.best_p_win:.3f} against PERPFLOW_MIN_PWIN "
+                  f"{settings.min_pwin} with EV net of costs > PERPFLOW_MIN_EV {settings.min_ev} — the models find "
+                  "no edge after fees and slippage here, and perpflow does not trade without one")
+
+
+@app.command()
 def worker() -> None:
     """Run one Faust worker (the decision-chain agents) against PERPFLOW_KAFKA_BOOTSTRAP or the broker of
     the running `perpflow up`."""
