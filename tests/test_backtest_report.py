@@ -304,3 +304,22 @@ def test_report_html_has_the_sections_and_the_trade_rows(run, tmp_path):
     assert "liq_distance" in html and "margin_usage" in html
     assert html.count("<svg") >= 4
     assert "2024-01" in html  # the month of the monthly returns
+
+
+def test_a_run_is_recorded_in_backtest_runs(run, store, tmp_path):
+    from training.backtest import runs
+
+    _, _, ledger = run
+    m = metrics.compute(ledger)
+    path = report.write(tmp_path / "r1", ledger, m)
+    kw = dict(created_at=T0 + 3 * DAY, parameters={"interval": "5m", "fee": FEE}, model_ids=["long-a", "short-b"],
+              symbols=["BTCUSDT", "ETHUSDT"], data_start=ledger.data_start, data_end=ledger.data_end,
+              report_path=str(path))
+    runs.record(store, "run-1", metrics=m, **kw)
+    runs.record(store, "run-1", metrics={**m, "trades": 99}, **kw)  # recorded again: replaces the row
+    (row,) = runs.rows(store)
+    assert (row["run_id"], row["model_ids"], row["symbols"], row["report_path"]) == (
+        "run-1", ["long-a", "short-b"], ["BTCUSDT", "ETHUSDT"], str(path))
+    assert (row["created_at"], row["data_start"], row["data_end"]) == (T0 + 3 * DAY, T0, DATA_END)
+    assert row["parameters"] == {"fee": FEE, "interval": "5m"}
+    assert row["metrics"]["trades"] == 99 and row["metrics"]["net_pnl"] == round(NET1 + NET2 + NET3, 8)
