@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from connectors.paper.engine import PaperExchange
+from connectors.paper.engine import PaperConfig, PaperExchange
 from schemas import event_ids
 from training.backtest import accounting, metrics, report
 
@@ -323,3 +323,64 @@ def test_a_run_is_recorded_in_backtest_runs(run, store, tmp_path):
     assert (row["created_at"], row["data_start"], row["data_end"]) == (T0 + 3 * DAY, T0, DATA_END)
     assert row["parameters"] == {"fee": FEE, "interval": "5m"}
     assert row["metrics"]["trades"] == 99 and row["metrics"]["net_pnl"] == round(NET1 + NET2 + NET3, 8)
+
+
+def random_run(seed: int, bars_per_symbol: int = 3000) -> tuple[list[dict], list[dict]]:
+    """Random walks on two symbols through the paper exchange at 50x: entries both ways, a fifth of them with a stop
+    beyond the liquidation price, funding every 8 h, and now and then a CLOSE intent."""
+    import random
+
+    rng = random.Random(seed)
+    ex = PaperExchange(PaperConfig(leverage=50))
+    events: list[dict] = []
+    bars: list[dict] = []
+    price = {"BTCUSDT": 100.0, "ETHUSDT": 2000.0}
+    for i in range(bars_per_symbol):
+        t = T0 + i * BAR
+        for symbol in price:
+            if t % (8 * HOUR) == 0:
+                ex.funding({"symbol": symbol, "funding_time": t, "funding_rate": rng.uniform(-3e-4, 5e-4),
+                            "mark_price": None})
+            o = price[symbol]
+            c = o * (1 + rng.gauss(0, 0.004))
+            hi, lo = max(o, c) * (1 + abs(rng.gauss(0, 0.002))), min(o, c) * (1 - abs(rng.gauss(0, 0.002)))
+            price[symbol] = c
+            k = kline(symbol, t, o, hi, lo, c)
+            bars.append(k)
+            events += ex.bar(k)
+            u = rng.random()
+            if u < 0.03:
+                side, sign = rng.choice([("BUY", 1), ("SELL", -1)])
+                far = rng.random() < 0.2  # a stop beyond the liquidation price
+                sl, tp = c * (1 - sign * (0.5 if far else 0.01)), c * (1 + sign * 0.02)
+                ex.order({"event_id": f"o{i}{symbol}", "event_time": t + BAR - 1, "symbol": symbol,
+                          "intent_id": f"open:{symbol}:{i}", "action": "OPEN", "side": side,
+                          "quantity": 1000 / c, "stop_loss": sl, "take_profit": tp, "leverage": 50})
+            elif u < 0.04:
+                ex.order({"event_id": f"c{i}{symbol}", "event_time": t + BAR - 1, "symbol": symbol,
+                          "intent_id": f"close:{symbol}:{i}", "action": "CLOSE", "side": "SELL", "quantity": None,
+                          "stop_loss": None, "take_profit": None})
+    return events, bars
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_paper_runs_keep_the_wallet_invariant(seed, tmp_path):
+    events, bars = random_run(seed)
+    ledger = accounting.reconstruct(events, bars)
+    fills = [e for e in events if e["event_type"] == "ORDER_TRADE_UPDATE" and e["execution_type"] == "TRADE"
+             and not e["reduce_only"]]
+    assert len(ledger.trades) == len(fills) > 20
+    assert {t.exit_kind for t in ledger.closed_trades} == {"TP", "SL", "CLOSE", "LIQUIDATION"}
+    last = [e for e in events if e["event_type"] == "ACCOUNT_UPDATE"][-1]["balances"][0]["wallet_balance"]
+    realized = sum(t.net_pnl for t in ledger.closed_trades) + ledger.funding_outside_trades
+    still_open = sum(-t.fees + t.funding for t in ledger.trades if not t.closed)  # paid so far by an open one
+    assert round(ledger.initial_balance + realized + still_open, 2) == round(last, 2)
+    for t in ledger.closed_trades:  # each trade's own wallet effect: Σ realized profit − fees + funding
+        assert t.gross_pnl - t.slippage == pytest.approx(t.direction * t.quantity * (t.exit_price - t.entry_price))
+        if t.exit_kind == "LIQUIDATION":
+            assert t.fees == pytest.approx(t.notional * FEE)  # the entry's only
+    m = metrics.compute(ledger)
+    assert m["exits"]["TP"] + m["exits"]["SL"] + m["exits"]["CLOSE"] + m["exits"]["LIQUIDATION"] == m["trades"]
+    assert m["days"] == math.ceil(3000 * BAR / DAY) and 0 < m["time_in_market"] < 1
+    html = report.render(ledger, m)
+    assert len(re.findall(r'<tr class="trade">', html)) == len(ledger.trades)

@@ -31,6 +31,7 @@ equity = wallet + unrealized. Sampled at every account event and every bar close
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -286,10 +287,11 @@ def _equity(trades: list[Trade], bars: dict[str, pd.DataFrame], changes: list[tu
     positions = np.zeros(len(grid), dtype=np.int64)
     for t in trades:
         end = t.exit_time if t.exit_time is not None else np.iinfo(np.int64).max
-        inside = (grid >= t.entry_time) & (grid < end)  # the exit's own instant is in the wallet already
-        if not inside.any():
+        # the exit's own instant is in the wallet already
+        inside = slice(np.searchsorted(grid, t.entry_time, "left"), np.searchsorted(grid, end, "left"))
+        if inside.stop <= inside.start:
             continue
-        mark = np.full(int(inside.sum()), t.entry_price)
+        mark = np.full(inside.stop - inside.start, t.entry_price)
         b = bars.get(t.symbol)
         if b is not None:
             closes, close_t = b["close"].to_numpy(), b["close_time"].to_numpy()
@@ -329,7 +331,10 @@ def reconstruct(user_events: list[dict], klines: list[dict], *, signals: list[di
             elif ev.get("execution_type") == "EXPIRED":
                 b.expired += 1
         elif kind == "ACCOUNT_UPDATE":
-            for bal in ev.get("balances") or []:
+            balances = ev.get("balances") or []
+            if isinstance(balances, str):  # read back from the archive, where nested values are JSON text
+                balances = json.loads(balances)
+            for bal in balances:
                 if bal["asset"] != ASSET:
                     continue
                 t = int(ev["event_time"])

@@ -19,7 +19,7 @@ from training.backtest.accounting import LIQUIDATION, SL, TP, Ledger
 from training.metrics import reliability
 
 W, H = 920, 230  # chart size (px)
-PAD_L, PAD_R, PAD_T, PAD_B = 78, 16, 14, 26
+PAD_L, PAD_R, PAD_T, PAD_B = 84, 16, 24, 26
 MAX_POINTS = 1600  # per line: longer series are thinned to the extremes of each bucket
 GREEN, RED, BLUE, GREY, ORANGE = "#1a7f37", "#cf222e", "#0969da", "#8c959f", "#bc4c00"
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -75,9 +75,15 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     return [lo + (hi - lo) * i / n for i in range(n + 1)]
 
 
-def _line_chart(lines: list[tuple[str, str, np.ndarray, np.ndarray]], y_fmt=_num, area: bool = False,
+def _decimals(step: float) -> int:
+    """Enough decimals for axis labels `step` apart to differ."""
+    return int(min(max(0, -np.floor(np.log10(step)) + 1), 6)) if step > 0 else 2
+
+
+def _line_chart(lines: list[tuple[str, str, np.ndarray, np.ndarray]], unit: str = "", area: bool = False,
                 zero: bool = False) -> str:
-    """Lines of (label, colour, times ms, values) on one time axis; `area` fills the first line down to 0."""
+    """Lines of (label, colour, times ms, values) on one time axis; `unit` "%" shows fractions as percent, "×" a
+    multiple; `area` fills the first line down to 0."""
     lines = [(lab, col, *_thin(np.asarray(x, np.float64), np.asarray(y, np.float64))) for lab, col, x, y in lines
              if len(x)]
     if not lines:
@@ -100,24 +106,34 @@ def _line_chart(lines: list[tuple[str, str, np.ndarray, np.ndarray]], y_fmt=_num
     def py(y):
         return PAD_T + (y1 - np.asarray(y)) / (y1 - y0) * (H - PAD_T - PAD_B)
 
+    scale = 100.0 if unit == "%" else 1.0
+    digits = _decimals((y1 - y0) * scale / 4)
+
+    def y_fmt(v: float) -> str:
+        return f"{v * scale:,.{digits}f}{' %' if unit == '%' else unit}"
+
+    x_fmt = "%Y-%m-%d" if x1 - x0 > 3 * 86_400_000 else "%m-%d %H:%M"
     out = [f'<svg viewBox="0 0 {W} {H}" width="100%" role="img" xmlns="http://www.w3.org/2000/svg">']
     for v in _ticks(y0, y1):
         out.append(f'<line x1="{PAD_L}" x2="{W - PAD_R}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#eaeef2"/>'
                    f'<text x="{PAD_L - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{escape(y_fmt(v))}</text>')
-    for v in _ticks(x0, x1):
+    for v in _ticks(x0, x1, 3):
         anchor = "start" if v == x0 else "end" if v == x1 else "middle"
-        out.append(f'<text x="{px(v):.1f}" y="{H - 8}" text-anchor="{anchor}">{_ts(int(v))}</text>')
+        out.append(f'<text x="{px(v):.1f}" y="{H - 8}" text-anchor="{anchor}">{_ts(int(v), x_fmt)}</text>')
     if y0 < 0 < y1:
         out.append(f'<line x1="{PAD_L}" x2="{W - PAD_R}" y1="{py(0):.1f}" y2="{py(0):.1f}" stroke="{GREY}"/>')
     for i, (label, colour, x, y) in enumerate(lines):
         ok = np.isfinite(y)
-        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(x[ok]), py(y[ok]), strict=True))
+        sx, sy = px(x[ok]), py(y[ok])
+        # steps: a value holds until the next event (a straight segment would invent prices between sparse points)
+        sx, sy = np.repeat(sx, 2)[1:], np.repeat(sy, 2)[:-1]
+        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(sx, sy, strict=True))
         if area and i == 0 and ok.any():
             base = py(0.0)
-            out.append(f'<polygon points="{px(x[ok][0]):.1f},{base:.1f} {pts} {px(x[ok][-1]):.1f},{base:.1f}" '
+            out.append(f'<polygon points="{sx[0]:.1f},{base:.1f} {pts} {sx[-1]:.1f},{base:.1f}" '
                        f'fill="{colour}" fill-opacity="0.25" stroke="none"/>')
         out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        out.append(f'<text x="{PAD_L + 8 + 150 * i}" y="{PAD_T + 10}" style="fill:{colour}">■ {escape(label)}</text>')
+        out.append(f'<text x="{PAD_L + 120 * i}" y="12" style="fill:{colour}">■ {escape(label)}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -150,7 +166,7 @@ def _hbars(items: list[tuple[str, float]], fmt=_num, colour_by_sign: bool = True
 
 def _reliability_chart(rows: list[dict]) -> str:
     """Mean predicted against observed per probability bin, dot area ∝ trades; the diagonal is perfect calibration."""
-    size, pad = 300, 36
+    size, pad = 300, 44
     inner = size - 2 * pad
 
     def p(v):
@@ -284,10 +300,10 @@ def render(ledger: Ledger, metrics: dict, title: str = "Backtest", parameters: d
     dd = run_metrics.drawdown(ledger)
     sections = [
         ("Equity", '<p class="sub">Mark-to-market equity (wallet + unrealized at bar closes) and the wallet '
-                   "balance, USDT.</p>" + _line_chart([("equity", BLUE, t, eq["equity"].to_numpy()),
+                   "balance, USDT (times in UTC).</p>" + _line_chart([("equity", BLUE, t, eq["equity"].to_numpy()),
                                                        ("wallet", GREY, t, eq["wallet"].to_numpy())])),
         ("Drawdown", _line_chart([("drawdown", RED, dd["time"].to_numpy(), -dd["drawdown"].to_numpy())],
-                                 y_fmt=lambda v: _pct(v, 1), area=True)),
+                                 unit="%", area=True)),
         ("Monthly returns", _monthly(ledger)),
         ("PnL split", f'<p class="sub">Closed trades: gross at the reference prices (bar open for market fills, the '
                       f'trigger for stops and targets), then the costs. Net {_num(metrics["net_pnl"])} USDT.</p>'
@@ -297,7 +313,7 @@ def render(ledger: Ledger, metrics: dict, title: str = "Backtest", parameters: d
         ("Exposure and leverage", '<p class="sub">Open notional at the marks (USDT) and notional / equity.</p>'
                                   + _line_chart([("exposure", ORANGE, t, eq["exposure"].to_numpy())], area=True)
                                   + _line_chart([("leverage", BLUE, t, eq["leverage"].to_numpy())],
-                                                y_fmt=lambda v: f"{v:.2f}×", zero=True)),
+                                                unit="×", zero=True)),
         ("Calibration", _calibration(ledger)),
         ("Rejected signals", _rejections(ledger)),
         ("Trades", _trades(ledger)),
