@@ -21,6 +21,7 @@ from training.metrics import reliability
 W, H = 920, 230  # chart size (px)
 PAD_L, PAD_R, PAD_T, PAD_B = 84, 16, 24, 26
 MAX_POINTS = 1600  # per line: longer series are thinned to the extremes of each bucket
+MEAN_BUCKETS = 240  # exposure and leverage of longer series: the average of each of these slices
 GREEN, RED, BLUE, GREY, ORANGE = "#1a7f37", "#cf222e", "#0969da", "#8c959f", "#bc4c00"
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -59,14 +60,22 @@ def _signed(x, text: str | None = None) -> str:
 
 
 # -- SVG ---------------------------------------------------------------------------------------------------------------
-def _thin(x: np.ndarray, y: np.ndarray, n: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """At most ~2n points keeping each bucket's lowest and highest: a drawdown spike survives the thinning."""
+def _thin(x: np.ndarray, y: np.ndarray, n: int = MAX_POINTS, mean: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """At most ~2n points: each bucket's lowest and highest (a drawdown spike survives the thinning), or with `mean`
+    its average at its first time (a position switching on and off every few bars reads as its average level)."""
+    n = MEAN_BUCKETS if mean else n
     if len(x) <= 2 * n:
         return x, y
+    chunks = np.array_split(np.arange(len(x)), n)
+    if mean:
+        with np.errstate(invalid="ignore"):
+            return (np.asarray([x[c[0]] for c in chunks]),
+                    np.asarray([np.nanmean(y[c]) if np.isfinite(y[c]).any() else np.nan for c in chunks]))
     keep = {0, len(x) - 1}
-    for chunk in np.array_split(np.arange(len(x)), n):
+    for chunk in chunks:
         seg = y[chunk]
-        keep.update((int(chunk[np.nanargmin(seg)]), int(chunk[np.nanargmax(seg)])))
+        if np.isfinite(seg).any():
+            keep.update((int(chunk[np.nanargmin(seg)]), int(chunk[np.nanargmax(seg)])))
     idx = np.asarray(sorted(keep))
     return x[idx], y[idx]
 
@@ -81,10 +90,11 @@ def _decimals(step: float) -> int:
 
 
 def _line_chart(lines: list[tuple[str, str, np.ndarray, np.ndarray]], unit: str = "", area: bool = False,
-                zero: bool = False) -> str:
+                zero: bool = False, mean: bool = False) -> str:
     """Lines of (label, colour, times ms, values) on one time axis; `unit` "%" shows fractions as percent, "×" a
     multiple; `area` fills the first line down to 0."""
-    lines = [(lab, col, *_thin(np.asarray(x, np.float64), np.asarray(y, np.float64))) for lab, col, x, y in lines
+    lines = [(lab, col, *_thin(np.asarray(x, np.float64), np.asarray(y, np.float64), mean=mean))
+             for lab, col, x, y in lines
              if len(x)]
     if not lines:
         return '<p class="empty">Nothing to draw.</p>'
@@ -139,17 +149,18 @@ def _line_chart(lines: list[tuple[str, str, np.ndarray, np.ndarray]], unit: str 
 
 
 def _hbars(items: list[tuple[str, float]], fmt=_num, colour_by_sign: bool = True) -> str:
-    """Horizontal bars from a zero line, one per (label, value)."""
+    """Horizontal bars from a zero line, one per (label, value), the value written beyond the bar's end."""
     if not items:
         return '<p class="empty">Nothing to draw.</p>'
-    row, label_w = 24, 170
+    row, label_w, room = 24, 170, 110  # room: for the value written beyond a bar
     height = row * len(items) + 8
     lo, hi = min(0.0, *(v for _, v in items)), max(0.0, *(v for _, v in items))
     span = (hi - lo) or 1.0
-    plot = W - label_w - 110
+    left = label_w + (room if lo < 0 else 0)
+    plot = W - left - (room if hi > 0 or lo == 0 else 10)
 
     def px(v):
-        return label_w + (v - lo) / span * plot
+        return left + (v - lo) / span * plot
 
     out = [f'<svg viewBox="0 0 {W} {height}" width="100%" role="img" xmlns="http://www.w3.org/2000/svg">',
            f'<line x1="{px(0):.1f}" x2="{px(0):.1f}" y1="0" y2="{height}" stroke="{GREY}"/>']
@@ -157,9 +168,11 @@ def _hbars(items: list[tuple[str, float]], fmt=_num, colour_by_sign: bool = True
         y = 4 + i * row
         a, b = sorted((px(0), px(v)))
         colour = (GREEN if v >= 0 else RED) if colour_by_sign else BLUE
-        out.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{escape(label)}</text>'
+        value = (f'<text x="{b + 6:.1f}" y="{y + 15}">' if v >= 0
+                 else f'<text x="{a - 6:.1f}" y="{y + 15}" text-anchor="end">') + f"{escape(fmt(v))}</text>"
+        out.append(f'<text x="8" y="{y + 15}">{escape(label)}</text>'
                    f'<rect x="{a:.1f}" y="{y + 3}" width="{max(b - a, 1):.1f}" height="{row - 8}" fill="{colour}"/>'
-                   f'<text x="{max(a, b) + 6:.1f}" y="{y + 15}">{escape(fmt(v))}</text>')
+                   + value)
     out.append("</svg>")
     return "".join(out)
 
@@ -310,10 +323,13 @@ def render(ledger: Ledger, metrics: dict, title: str = "Backtest", parameters: d
                       + _hbars([("gross", metrics["gross_pnl"]), ("fees", -metrics["fees"]),
                                 ("slippage", -metrics["slippage"]), ("funding", metrics["funding"]),
                                 ("net", metrics["net_pnl"])], lambda v: f"{v:,.2f} USDT")),
-        ("Exposure and leverage", '<p class="sub">Open notional at the marks (USDT) and notional / equity.</p>'
-                                  + _line_chart([("exposure", ORANGE, t, eq["exposure"].to_numpy())], area=True)
+        ("Exposure and leverage", '<p class="sub">Open notional at the marks (USDT) and notional / equity'
+                                  + (", averaged over equal slices of the run" if len(eq) > 2 * MEAN_BUCKETS else "")
+                                  + ".</p>"
+                                  + _line_chart([("exposure", ORANGE, t, eq["exposure"].to_numpy())], area=True,
+                                                mean=True)
                                   + _line_chart([("leverage", BLUE, t, eq["leverage"].to_numpy())],
-                                                unit="×", zero=True)),
+                                                unit="×", zero=True, mean=True)),
         ("Calibration", _calibration(ledger)),
         ("Rejected signals", _rejections(ledger)),
         ("Trades", _trades(ledger)),
