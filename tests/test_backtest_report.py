@@ -1,7 +1,7 @@
 """Backtest accounting, metrics and report on a hand-built run of the real paper exchange.
 
-Three trades over three UTC days, default paper costs (taker fee 0.04 % per fill, slippage 15 bps against each market
-fill, 5x isolated, 10,000 USDT):
+Three trades over three UTC days at the labels' costs (taker fee 0.04 % per fill, slippage 15 bps against each market
+fill), 5x isolated, 10,000 USDT:
 
 1. BTCUSDT long 10 @ next open 100 → take-profit 104 (day 1)
 2. ETHUSDT short 1 @ next open 2000 → stop-loss 2040 gapped through: the bar opens at 2045 (day 2)
@@ -28,6 +28,11 @@ DAY = 86_400_000
 T0 = 1_704_067_200_000  # 2024-01-01 00:00 UTC
 D2, D3 = T0 + DAY, T0 + 2 * DAY
 FEE, SLIP = 0.0004, 0.0015
+
+
+def paper(leverage: int = 5) -> PaperExchange:
+    return PaperExchange(PaperConfig(taker_fee=FEE, slippage_bps=SLIP * 10_000, leverage=leverage,
+                                     initial_balance=10_000))
 
 
 def kline(symbol: str, t: int, o: float, h: float, low: float, c: float) -> dict:
@@ -80,7 +85,7 @@ VERDICTS = [
 
 def run_three_trades() -> tuple[list[dict], list[dict]]:
     """Feed the paper exchange as its connector does (intents and settlements before the bars they precede)."""
-    ex = PaperExchange()  # the defaults: 0.04 % fee, 15 bps slippage, 5x, 10,000 USDT
+    ex = paper()
     events: list[dict] = []
     bars: list[dict] = []
 
@@ -237,7 +242,7 @@ def test_metrics_match_the_hand_computation(run):
 
 
 def test_a_liquidation_loses_the_isolated_margin_with_no_slippage():
-    ex = PaperExchange()
+    ex = paper()
     bars = [kline("BTCUSDT", T0, 100, 100, 100, 100), kline("BTCUSDT", T0 + BAR, 100, 100, 100, 100),
             kline("BTCUSDT", T0 + 2 * BAR, 100, 100, 70, 75)]
     events = ex.bar(bars[0])
@@ -252,7 +257,7 @@ def test_a_liquidation_loses_the_isolated_margin_with_no_slippage():
 
 
 def test_a_position_open_at_the_end_is_an_open_trade_marked_at_the_last_close():
-    ex = PaperExchange()
+    ex = paper()
     bars = [kline("BTCUSDT", T0, 100, 100, 100, 100), kline("BTCUSDT", T0 + BAR, 100, 101, 99, 101)]
     events = ex.bar(bars[0])
     ex.order({"event_id": "o", "event_time": T0 + BAR - 1, "symbol": "BTCUSDT", "intent_id": "o1", "action": "OPEN",
@@ -331,7 +336,7 @@ def random_run(seed: int, bars_per_symbol: int = 3000) -> tuple[list[dict], list
     import random
 
     rng = random.Random(seed)
-    ex = PaperExchange(PaperConfig(leverage=50))
+    ex = paper(leverage=50)
     events: list[dict] = []
     bars: list[dict] = []
     price = {"BTCUSDT": 100.0, "ETHUSDT": 2000.0}

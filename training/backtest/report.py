@@ -269,9 +269,9 @@ def _rejections(ledger: Ledger) -> str:
     out = []
     if "verdicts" in ledger.signals:
         s = ledger.signals
-        out.append(f'<p class="sub">{s["total"]} signals ({s["long"]} long, {s["short"]} short, {s["flat"]} flat); '
-                   f'{s["approved_entries"]} entries approved, {s["rejected"]} rejected. A rejection counts under '
-                   "every rule it broke.</p>")
+        out.append(f'<p class="sub">{s["total"]} signals ({s["long"]} long, {s["short"]} short, {s["flat"]} flat). '
+                   f'{s["verdicts"]} verdicts: {s["approved_entries"]} entries approved, {s["rejected"]} rejected; a '
+                   "rejection counts under every rule it broke.</p>")
         items = sorted(ledger.rejections.items(), key=lambda kv: (-kv[1], kv[0]))
         out.append(_hbars([(k, float(v)) for k, v in items], lambda v: f"{v:,.0f}", colour_by_sign=False)
                    if items else '<p class="empty">No signal was rejected.</p>')
