@@ -167,6 +167,11 @@ def test_trades_are_reconstructed_with_their_pnl_split(run):
     assert [(t.signal_id, t.p_win) for t in ledger.trades] == [(SIG1["event_id"], 0.70), (SIG2["event_id"], 0.60),
                                                                (SIG3["event_id"], 0.55)]
     assert [t.p_tp for t in ledger.trades] == [0.5, None, None]
+    # the order intents link them as well as the verdicts do
+    orders = [{"intent_id": intent_id(s), "signal_id": s["event_id"]} for s in (SIG1, SIG2, SIG3)]
+    by_orders = accounting.reconstruct(run[0], run[1], signals=[SIG1, SIG2, SIG3], orders=orders)
+    assert [t.p_win for t in by_orders.trades] == [0.70, 0.60, 0.55]
+    assert [t.p_win for t in accounting.reconstruct(run[0], run[1], signals=[SIG1]).trades] == [None] * 3
 
 
 def test_initial_balance_plus_net_pnl_is_the_final_wallet_to_the_cent(run):

@@ -185,7 +185,7 @@ class _Builder:
             pos.qty += qty
             pos.cost += qty * price
             pos.ref_cost += qty * ref
-        else:
+        else:  # an exit (a fill beyond the position, a flip on a netting account, is not split: one position a symbol)
             if pos is None:  # a reduce-only fill with no position we know of: nothing to attribute it to
                 raise ValueError(f"{symbol}: an exit fill at {t} without an open position in the records; "
                                  "were the run's user.events read from their beginning?")
@@ -240,13 +240,13 @@ def _trade(symbol: str, p: _Open, bars: pd.DataFrame | None, data_end: int) -> T
                  net_pnl=gross - p.fees - p.slippage + p.funding, notional=p.cost, entry_client_id=p.entry_client_id)
 
 
-def _link_predictions(trades: list[Trade], signals: list[dict], predictions: list[dict],
-                      verdicts: list[dict]) -> None:
-    """Each trade's signal through the deterministic ids: the verdict that approved it names the signal and the order
-    intent, whose entry clientOrderId the fills carry (`client_ids`)."""
+def _link_predictions(trades: list[Trade], signals: list[dict], predictions: list[dict], verdicts: list[dict],
+                      orders: list[dict]) -> None:
+    """Each trade's signal through the deterministic ids: the verdict that approved it (or the order intent) names the
+    signal and the intent, whose entry clientOrderId the fills carry (`client_ids`)."""
     by_signal = {s["event_id"]: s for s in signals}
-    by_entry = {client_ids(v["intent_id"])["entry"]: by_signal[v["signal_id"]] for v in verdicts
-                if v.get("intent_id") and v.get("signal_id") in by_signal}
+    by_entry = {client_ids(r["intent_id"])["entry"]: by_signal[r["signal_id"]] for r in [*orders, *verdicts]
+                if r.get("intent_id") and r.get("signal_id") in by_signal}
     preds = {p["event_id"]: p for p in predictions}
     for t in trades:
         s = by_entry.get(t.entry_client_id)
@@ -309,13 +309,15 @@ def _equity(trades: list[Trade], bars: dict[str, pd.DataFrame], changes: list[tu
 
 
 def reconstruct(user_events: list[dict], klines: list[dict], *, signals: list[dict] = (),
-                predictions: list[dict] = (), verdicts: list[dict] = (), initial_balance: float | None = None,
-                interval: str | None = "5m") -> Ledger:
+                predictions: list[dict] = (), verdicts: list[dict] = (), orders: list[dict] = (),
+                initial_balance: float | None = None, interval: str | None = "5m") -> Ledger:
     """The ledger of one run.
 
     `user_events` in topic order (per symbol, as consumed); `klines` any order (only `interval` bars are used:
-    the paper exchange trades on one interval). `initial_balance`: the run's starting wallet; by default read off
-    the first ACCOUNT_UPDATE (wallet − change), and without any the paper exchange's default."""
+    the paper exchange trades on one interval). `signals` with `verdicts` or `orders` link trades to their predicted
+    probabilities (`predictions` add P(TP)); `verdicts` give the rejections. `initial_balance`: the run's starting
+    wallet; by default read off the first ACCOUNT_UPDATE (wallet − change), and without any the paper exchange's
+    default."""
     bars = _bar_table(list(klines), interval)
     b = _Builder(bars)
     changes: list[tuple[int, float]] = []
@@ -355,7 +357,7 @@ def reconstruct(user_events: list[dict], klines: list[dict], *, signals: list[di
 
     trades = sorted((_trade(s, p, bars.get(s), data_end) for s, p in [*b.done, *b.open.items()]),
                     key=lambda t: (t.entry_time, t.symbol))
-    _link_predictions(trades, list(signals), list(predictions), list(verdicts))
+    _link_predictions(trades, list(signals), list(predictions), list(verdicts), list(orders))
     counts, rejections, flat = _signal_counts(list(signals), list(verdicts))
     return Ledger(initial_balance=initial_balance,
                   final_wallet=last_wallet[1] if last_wallet is not None else initial_balance,
