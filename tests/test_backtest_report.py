@@ -394,3 +394,15 @@ def test_random_paper_runs_keep_the_wallet_invariant(seed, tmp_path):
     assert m["days"] == math.ceil(3000 * BAR / DAY) and 0 < m["time_in_market"] < 1
     html = report.render(ledger, m)
     assert len(re.findall(r'<tr class="trade">', html)) == len(ledger.trades)
+
+
+def test_a_triggered_stop_filled_under_another_id_is_still_the_stop(run):
+    """Binance may fill a triggered algo order as an order of its own id and type: the ALGO_UPDATE's actual order id
+    ties the fill back to the stop and its trigger."""
+    events, bars, _ = run
+    sl_id = [e for e in events if e["event_type"] == "ALGO_UPDATE" and e["order_status"] == "TRIGGERED"
+             and e["symbol"] == "ETHUSDT"][0]["client_order_id"]
+    live = [e | {"client_order_id": "web_x1", "order_type": "MARKET"}
+            if e["event_type"] == "ORDER_TRADE_UPDATE" and e["client_order_id"] == sl_id else e for e in events]
+    t2 = accounting.reconstruct(live, bars).trades[1]
+    assert (t2.exit_kind, t2.exit_reference, round(t2.net_pnl, 6)) == ("SL", 2040, NET2)

@@ -149,6 +149,7 @@ class _Builder:
     def __init__(self, bars: dict[str, pd.DataFrame]):
         self.bars = bars
         self.triggers: dict[str, float] = {}  # algo client id → trigger price
+        self.triggered: dict[int, dict] = {}  # order id → the ALGO_UPDATE of the algo order that became it
         self.open: dict[str, _Open] = {}
         self.done: list[tuple[str, _Open]] = []
         self.funding_outside = 0.0
@@ -172,6 +173,8 @@ class _Builder:
     def algo(self, ev: dict) -> None:
         if ev.get("stop_price"):
             self.triggers[ev["client_order_id"]] = float(ev["stop_price"])
+        if ev.get("actual_order_id"):  # triggered: the order it became, which is what fills
+            self.triggered[int(ev["actual_order_id"])] = ev
 
     def fill(self, ev: dict) -> None:
         symbol, qty, price = ev["symbol"], float(ev["last_filled_qty"]), float(ev["last_filled_price"])
@@ -189,9 +192,12 @@ class _Builder:
             if pos is None:  # a reduce-only fill with no position we know of: nothing to attribute it to
                 raise ValueError(f"{symbol}: an exit fill at {t} without an open position in the records; "
                                  "were the run's user.events read from their beginning?")
-            kind = _exit_kind(ev)
+            # on Binance the fill of a triggered stop may carry an id of its own: the algo order tells what it was
+            algo = self.triggered.get(ev.get("order_id"))
+            kind = _exit_kind(algo if algo is not None and ev.get("execution_type") == "TRADE" else ev)
             if kind in (TP, SL):
-                ref = self.triggers.get(ev["client_order_id"]) or ev.get("stop_price") or price
+                cid = algo["client_order_id"] if algo is not None else ev["client_order_id"]
+                ref = self.triggers.get(cid) or ev.get("stop_price") or price
             elif kind == LIQUIDATION:
                 ref = price
             else:
