@@ -214,6 +214,8 @@ def _summary(m: dict) -> str:
              ("Slippage", f'{_num(m["slippage"])} USDT'), ("Funding", f'{_num(m["funding"])} USDT'),
              ("Turnover", f'{_num(m["turnover"], 0)} USDT'), ("Time in market", _pct(m["time_in_market"], 1)),
              ("Max leverage", f'{_num(m["max_leverage"])}×')]
+    if m["open_trades"]:  # still open at the end: in the trade table, not in the trade statistics
+        cards.append(("Open at the end", f'{m["open_trades"]} ({_num(m["open_trades_pnl"])} USDT)'))
     return '<div class="cards">' + "".join(f"<div class=card><b>{escape(v)}</b><span>{escape(k)}</span></div>"
                                            for k, v in cards) + "</div>"
 
