@@ -1,0 +1,1 @@
+"""Backtest accounting, metrics and the report of one run."""
