@@ -43,6 +43,34 @@ class LeanMonitor(Monitor):
 APP_ID = "perpflow"  # also the Kafka consumer group of the agents
 
 
+def app_id_for(prefix: str) -> str:
+    """The app id (= consumer group, and the stem of the tables' changelog topics) of the agents reading topics
+    named with `prefix`: a backtest's run (`bt.<run>.`) gets groups and changelogs of its own, so its tables never
+    restore a live worker's state or another run's."""
+    return APP_ID if not prefix else f"{APP_ID}-{prefix.rstrip('.')}"
+
+
+def topic_prefix(app: faust.App) -> str:
+    """The prefix of every topic this app's agents read and write (empty for the live topics)."""
+    return getattr(app, "perpflow_topic_prefix", "")
+
+
+def kafka_name(app: faust.App, name: str) -> str:
+    """A catalog topic name → the topic the agents of `app` use."""
+    return topic_prefix(app) + name
+
+
+def catalog_name(app: faust.App, name: str) -> str:
+    """A topic the agents of `app` use → its catalog name (what the agents' code dispatches on)."""
+    prefix = topic_prefix(app)
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+def raw_topic(app: faust.App, *names: str) -> faust.TopicT:
+    """The agents' one way to make a topic: catalog names, prefixed for the app, raw bytes (perpflow's codec)."""
+    return app.topic(*(kafka_name(app, n) for n in names), key_serializer="raw", value_serializer="raw")
+
+
 def _use_fetch_highwaters(bootstrap: str) -> None:
     """Faust's table recovery reads a changelog up to the highwater from ListOffsets, which Tansu under-reports
     when the last batch holds several records: the newest state (a batch's last keys) would silently not be
@@ -57,10 +85,11 @@ def _use_fetch_highwaters(bootstrap: str) -> None:
     AIOKafkaConsumerThread._highwaters = _highwaters
 
 
-def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None,
-               datadir: str | None = None) -> faust.App:
+def create_app(bootstrap: str, app_id: str | None = None, web_port: int | None = None,
+               datadir: str | None = None, prefix: str = "") -> faust.App:
     _use_fetch_highwaters(bootstrap)
-    return faust.App(
+    app_id = app_id or app_id_for(prefix)
+    app = faust.App(
         app_id,
         datadir=datadir or f"{app_id}-data",  # Faust's working files; perpflow keeps them under PERPFLOW_HOME
         broker=f"kafka://{bootstrap}",
@@ -80,3 +109,5 @@ def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None
         producer_max_request_size=16 * 1024 * 1024,
         producer_linger_ms=5,  # agents send a micro-batch at a time: a few ms fill a request instead of one each
     )
+    app.perpflow_topic_prefix = prefix
+    return app

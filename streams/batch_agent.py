@@ -20,6 +20,7 @@ from faust.types import TP
 from schemas.catalog import topic
 from schemas.codec import DecodeError, dead_letter_record, default_codec
 from streams import metrics
+from streams.app import catalog_name, raw_topic
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,13 @@ class BatchAgent:
         self.app = app
         self.codec = default_codec()
         self.input_names = {t: self.codec.full_name(topic(t).schema) for t in self.input_topics}
-        raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.outputs = {t: (app.topic(t, **raw), topic(t).schema) for t in self.output_topics}
-        self.dead_letters = app.topic("deadletter", **raw)
+        self.outputs = {t: (raw_topic(app, t), topic(t).schema) for t in self.output_topics}
+        self.dead_letters = raw_topic(app, "deadletter")
         self.processed: dict[TP, int] = {}
         self.last_commit = 0.0
         self.committed: dict[TP, int] = {}
         self.lock = asyncio.Lock()  # batches and the commit timer take turns
-        app.agent(app.topic(*self.input_topics, **raw), name=self.name)(self.run)
+        app.agent(raw_topic(app, *self.input_topics), name=self.name)(self.run)
         app.timer(COMMIT_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
 
@@ -103,14 +103,15 @@ class BatchAgent:
         for event in events:
             msg = event.message
             offsets[msg.tp] = msg.offset
+            source = catalog_name(self.app, msg.topic)  # handlers dispatch on catalog names, whatever the prefix
             try:
                 name, record = self.codec.decode(msg.value)
-                if name != self.input_names[msg.topic]:
-                    raise DecodeError("wrong_schema", f"{name} on a topic of {self.input_names[msg.topic]}")
+                if name != self.input_names[source]:
+                    raise DecodeError("wrong_schema", f"{name} on a topic of {self.input_names[source]}")
             except DecodeError as exc:
                 pending.append(send_dead_letter(self.dead_letters, self.codec, msg, exc))
                 continue
-            inputs.append((msg.topic, msg.partition, msg.key, record))
+            inputs.append((source, msg.partition, msg.key, record))
         if inputs:
             pending.extend(self.send(await self.handle(inputs)))
         if pending:

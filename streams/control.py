@@ -26,15 +26,15 @@ CATCH_UP_SECONDS = 30.0
 
 
 def publish(bootstrap: str, entity: str, kind: str, value: dict, actor: str, event_time_ms: int,
-            timeout: float = 15.0) -> dict:
-    """Publish and wait for the acknowledgement; return the record."""
+            timeout: float = 15.0, prefix: str = "") -> dict:
+    """Publish and wait for the acknowledgement; return the record. `prefix`: a backtest run's `control`."""
     control = topic("control")
-    ensure_topics(bootstrap, [control])  # a fresh external cluster may not have it yet
+    ensure_topics(bootstrap, [control], prefix)  # a fresh external cluster may not have it yet
     record = {"event_id": event_ids.control(entity, event_time_ms), "event_time": event_time_ms, "entity": entity,
               "kind": kind, "value": json.dumps(value, sort_keys=True), "actor": actor}
     errors: list[str] = []
     producer = Producer(producer_config(bootstrap, **{"linger.ms": 0}))
-    producer.produce(control.name, default_codec().encode(control.schema, record), entity.encode(),
+    producer.produce(prefix + control.name, default_codec().encode(control.schema, record), entity.encode(),
                      on_delivery=lambda err, msg: errors.append(str(err)) if err else None)
     if producer.flush(timeout) or errors:
         raise PerpflowError(f"the `control` topic at {bootstrap} did not take the {kind} record "
@@ -62,8 +62,8 @@ def control_token(settings: Settings) -> str:
 class ControlReader:
     """Every record on `control`, in order: `catch_up` to its end, then `poll` for new ones."""
 
-    def __init__(self, bootstrap: str, group: str) -> None:
-        self.name = topic("control").name
+    def __init__(self, bootstrap: str, group: str, prefix: str = "") -> None:
+        self.name = prefix + topic("control").name
         self.consumer = Consumer(consumer_config(bootstrap, group,
                                                  **{"enable.partition.eof": True}))
         meta = self.consumer.list_topics(self.name, timeout=10).topics.get(self.name)

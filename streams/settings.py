@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     per home in run/control-token."""
     control_url: str = ""
     """Base URL of the worker's control API for `perpflow trading ...`; empty = the local worker's."""
+    topic_prefix: str = ""
+    """Prefix of every topic a worker's agents read and write, and of their consumer group; `perpflow backtest` sets
+    `bt.<run>.` for the workers of a run. Empty = the live topics."""
     run_worker: bool = True
     """Whether `perpflow up` starts a Faust worker (off when workers run as their own deployment)."""
     log_level: str = "INFO"

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, bootstrap: str) -> None:
-    app = create_app(bootstrap, datadir=str(settings.run_dir / 'faust'))
+    app = create_app(bootstrap, datadir=str(settings.run_dir / f"faust{_suffix(settings.topic_prefix)}"),
+                     prefix=settings.topic_prefix)
     agents = {module: importlib.import_module(module).register(app, settings) for module in AGENT_MODULES}
     routes = {}
     if "streams.risk.agent" in agents:  # the trading views and commands (GET /status, POST /trading/kill, ...)
@@ -51,6 +52,11 @@ def run_worker(settings: Settings, bootstrap: str) -> None:
         api.stop()
 
 
+def _suffix(prefix: str) -> str:
+    """Per-run file names of a backtest's worker (`-bt.<run>`), so runs beside each other share no files."""
+    return f"-{prefix.rstrip('.')}" if prefix else ""
+
+
 def _info_path(run_dir: Path, pid: int) -> Path:
     """Where a worker says where its /metrics are (its port may be chosen by the OS)."""
     return run_dir / f"worker-{pid}.json"
@@ -63,12 +69,13 @@ class WorkerProcess:
     MAX_RESTARTS = 5  # in a row without a minute of uptime: a crash loop, not a hiccup
 
     def __init__(self, settings: Settings, bootstrap: str, symbols: list[str] | None = None):
-        self.log_path: Path = settings.run_dir / "worker.log"
+        self.log_path: Path = settings.run_dir / f"worker{_suffix(settings.topic_prefix)}.log"
         # the child reads its settings from the environment: pass this process's explicitly
         self.env = {**os.environ, "PERPFLOW_KAFKA_BOOTSTRAP": bootstrap, "PERPFLOW_HOME": str(settings.home_dir),
                     "PERPFLOW_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
                     "PERPFLOW_METRICS_HOST": settings.metrics_host, "PERPFLOW_LOG_LEVEL": settings.log_level,
-                    "PERPFLOW_SYMBOLS": ",".join(symbols or settings.symbols)}
+                    "PERPFLOW_SYMBOLS": ",".join(symbols or settings.symbols),
+                    "PERPFLOW_TOPIC_PREFIX": settings.topic_prefix}
         self.restarts = 0
         self._crash_loop = 0
         self._start()

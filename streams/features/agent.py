@@ -37,6 +37,7 @@ from faust.types import TP
 from schemas.catalog import SYMBOL_PARTITIONS
 from schemas.codec import DecodeError, default_codec
 from streams import metrics
+from streams.app import catalog_name, kafka_name, raw_topic
 from streams.batch_agent import commit_handled, send_dead_letter
 from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
@@ -64,14 +65,13 @@ class FeaturesAgent:
         self.schema_of = {name: self.codec.full_name(stem) for name, stem in
                           [("md.klines", "kline"), ("md.markprice", "mark_price"), ("md.funding", "funding"),
                            ("md.openinterest", "open_interest"), (BTC_TOPIC, "btc_snapshot")]}
-        raw = {"key_serializer": "raw", "value_serializer": "raw"}
         self.table = app.Table(STATE_TABLE, partitions=SYMBOL_PARTITIONS, key_type=bytes, value_type=bytes,
                                on_recover=self._on_recovered)
         self.reload = False
-        self.inputs = app.topic(*INPUT_TOPICS, BTC_TOPIC, **raw)
-        self.output = app.topic(OUTPUT_TOPIC, **raw)
-        self.btc_output = app.topic(BTC_TOPIC, **raw)
-        self.dead_letters = app.topic("deadletter", **raw)
+        self.inputs = raw_topic(app, *INPUT_TOPICS, BTC_TOPIC)
+        self.output = raw_topic(app, OUTPUT_TOPIC)
+        self.btc_output = raw_topic(app, BTC_TOPIC)
+        self.dead_letters = raw_topic(app, "deadletter")
         self.expect_btc = BTC_SYMBOL in settings.symbols
         # caches of the table, rebuilt after a rebalance
         self.sequencers: dict[str, tuple[FeatureSequencer, int]] = {}  # symbol → (sequencer, partition)
@@ -104,7 +104,8 @@ class FeaturesAgent:
     def _load_owned(self) -> None:
         """Sequencers of every symbol in the table whose partition this worker owns: bars they hold are released
         by ticks even when no new input for them ever comes (the end of a replay, a rebalance)."""
-        owned = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == "md.klines"}
+        owned = {tp.partition for tp in self.app.assignor.assigned_actives()
+                 if tp.topic == kafka_name(self.app, "md.klines")}
         for key, blob in list(self.table.data.items()):
             if key.startswith(b"btc:") or key.decode() in self.sequencers:
                 continue
@@ -141,18 +142,19 @@ class FeaturesAgent:
         for event in events:
             msg = event.message
             self.processed[msg.tp] = msg.offset
+            source = catalog_name(self.app, msg.topic)
             try:
                 name, record = self.codec.decode(msg.value)
-                if name != self.schema_of[msg.topic]:
-                    raise DecodeError("wrong_schema", f"{name} on a topic of {self.schema_of[msg.topic]}")
-                if msg.topic == BTC_TOPIC:
+                if name != self.schema_of[source]:
+                    raise DecodeError("wrong_schema", f"{name} on a topic of {self.schema_of[source]}")
+                if source == BTC_TOPIC:
                     snaps = self._btc(msg.partition)
                     for bar in record["bars"]:
                         snaps[bar["open_time"]] = BtcSnapshot(bar["open_time"], bar["ema_50"], bar["ema_200"],
                                                               bar["r_1"])
                         new_btc.setdefault(msg.partition, []).append(bar["open_time"])
                     continue
-                kind = INPUT_TOPICS[msg.topic]
+                kind = INPUT_TOPICS[source]
                 if kind == KIND_KLINE:
                     if record["interval"] != INTERVAL:
                         continue  # other intervals are not this agent's input
@@ -233,7 +235,7 @@ class FeaturesAgent:
         return seq
 
     def _context_complete(self, kind: int, partition: int) -> bool:
-        return self._read_to_end(TP(TOPIC_OF_KIND[kind], partition))
+        return self._read_to_end(TP(kafka_name(self.app, TOPIC_OF_KIND[kind]), partition))
 
     def _read_to_end(self, tp: TP) -> bool:
         """True when this input partition has nothing more to give now: handled up to its high-watermark."""

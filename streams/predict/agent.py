@@ -26,6 +26,7 @@ import numpy as np
 
 from schemas import event_ids
 from streams import metrics
+from streams.app import topic_prefix
 from streams.batch_agent import BatchAgent
 from streams.control import ControlReader
 from streams.features.registry import SCHEMA_VERSION
@@ -103,7 +104,7 @@ class PredictAgent(BatchAgent):
 
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         if self.control is None:
-            self.control = ControlReader(self.bootstrap, "perpflow-predict-control")
+            self.control = ControlReader(self.bootstrap, "perpflow-predict-control", topic_prefix(self.app))
             self._apply(promotions(await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)))
         ready = [(p, k, r) for _, p, k, r in inputs if r["ready"]]
         if len(ready) < len(inputs):

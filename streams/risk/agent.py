@@ -23,6 +23,7 @@ import faust
 from schemas import event_ids
 from schemas.catalog import SYMBOL_PARTITIONS
 from streams import metrics
+from streams.app import topic_prefix
 from streams.batch_agent import BatchAgent
 from streams.control import ControlReader
 from streams.risk.guard import STATES, TRADING_ENTITY, Book, Limits, RiskGuard
@@ -93,7 +94,7 @@ class RiskAgent(BatchAgent):
         if self.restore:
             self._restore()
         if self.control is None:
-            self.control = ControlReader(self.bootstrap, "perpflow-risk-control")
+            self.control = ControlReader(self.bootstrap, "perpflow-risk-control", topic_prefix(self.app))
             records = await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)
             self._apply_control(records)
 

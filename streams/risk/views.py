@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
-from streams.app import APP_ID
+from streams.app import app_id_for, topic_prefix
 from streams.broker import client_config, committed_offsets, end_offsets
 from streams.control import publish
 from streams.risk.guard import HALTED, REDUCE_ONLY, RUNNING, TRADING_ENTITY
@@ -33,7 +33,7 @@ def routes(agent: Any, bootstrap: str, models: Any = None) -> dict:
     def status(path: str, body: dict | None) -> tuple[int, object]:
         snap = dict(agent.snapshot)
         snap["models"] = {side: model_id for side, (model_id, _) in (models.models.items() if models else [])}
-        snap["lag"] = _lag(bootstrap)
+        snap["lag"] = _lag(bootstrap, topic_prefix(agent.app))
         return 200, snap
 
     def latest(path: str, body: dict | None) -> tuple[int, object]:
@@ -48,18 +48,19 @@ def routes(agent: Any, bootstrap: str, models: Any = None) -> dict:
             return 404, {"error": f"unknown command {name!r}; one of {', '.join(COMMANDS)}"}
         value = COMMANDS[name] | {"reason": (body or {}).get("reason") or name}
         record = publish(bootstrap, TRADING_ENTITY, "trading_state", value, (body or {}).get("actor") or "api",
-                         int(time.time() * 1000))
+                         int(time.time() * 1000), prefix=topic_prefix(agent.app))
         return 202, {"accepted": value, "event_id": record["event_id"]}
 
     return {("GET", "/status"): status, ("GET", "/signals/latest"): latest, ("GET", "/positions"): positions,
             ("POST", "/trading"): command}
 
 
-def _lag(bootstrap: str) -> dict[str, int]:
+def _lag(bootstrap: str, prefix: str = "") -> dict[str, int]:
     """Messages the agents' consumer group has not committed yet, per input topic."""
-    ends = end_offsets(bootstrap, list(LAG_TOPICS))
-    committed = committed_offsets(AdminClient(client_config(bootstrap)), APP_ID)
+    ends = end_offsets(bootstrap, [prefix + t for t in LAG_TOPICS])
+    committed = committed_offsets(AdminClient(client_config(bootstrap)), app_id_for(prefix))
     lag: dict[str, int] = {}
     for (topic, partition), end in ends.items():
-        lag[topic] = lag.get(topic, 0) + max(end - committed.get((topic, partition), 0), 0)
+        name = topic[len(prefix):]
+        lag[name] = lag.get(name, 0) + max(end - committed.get((topic, partition), 0), 0)
     return lag
