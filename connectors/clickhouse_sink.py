@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from connectors.clickhouse_store import Store
 from schemas.catalog import Topic, archived
 from schemas.codec import Codec, DecodeError, dead_letter_record, default_codec
-from schemas.tables import arrow_table, columns, to_json_if_nested
+from schemas.tables import arrow_table, columns, table_name, to_json_if_nested
 from streams import metrics
 from streams.broker import consumer_config, producer_config
 
@@ -31,9 +31,11 @@ GROUP = "perpflow-sink"
 class _TopicBatch:
     """Pending rows of one topic, kept as tuples of field values: columns are built once per insert."""
 
-    def __init__(self, topic: Topic, name: str):
+    def __init__(self, topic: Topic, name: str, run_id: str | None = None):
         self.topic = topic
         self.name = name  # the Kafka topic name (may carry a run prefix)
+        self.run_id = run_id  # a backtest's rows go to its `bt_` table, with the run id
+        self.table_name = table_name(topic, run_id is not None)
         fields = [c.name for c in columns(topic)]
         self.values = itemgetter(*fields)
         self.event_time_index = fields.index("event_time")
@@ -47,13 +49,13 @@ class _TopicBatch:
         self.offsets: list[int] = []
 
     def table(self) -> pa.Table:
-        return arrow_table(self.topic, self.rows, self.partitions, self.offsets)
+        return arrow_table(self.topic, self.rows, self.partitions, self.offsets, self.run_id)
 
 
 class ClickHouseSink:
     def __init__(self, bootstrap: str, store: Store, topics: list[Topic] | None = None, prefix: str = "",
                  group: str = GROUP, batch_rows: int = 50_000, batch_seconds: float = 1.0,
-                 codec: Codec | None = None):
+                 codec: Codec | None = None, run_id: str | None = None):
         self.store = store
         self.codec = codec or default_codec()
         self.group = group
@@ -63,7 +65,7 @@ class ClickHouseSink:
         self.dlq_topic = prefix + "deadletter"
         self.consumer = Consumer(consumer_config(bootstrap, group, **{"max.poll.interval.ms": 600_000}))
         self.dlq = Producer(producer_config(bootstrap))
-        self.batches = {name: _TopicBatch(t, name) for name, t in self.topics.items()}
+        self.batches = {name: _TopicBatch(t, name, run_id) for name, t in self.topics.items()}
         self._next_offsets: dict[tuple[str, int], int] = {}
         self.committed: dict[tuple[str, int], int] = {}
         self.rows_inserted = 0
@@ -168,13 +170,13 @@ class ClickHouseSink:
         while True:
             started = time.perf_counter()
             try:
-                self.store.insert_arrow(batch.topic.table, table)
+                self.store.insert_arrow(batch.table_name, table)
                 break
             except Exception as exc:
-                metrics.SINK_INSERT_FAILURES.labels(batch.topic.table).inc()
+                metrics.SINK_INSERT_FAILURES.labels(batch.table_name).inc()
                 if self.stop_event.is_set() and delay > 8:
                     raise
-                log.warning("insert into %s failed (%s); retrying in %.1f s", batch.topic.table,
+                log.warning("insert into %s failed (%s); retrying in %.1f s", batch.table_name,
                             str(exc).splitlines()[0][:200], delay)
                 if not paused:  # keep the group membership while waiting, fetch nothing new
                     self.consumer.pause(self.consumer.assignment())
@@ -183,8 +185,8 @@ class ClickHouseSink:
                 delay = min(delay * 2, 30.0)
         if paused:
             self.consumer.resume(self.consumer.assignment())
-        metrics.SINK_INSERT_SECONDS.labels(batch.topic.table).observe(time.perf_counter() - started)
-        metrics.SINK_ROWS.labels(batch.topic.table).inc(len(batch.rows))
+        metrics.SINK_INSERT_SECONDS.labels(batch.table_name).observe(time.perf_counter() - started)
+        metrics.SINK_ROWS.labels(batch.table_name).inc(len(batch.rows))
         self.rows_inserted += len(batch.rows)
         if self.first_insert_at is None:
             self.first_insert_at = time.monotonic()

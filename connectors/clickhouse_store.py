@@ -18,7 +18,7 @@ import clickhouse_connect
 import pyarrow as pa
 
 from schemas.catalog import Topic
-from schemas.tables import create_table_sql, table_columns
+from schemas.tables import create_table_sql, table_columns, table_name
 from streams.errors import PerpflowError
 from streams.settings import Settings
 
@@ -68,23 +68,25 @@ class Store:
         fh.flush()
         self._lock_file = fh
 
-    def ensure_tables(self, topics: list[Topic]) -> None:
-        """Create missing tables. A table whose columns differ from its schema is recreated while empty
-        (e.g. a placeholder from an older version) and refused with a clear message once it holds rows."""
+    def ensure_tables(self, topics: list[Topic], backtest: bool = False) -> None:
+        """Create missing tables (with `backtest`: the topics' `bt_` tables). A table whose columns differ from its
+        schema is recreated while empty (e.g. a placeholder from an older version) and refused with a clear message
+        once it holds rows."""
         with self._lock:
             for t in topics:
+                name = table_name(t, backtest)
                 have = [r[0] for r in self.client.query(
                     "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = "
-                    f"'{t.table}' ORDER BY position").result_rows]
-                if have and have != table_columns(t):
-                    rows = self.client.query(f"SELECT count() FROM `{t.table}`").result_rows[0][0]
+                    f"'{name}' ORDER BY position").result_rows]
+                if have and have != table_columns(t, backtest):
+                    rows = self.client.query(f"SELECT count() FROM `{name}`").result_rows[0][0]
                     if rows:
                         raise PerpflowError(
-                            f"the `{t.table}` table has another layout than schemas/avro/{t.schema}.avsc "
+                            f"the `{name}` table has another layout than schemas/avro/{t.schema}.avsc "
                             f"({len(have)} columns, {rows:,} rows); drop or rename it, then start again")
-                    log.info("recreating the empty table %s with the current layout", t.table)
-                    self.client.command(f"DROP TABLE `{t.table}`")
-                self.client.command(create_table_sql(t))
+                    log.info("recreating the empty table %s with the current layout", name)
+                    self.client.command(f"DROP TABLE `{name}`")
+                self.client.command(create_table_sql(t, backtest))
 
     def insert_arrow(self, table: str, data: pa.Table) -> None:
         with self._lock:

@@ -4,6 +4,10 @@ One table per archived topic (`md.klines` → `md_klines`): the record's fields,
 row came from (partition, offset) and when it was archived. ReplacingMergeTree sorted by a key
 that ends in `event_id`, so replaying the same events leaves the same rows (read with FINAL).
 Nested values (arrays, maps, records) are stored as JSON strings.
+
+Backtests archive into tables of their own, `bt_<table>`, with a `run_id` column first in the sort key: a run
+replays bars whose event ids are the live ones (and its outputs have the live event ids too), so in the live tables
+they would replace live rows; with the run id in the key, runs and live rows never deduplicate into each other.
 """
 
 from __future__ import annotations
@@ -66,39 +70,60 @@ def columns(topic: Topic) -> list[Column]:
     return [_column(f["name"], f["type"]) for f in schema["fields"]]
 
 
-def arrow_schema(topic: Topic) -> pa.Schema:
-    cols = [pa.field(c.name, c.arrow_type) for c in columns(topic)]
+BACKTEST_TABLE_PREFIX = "bt_"
+RUN_COLUMN = ("run_id", "LowCardinality(String)", pa.string())
+
+
+def table_name(topic: Topic, backtest: bool = False) -> str:
+    return BACKTEST_TABLE_PREFIX + topic.table if backtest else topic.table
+
+
+def arrow_schema(topic: Topic, backtest: bool = False) -> pa.Schema:
+    cols = [pa.field(RUN_COLUMN[0], RUN_COLUMN[2])] if backtest else []
+    cols += [pa.field(c.name, c.arrow_type) for c in columns(topic)]
     cols += [pa.field(name, arrow) for name, _, arrow in SOURCE_COLUMNS]
     return pa.schema(cols)
 
 
-def arrow_table(topic: Topic, rows: list[tuple], partitions: list[int], offsets: list[int]) -> pa.Table:
+def arrow_table(topic: Topic, rows: list[tuple], partitions: list[int], offsets: list[int],
+                run_id: str | None = None) -> pa.Table:
     """The insert for `topic`'s table: `rows` hold the record's fields in `columns(topic)` order (nested values
-    already JSON), `partitions`/`offsets` say where each came from (-1 when not from Kafka)."""
-    schema = arrow_schema(topic)
-    cols = [*zip(*rows, strict=True), partitions, offsets] if rows else [[] for _ in schema]
+    already JSON), `partitions`/`offsets` say where each came from (-1 when not from Kafka). With `run_id`: the
+    insert for its backtest table."""
+    schema = arrow_schema(topic, run_id is not None)
+    cols = [*zip(*rows, strict=True), partitions, offsets] if rows else [[] for _ in columns(topic)] + [[], []]
+    if run_id is not None:
+        cols.insert(0, [run_id] * len(partitions))
     return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)
 
 
 _ARCHIVED_AT = ("archived_at", "DateTime64(3, 'UTC') DEFAULT now64(3)")
 
 
-def table_columns(topic: Topic) -> list[str]:
-    """The column names of the topic's table, in order."""
-    return [c.name for c in columns(topic)] + [name for name, _, _ in SOURCE_COLUMNS] + [_ARCHIVED_AT[0]]
+def table_columns(topic: Topic, backtest: bool = False) -> list[str]:
+    """The column names of the topic's table (or its backtest table), in order."""
+    return ([RUN_COLUMN[0]] * backtest + [c.name for c in columns(topic)] + [name for name, _, _ in SOURCE_COLUMNS]
+            + [_ARCHIVED_AT[0]])
 
 
-def create_table_sql(topic: Topic) -> str:
+def create_table_sql(topic: Topic, backtest: bool = False) -> str:
     """DDL in the client's current database (the DSN's, e.g. http://…:8123/perpflow)."""
-    cols = [f"`{c.name}` {c.ch_type}" for c in columns(topic)]
+    cols = [f"`{RUN_COLUMN[0]}` {RUN_COLUMN[1]}"] * backtest + [f"`{c.name}` {c.ch_type}" for c in columns(topic)]
     cols += [f"`{name}` {ch}" for name, ch, _ in SOURCE_COLUMNS]
     cols.append(f"`{_ARCHIVED_AT[0]}` {_ARCHIVED_AT[1]}")
     return (
-        f"CREATE TABLE IF NOT EXISTS `{topic.table}` (\n  "
+        f"CREATE TABLE IF NOT EXISTS `{table_name(topic, backtest)}` (\n  "
         + ",\n  ".join(cols)
         + "\n) ENGINE = ReplacingMergeTree\n"
-        f"PARTITION BY toYYYYMM(event_time)\nORDER BY ({', '.join(topic.order_by)})"
+        f"PARTITION BY toYYYYMM(event_time)\nORDER BY ({', '.join(('run_id',) * backtest + topic.order_by)})"
     )
+
+
+def select_fields(topic: Topic) -> str:
+    """The SELECT list that reads a table's rows back as the topic's records (field order; times in epoch ms, as
+    the codec takes them; nested fields stay JSON text)."""
+    return ", ".join(f"toUnixTimestamp64Milli(`{c.name}`)" if "DateTime64" in c.ch_type else f"`{c.name}`"
+                     for c in columns(topic))
 
 
 def to_json_if_nested(value) -> str | None:
