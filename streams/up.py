@@ -23,8 +23,9 @@ from connectors.paper.connector import PaperConnector
 from connectors.paper.engine import PaperConfig
 from connectors.replay import ReplayResult, ReplaySource
 from schemas.catalog import archived
-from streams.app import APP_ID
-from streams.broker import client_config, committed_offsets, die_with_parent, end_offsets
+from schemas.tables import table_name
+from streams.app import app_id_for
+from streams.broker import client_config, committed_offsets, die_with_parent, end_offsets, ensure_topics
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS
 from streams.settings import Settings
 from streams.stack import Stack
@@ -44,6 +45,11 @@ class UpOptions:
     until_drained: bool = False
     live: bool = False  # with source binance: the user data stream and the execution connector too
     paper: bool = True  # the paper exchange answers `orders` (never with live)
+    # a backtest run (training.backtest.orchestrate): its topics' prefix (`bt.<run>.`), its id (rows archived in
+    # the `bt_` tables), the models it pins (registry rows; None = the promoted ones)
+    prefix: str = ""
+    run_id: str | None = None
+    models: list[dict] | None = None
 
 
 @dataclass
@@ -55,6 +61,7 @@ class UpSummary:
     problems: list[str] = field(default_factory=list)
     dead_letters: int = 0
     seconds: float = 0.0
+    replay_seconds: float = 0.0  # the replay's own time: to its last message acknowledged by the broker
     archive_seconds: float = 0.0  # from the sink's first insert until drained: the sustained archive rate
     worker_restarts: int = 0
 
@@ -79,7 +86,7 @@ def _replay_process(bootstrap: str, opts: UpOptions, conn) -> None:
     decodes and inserts on the other (one process would share one GIL between them)."""
     die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    replay = ReplaySource(bootstrap, opts.data, opts.symbols, opts.start_ms, opts.end_ms, opts.speed)
+    replay = ReplaySource(bootstrap, opts.data, opts.symbols, opts.start_ms, opts.end_ms, opts.speed, opts.prefix)
     # Ctrl-C is the parent's to handle; the parent stops the replay with SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: replay.stop_event.set())
@@ -121,17 +128,71 @@ class _ReplayProcess:
             self.process.join()
 
 
-def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
+class _ArchiveReplayThread:
+    """A backtest's replay of archived data (`--source clickhouse|kafka`): a thread, as it reads this process's
+    store (chDB: one process per store); the same interface as _ReplayProcess."""
+
+    def __init__(self, bootstrap: str, store, opts: UpOptions):
+        from connectors.archive_replay import ArchiveReplay
+
+        self.replay = ArchiveReplay(bootstrap, opts.source, opts.symbols, opts.start_ms, opts.end_ms, opts.prefix,
+                                    app_id_for(opts.prefix), store)
+        self.result: ReplayResult | None = None
+        self.thread = _ReportingThread("archive-replay", self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.result = self.replay.run()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.thread.error
+
+    def poll(self) -> bool:
+        if self.result is None and self.error is None and not self.thread.is_alive():
+            self.thread.error = RuntimeError("the backtest replay stopped")
+        return self.result is not None or self.error is not None
+
+    def stop(self) -> None:
+        self.replay.stop_event.set()
+        self.thread.join(30)
+
+
+class _Borrowed:
+    """A stack someone else opened (concurrent backtests in one process share one): used, not closed."""
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+
+    def __enter__(self) -> Stack:
+        return self.stack
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> UpSummary:
+    """`stack`: run on an open stack instead of opening one (a backtest beside another in the same process)."""
     started = time.monotonic()
     summary = UpSummary()
-    with Stack(settings) as stack:
+    px = opts.prefix
+    if px:  # a run's workers read and write its topics only, under a group of their own, metrics on any free port
+        settings = settings.model_copy(update={"topic_prefix": px, "worker_metrics_port": 0})
+    with _Borrowed(stack) if stack is not None else Stack(settings) as stack:
+        if px:
+            ensure_topics(stack.bootstrap, prefix=px)
+        if opts.run_id is not None:
+            stack.store.ensure_tables(archived(), backtest=True)
         sink = ClickHouseSink(stack.bootstrap, stack.store, batch_rows=settings.sink_batch_rows,
-                              batch_seconds=settings.sink_batch_seconds)
+                              batch_seconds=settings.sink_batch_seconds, prefix=px,
+                              group=f"perpflow-sink-{px.rstrip('.')}" if px else "perpflow-sink", run_id=opts.run_id)
         sink_thread = _ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
-        announce_promoted_models(stack)
+        announce_promoted_models(stack, px, opts.models)
         worker = WorkerProcess(settings, stack.bootstrap, opts.symbols) if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
+        if opts.source in ("clickhouse", "kafka"):
+            replay = _ArchiveReplayThread(stack.bootstrap, stack.store, opts)
         binance, binance_thread = None, None
         if opts.source == "binance":  # a thread: its metrics are this process's /metrics
             from connectors.binance.runner import BinanceSource
@@ -142,8 +203,10 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
             binance_thread.start()
         paper, paper_thread = None, None
         if opts.paper and not opts.live:
-            paper = PaperConnector(stack.bootstrap, settings.home / "paper" / "state.json", PaperConfig(
-                settings.paper_taker_fee, settings.paper_slippage_bps, settings.paper_leverage, settings.paper_balance))
+            state = settings.home / "paper" / f"state{px.rstrip('.')}.json"
+            paper = PaperConnector(stack.bootstrap, state, PaperConfig(
+                settings.paper_taker_fee, settings.paper_slippage_bps, settings.paper_leverage, settings.paper_balance),
+                prefix=px, group=f"{PAPER_GROUP}-{px.rstrip('.')}" if px else PAPER_GROUP)
             paper_thread = _ReportingThread("paper-exchange", paper.run)
             paper_thread.start()
         try:
@@ -162,14 +225,15 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                     if opts.until_drained:
                         if worker is not None:
                             log.info("replay finished; waiting for the agents to process everything")
-                            wait_for_agents(stack.bootstrap, worker)
+                            wait_for_agents(stack.bootstrap, worker, px)
                         if paper_thread is not None:
                             log.info("waiting for the paper exchange to answer every order")
-                            _wait_paper(stack.bootstrap, paper_thread)
+                            _wait_paper(stack.bootstrap, paper_thread, paper)
                         log.info("waiting for the sink to archive everything")
-                        _wait_drained(stack.bootstrap, sink, sink_thread)
+                        _wait_drained(stack.bootstrap, sink, sink_thread, px)
                         summary.archive_seconds = time.monotonic() - (sink.first_insert_at or time.monotonic())
                         summary.published = replay.result.published
+                        summary.replay_seconds = replay.result.seconds
                         summary.skipped_rows = dict(replay.result.report.skipped_rows)
                         summary.problems = list(replay.result.report.problems)
                         break
@@ -190,10 +254,12 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
         if sink_thread.error is not None:
             raise sink_thread.error
         topics = [t.name for t in archived()]
-        offsets = end_offsets(stack.bootstrap, topics)
-        summary.topic_messages = {t: sum(o for (n, _), o in offsets.items() if n == t) for t in topics}
+        offsets = end_offsets(stack.bootstrap, [px + t for t in topics])
+        summary.topic_messages = {t: sum(o for (n, _), o in offsets.items() if n == px + t) for t in topics}
+        where = f" WHERE run_id = '{opts.run_id}'" if opts.run_id is not None else ""
         summary.rows_archived = {
-            t.name: stack.store.query_rows(f"SELECT count() FROM `{t.table}` FINAL")[0][0] for t in archived()
+            t.name: stack.store.query_rows(f"SELECT count() FROM `{table_name(t, opts.run_id is not None)}` FINAL"
+                                           f"{where}")[0][0] for t in archived()
         }
         summary.dead_letters = sink.dead_letters
         summary.worker_restarts = worker.restarts if worker else 0
@@ -201,32 +267,36 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
     return summary
 
 
-def announce_promoted_models(stack: Stack) -> None:
+def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] | None = None) -> None:
     """The registry's promoted models on `control`, where the worker's predict agent learns them (it cannot open
     an embedded store, and the embedded broker starts empty). Same entity and event_id as the promotion's own
-    record: announcing again changes nothing."""
+    record: announcing again changes nothing. A backtest pins its `models` (registry rows, one per side) on its own
+    `control` topic (`prefix`): its predict agent sees no other promotion."""
     from streams.control import publish
     from training import registry
 
+    pinned = {row["side"]: row for row in models or []}
     for side in ("long", "short"):
-        row = registry.promoted(stack.store, side)
+        row = pinned[side] if side in pinned else registry.promoted(stack.store, side)
         if row is None:
             log.warning("no promoted model for the %s side: the worker will not predict (see `perpflow models`)", side)
             continue
         publish(stack.bootstrap, f"model:{side}", "model_promoted", registry.control_value(row, None),
-                row["actor"], row["promoted_at"])
+                row["actor"], row["promoted_at"] or row["created_at"], prefix=prefix)
 
 
-def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
+def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> None:
     """Until the agents' consumer group has committed everything now in its input topics and holds no bar back
-    (twice in a row: the agents write to some of their own inputs, e.g. features.btc)."""
-    topics = list(INPUT_TOPICS) + [BTC_TOPIC, "features", "predictions"]  # inputs of features, predict, policy
+    (twice in a row: the agents write to some of their own inputs, e.g. features.btc). `prefix`: a run's."""
+    # inputs of features, predict, policy and risk (user.events: the risk agent's paper fills come back to it)
+    topics = list(INPUT_TOPICS) + [BTC_TOPIC, "features", "predictions", "signals", "user.events", "risk.events"]
+    topics = [prefix + t for t in topics]
     admin = AdminClient(client_config(bootstrap))
     previous: dict | None = None
     while True:
         worker.check()
         targets = end_offsets(bootstrap, topics)
-        committed = committed_offsets(admin, APP_ID)
+        committed = committed_offsets(admin, app_id_for(prefix))
         if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0) and worker.held_bars() == 0:
             if targets == previous:
                 return
@@ -234,22 +304,22 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
         time.sleep(0.5)
 
 
-def _wait_paper(bootstrap: str, thread: _ReportingThread) -> None:
+def _wait_paper(bootstrap: str, thread: _ReportingThread, paper: PaperConnector) -> None:
     """Until the paper exchange has committed everything now in its inputs."""
     admin = AdminClient(client_config(bootstrap))
     while True:
         if not thread.is_alive():
             raise thread.error or RuntimeError("the paper exchange stopped")
-        targets = end_offsets(bootstrap, list(PAPER_INPUTS))
-        committed = committed_offsets(admin, PAPER_GROUP)
+        targets = end_offsets(bootstrap, [paper.prefix + t for t in PAPER_INPUTS])
+        committed = committed_offsets(admin, paper.group)
         if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0):
             return
         time.sleep(0.2)
 
 
-def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _ReportingThread) -> None:
+def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _ReportingThread, prefix: str = "") -> None:
     """Until the sink has archived and committed everything now in the archived topics."""
-    topics = [t.name for t in archived()]
+    topics = [prefix + t.name for t in archived()]
     while True:
         targets = end_offsets(bootstrap, topics)
         while not sink.caught_up(targets):
