@@ -709,6 +709,59 @@ def trading_kill(reason: str = typer.Option(None, help="Why, for the record.")) 
     _trading(TradingCommand.kill, reason)
 
 
+class BacktestSource(StrEnum):
+    clickhouse = "clickhouse"
+    kafka = "kafka"
+
+
+@app.command()
+def backtest(
+    symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
+    start: str = typer.Option(..., help="First bar replayed (UTC, inclusive); the first ~5 days warm the indicators."),
+    end: str = typer.Option(..., help="End of the replay (UTC, exclusive)."),
+    model: str = typer.Option("promoted", help="'promoted', or model ids (comma-separated) pinned for the run; "
+                              "a side not named uses its promoted model."),
+    source: BacktestSource = typer.Option(BacktestSource.clickhouse, help="Replay the ClickHouse archive (md_* "
+                                          "tables) or the md.* topics of the broker."),
+    fee: float = typer.Option(None, help="Taker fee per fill, a fraction (default PERPFLOW_PAPER_TAKER_FEE); the "
+                              "policy's EV assumes the same."),
+    slippage_bps: float = typer.Option(None, help="Slippage per fill in bps (default PERPFLOW_PAPER_SLIPPAGE_BPS)."),
+    out_dir: Path = typer.Option(None, "--out", help="Where report.html and metrics.json go (default "
+                                 "$PERPFLOW_HOME/backtests/<run>)."),
+    keep_topics: bool = typer.Option(False, "--keep-topics", help="Keep the run's bt.<run>.* topics."),
+) -> None:
+    """Replay archived market data through the live chain (features → predict → policy → risk → paper exchange) on
+    topics of the run's own, with the models pinned; archive every row with its run id (bt_* tables), record the
+    run in `backtest_runs`, write report.html and metrics.json."""
+    from training.backtest.orchestrate import BacktestOptions, run_backtest
+
+    start_ms, end_ms = _window_options(start, end)
+    settings = _settings()
+    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
+        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'}: archive market data first (`perpflow "
+                            "up --source replay ... --until-drained`) and train a model")
+    opts = BacktestOptions(_symbols(symbols, settings), start_ms, end_ms, model, source.value, fee, slippage_bps,
+                           out_dir, keep_topics)
+    _stop_on_signals()
+    result = run_backtest(settings, opts, say=lambda line: print(line, file=sys.stderr))
+    m = result.metrics
+    table = Table(title=f"backtest {result.run_id}")
+    table.add_column("")
+    table.add_column("", justify="right")
+    signals = m.get("signals", {})
+    for label_, value in (
+            ("models", ", ".join(result.models)),
+            ("bars through the chain", f"{result.bars:,} in {result.seconds:.1f} s ({result.bars_per_second:,.0f}/s)"),
+            ("signals", " · ".join(f"{k} {v:,}" for k, v in sorted(signals.items())) or "none"),
+            ("trades closed (open)", f"{m['trades']:,} ({m['open_trades']:,})"),
+            ("net PnL (closed trades)", f"{m['net_pnl']:+,.2f} USDT"),
+            ("total return", f"{m['total_return']:+.2%}"), ("max drawdown", f"{m['max_drawdown']:.2%}"),
+            ("report", str(result.report_path)),
+            ("topics", "kept" if keep_topics else f"{result.topics_deleted} deleted")):
+        table.add_row(label_, value)
+    out.print(table)
+
+
 @app.command()
 def demo(
     data: Path = typer.Option(Path("data/binance-um-futures"), help="Directory of historical files (the bundled "
