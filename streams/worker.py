@@ -28,7 +28,7 @@ from streams.settings import Settings
 AGENT_MODULES: list[str] = ["streams.features.agent", "streams.predict.agent", "streams.policy.agent",
                              "streams.risk.agent"]
 log = logging.getLogger(__name__)
-COST_SETTINGS = ("fee", "slippage", "paper_taker_fee", "paper_slippage_bps", "paper_balance")
+DECISION_SETTINGS = ("min_ev", "min_pwin", "fee", "slippage", "paper_taker_fee", "paper_slippage_bps", "paper_balance")
 
 
 def run_worker(settings: Settings, bootstrap: str) -> None:
@@ -77,8 +77,8 @@ class WorkerProcess:
                     "PERPFLOW_METRICS_HOST": settings.metrics_host, "PERPFLOW_LOG_LEVEL": settings.log_level,
                     "PERPFLOW_SYMBOLS": ",".join(symbols or settings.symbols),
                     "PERPFLOW_TOPIC_PREFIX": settings.topic_prefix,
-                    # a backtest's cost model (--fee, --slippage-bps) is the policy's and the paper exchange's
-                    **{f"PERPFLOW_{k.upper()}": str(getattr(settings, k)) for k in COST_SETTINGS}}
+                    # thresholds and costs as this process has them (a backtest's --fee and --slippage-bps included)
+                    **{f"PERPFLOW_{k.upper()}": str(getattr(settings, k)) for k in DECISION_SETTINGS}}
         self.restarts = 0
         self._crash_loop = 0
         self._start()

@@ -11,6 +11,7 @@ looks for them; a live promotion meanwhile goes to the live `control` and change
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import shutil
@@ -153,10 +154,16 @@ def run_records(store: Store, run_id: str, name: str, where: str = "1", order: s
     """A run's archived records of one topic (FINAL: what the at-least-once chain wrote twice counts once), in topic
     order by default (per partition, i.e. per symbol — what `accounting.reconstruct` wants)."""
     t = topic(name)
-    fields = [c.name for c in columns(t)]
+    cols = columns(t)
+    fields, nested = [c.name for c in cols], [c.name for c in cols if c.nested]
     rows = store.query_rows(f"SELECT {select_fields(t)} FROM `{table_name(t, True)}` FINAL "
                             f"WHERE run_id = '{run_id}' AND {where} ORDER BY {order}")
-    return [dict(zip(fields, r, strict=True)) for r in rows]
+    records = [dict(zip(fields, r, strict=True)) for r in rows]
+    for rec in records:  # the archive keeps nested values as JSON text: the records as they were published
+        for name in nested:
+            if rec[name] is not None:
+                rec[name] = json.loads(rec[name])
+    return records
 
 
 def _ledger(store: Store, run_id: str, s: Settings) -> tuple[accounting.Ledger, int]:

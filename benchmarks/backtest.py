@@ -1,0 +1,115 @@
+"""Backtest throughput: 5m bars per second through the full live chain (`perpflow backtest`: archive replay →
+features → predict → policy → risk → paper exchange → sink, one Faust worker, embedded broker and store), next to a
+plain vectorized offline pass of the same decisions (the feature engine over the same events, both sides' models
+on the whole matrix at once, the policy over every prediction at once), as a ratio measured in this run.
+
+The home is built first (not timed): the sample replayed into the archive, labeled, both sides trained (small) and
+promoted. The backtest window is the last 12 days; its decisions must equal the offline pass's (checked)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import types
+from collections import Counter
+from pathlib import Path
+
+from benchmarks import _data
+
+DAY_MS = 86_400_000
+TARGET_BARS_PER_S = 2_000
+BACKTEST_DAYS = 12
+
+
+def _build_home(settings, data: Path, symbols: list[str], start_ms: int, end_ms: int, train_end_ms: int) -> list:
+    from connectors.clickhouse_store import Store
+    from streams.up import UpOptions, run_up
+    from training import registry
+    from training.label_build import build_labels
+    from training.labels import LabelSpec
+    from training.pipeline import train_models
+    from training.train import TrainConfig
+
+    run_up(settings, UpOptions("replay", str(data), symbols, start_ms, end_ms, None, True))
+    store = Store(settings)
+    try:
+        spec = LabelSpec()
+        build_labels(store, symbols, start_ms, train_end_ms, spec, say=lambda _: None)
+        trained = train_models(store, settings.home_dir / "models", ["long", "short"], symbols, start_ms,
+                               train_end_ms, spec.id, TrainConfig(folds=2, embargo_bars=48, max_rounds=40),
+                               say=lambda _: None)
+        rows = []
+        for row, _ in trained:
+            registry.promote(store, row["id"], "benchmark", "backtest throughput", force=True, reason="benchmark")
+            rows.append(registry.get(store, row["id"]))
+        return rows
+    finally:
+        store.close()
+
+
+def offline_pass(settings, data: Path, symbols: list[str], start_ms: int, end_ms: int, models: list[dict]):
+    """The same decisions without the broker: (bars, seconds, decisions by kind)."""
+    from connectors.replay import KIND_FUNDING, KIND_KLINE, KIND_MARK, ReplaySource
+    from streams.features.offline import FeatureRun, sort_events
+    from streams.policy.agent import Policy
+    from streams.predict.agent import PredictAgent
+    from training.artifact import Predictor
+
+    src = ReplaySource("", str(data), symbols, start_ms, end_ms)
+    prepared, _ = src.load()
+    events = []
+    for p in prepared:
+        events += [(KIND_KLINE, src.kline_record(p, r)) for r in range(len(p.kline_rows))]
+        events += [(KIND_MARK, src.mark_record(p, r)) for r in range(len(p.kline_rows))]
+        events += [(KIND_FUNDING, src.funding_record(p, r)) for r in range(len(p.funding_rows))]
+    events = sort_events(events)
+    bars = sum(1 for kind, _ in events if kind == KIND_KLINE)
+    # the predict agent's own per-batch code, on one batch holding every ready row
+    agent = types.SimpleNamespace(models={m["side"]: (m["id"], Predictor.load(Path(m["artifact_path"]), m["sha256"]))
+                                          for m in models})
+    policy = Policy(settings)
+    t = time.perf_counter()
+    run = FeatureRun("stream")
+    rows = [r for kind, rec in events if (r := run.feed(kind, rec)) is not None]
+    ready = [r for r in rows if r["ready"]]
+    preds = [PredictAgent._base(agent, r) for r in ready]
+    for side in ("long", "short"):
+        PredictAgent._predict_side(agent, side, ready, preds)
+    signals = policy.signals(preds)
+    seconds = time.perf_counter() - t
+    return bars, seconds, Counter(s["decision"] for s in signals)
+
+
+def run(quick: bool = False) -> bool:
+    from streams.settings import Settings
+    from training.backtest.orchestrate import BacktestOptions, run_backtest
+
+    logging.basicConfig(level=logging.WARNING)
+    data, symbols, _ = _data.choose(True)  # the bundled month: a backtest needs models trained on the archive
+    symbols = symbols or _data.SYMBOLS
+    from connectors.history_files import load_history
+
+    histories, _ = load_history(data, symbols)
+    first = max(int(h.klines.open_time.min()) for h in histories.values())
+    end = min(int(h.klines.open_time.max()) for h in histories.values()) + 300_000
+    end -= end % DAY_MS
+    start = end - BACKTEST_DAYS * DAY_MS
+    with tempfile.TemporaryDirectory() as home:
+        # loose thresholds: the sample's models have no edge, and a backtest that never trades measures less
+        settings = Settings(home=Path(home), kafka_bootstrap="", clickhouse_url="", metrics_port=0,
+                            worker_metrics_port=0, log_level="WARNING", symbols=symbols, min_pwin=0.3, min_ev=-1.0)
+        models = _build_home(settings, data, symbols, first, end, start)
+        result = run_backtest(settings, BacktestOptions(symbols, start, end, ",".join(m["id"] for m in models)),
+                              say=lambda _: None)
+        bars, offline_s, decisions = offline_pass(settings, data, symbols, start, end, models)
+    chain_rate, offline_rate = result.bars_per_second, bars / offline_s
+    print(f"backtest: {data}, {', '.join(symbols)}, {BACKTEST_DAYS} days = {result.bars:,} bars, one Faust worker")
+    print(f"  full chain (replay → archived, start-up included) {result.seconds:8.1f} s = {chain_rate:8,.0f} bars/s  "
+          f"{'PASS' if chain_rate >= TARGET_BARS_PER_S else 'MISS'} (target ≥ {TARGET_BARS_PER_S:,})")
+    print(f"  offline vectorized pass of the same decisions     {offline_s:8.1f} s = {offline_rate:8,.0f} bars/s")
+    print(f"  chain / offline = {chain_rate / offline_rate:.3f}×  (the price of running the live agents)")
+    chain_decisions = {k: v for k, v in result.metrics.get("signals", {}).items() if k in ("long", "short", "flat")}
+    same = {k.lower(): v for k, v in decisions.items()} == {k: v for k, v in chain_decisions.items() if v}
+    print(f"  decisions: chain {chain_decisions}, offline {dict(decisions)}  {'same' if same else 'DIFFERENT'}")
+    return result.bars == bars and same
