@@ -17,10 +17,6 @@ from dataclasses import dataclass, field
 from confluent_kafka.admin import AdminClient
 
 from connectors.clickhouse_sink import ClickHouseSink
-from connectors.paper.connector import GROUP as PAPER_GROUP
-from connectors.paper.connector import INPUTS as PAPER_INPUTS
-from connectors.paper.connector import PaperConnector
-from connectors.paper.engine import PaperConfig
 from connectors.replay import ReplayResult, ReplaySource
 from schemas.catalog import archived
 from streams.app import APP_ID
@@ -43,7 +39,7 @@ class UpOptions:
     speed: float | None = None  # None = max
     until_drained: bool = False
     live: bool = False  # with source binance: the user data stream and the execution connector too
-    paper: bool = True  # the paper exchange answers `orders` (never with live)
+    paper: bool = True  # the worker's risk agent fills its orders on the paper exchange (never with live)
 
 
 @dataclass
@@ -130,7 +126,8 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
         sink_thread = _ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
         announce_promoted_models(stack)
-        worker = WorkerProcess(settings, stack.bootstrap, opts.symbols) if settings.run_worker else None
+        worker = WorkerProcess(settings, stack.bootstrap, opts.symbols, paper=opts.paper and not opts.live) \
+            if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
         binance, binance_thread = None, None
         if opts.source == "binance":  # a thread: its metrics are this process's /metrics
@@ -140,18 +137,10 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                                     opts.start_ms)
             binance_thread = _ReportingThread("binance", binance.run)
             binance_thread.start()
-        paper, paper_thread = None, None
-        if opts.paper and not opts.live:
-            paper = PaperConnector(stack.bootstrap, settings.home / "paper" / "state.json", PaperConfig(
-                settings.paper_taker_fee, settings.paper_slippage_bps, settings.paper_leverage, settings.paper_balance))
-            paper_thread = _ReportingThread("paper-exchange", paper.run)
-            paper_thread.start()
         try:
             while True:
                 if sink_thread.error is not None:
                     raise sink_thread.error
-                if paper_thread is not None and not paper_thread.is_alive():
-                    raise paper_thread.error or RuntimeError("the paper exchange stopped")
                 if binance_thread is not None and not binance_thread.is_alive():
                     raise binance_thread.error or RuntimeError("the Binance connectors stopped")
                 if worker is not None:
@@ -163,9 +152,6 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                         if worker is not None:
                             log.info("replay finished; waiting for the agents to process everything")
                             wait_for_agents(stack.bootstrap, worker)
-                        if paper_thread is not None:
-                            log.info("waiting for the paper exchange to answer every order")
-                            _wait_paper(stack.bootstrap, paper_thread)
                         log.info("waiting for the sink to archive everything")
                         _wait_drained(stack.bootstrap, sink, sink_thread)
                         summary.archive_seconds = time.monotonic() - (sink.first_insert_at or time.monotonic())
@@ -180,9 +166,6 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                 binance_thread.join(30)
             if replay:
                 replay.stop()
-            if paper is not None:
-                paper.stop()
-                paper_thread.join(30)
             if worker:
                 worker.stop()
             sink.stop()
@@ -220,7 +203,8 @@ def announce_promoted_models(stack: Stack) -> None:
 def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
     """Until the agents' consumer group has committed everything now in its input topics and holds no bar back
     (twice in a row: the agents write to some of their own inputs, e.g. features.btc)."""
-    topics = list(INPUT_TOPICS) + [BTC_TOPIC, "features", "predictions"]  # inputs of features, predict, policy
+    # inputs of features, predict, policy and risk (user.events: the risk agent's paper fills come back to it)
+    topics = list(INPUT_TOPICS) + [BTC_TOPIC, "features", "predictions", "signals", "user.events", "risk.events"]
     admin = AdminClient(client_config(bootstrap))
     previous: dict | None = None
     while True:
@@ -232,19 +216,6 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess) -> None:
                 return
             previous = targets
         time.sleep(0.5)
-
-
-def _wait_paper(bootstrap: str, thread: _ReportingThread) -> None:
-    """Until the paper exchange has committed everything now in its inputs."""
-    admin = AdminClient(client_config(bootstrap))
-    while True:
-        if not thread.is_alive():
-            raise thread.error or RuntimeError("the paper exchange stopped")
-        targets = end_offsets(bootstrap, list(PAPER_INPUTS))
-        committed = committed_offsets(admin, PAPER_GROUP)
-        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0):
-            return
-        time.sleep(0.2)
 
 
 def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _ReportingThread) -> None:
