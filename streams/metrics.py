@@ -62,7 +62,6 @@ DECISION_CHAIN_METRICS: dict[str, str] = {
     "perpflow_risk_verdicts_total": "counter {verdict, reason}: verdicts; a rejection counts once per violated rule",
     "perpflow_e2e_latency_seconds_bucket": "histogram perpflow_e2e_latency_seconds: kline publication to order",
     # models
-    "perpflow_model_age_seconds": "gauge {side}: age of the promoted model's training data end",
     "perpflow_model_calibration_error": "gauge {side}: |mean predicted P(TP) - realized TP rate|, recent labels",
 }
 
@@ -74,6 +73,8 @@ MODEL_INFO = Gauge("perpflow_model_info", "1 for the model each side predicts wi
 PREDICTION_P_TP = Histogram("perpflow_prediction_p_tp", "Predicted P(TP)", ["side"],
                             buckets=tuple(i / 10 for i in range(1, 10)))
 PREDICTIONS = Counter("perpflow_predictions", "predictions emitted", ["symbol"])
+MODEL_AGE = Gauge("perpflow_model_age_seconds", "Seconds since the end of the training data of the model each side "
+                  "predicts with (computed at each scrape)", ["side"])
 PREDICT_SKIPPED = Counter("perpflow_predict_skipped", "features records not predicted (not_ready, no_model)",
                           ["reason"])
 

@@ -35,7 +35,7 @@ EXPECTED_MISSING = {
     "perpflow_trading_state", "perpflow_account_equity_usdt", "perpflow_account_drawdown_ratio",
     "perpflow_daily_pnl_ratio", "perpflow_daily_loss_limit_ratio", "perpflow_position_liq_distance_atr",
     "perpflow_risk_verdicts_total", "perpflow_e2e_latency_seconds_bucket",
-    "perpflow_model_age_seconds", "perpflow_model_calibration_error",
+    "perpflow_model_calibration_error",
 }
 SCRAPE_S = 1
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
