@@ -78,7 +78,8 @@ MODEL_AGE = Gauge("perpflow_model_age_seconds", "Seconds since the end of the tr
 PREDICT_SKIPPED = Counter("perpflow_predict_skipped", "features records not predicted (not_ready, no_model)",
                           ["reason"])
 
-# Binance connectors (connectors/binance): connector = binance-market | binance-user. The first four names are
+# Binance connectors (connectors/binance): connector = binance-market | binance-user | binance-execution (the
+# execution connector's own watch of the account when it runs alone). The first four names are
 # the ones the alert rules and dashboards query (deploy/prometheus/rules, grafana/boards.py).
 CONNECTOR_CONNECTED = Gauge("perpflow_connector_connected", "1 while the connector's stream is connected, else 0",
                             ["connector"])
