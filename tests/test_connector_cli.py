@@ -150,3 +150,28 @@ def test_user_and_execution_connectors_as_two_processes(tmp_path, broker):
     assert [o["clientOrderId"] for o in fake.exchange_orders()][0] == ids["entry"]
     assert fake.account.positions["BTCUSDT"].amount == 0
     assert all(API_SECRET not in s and API_KEY not in s for s in stderrs)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_paper_connector_alone_answers_orders_and_keeps_its_state(tmp_path, broker):
+    from streams.broker import ensure_topics
+    from tests.test_paper_connector import bar, intent, send
+
+    ensure_topics(broker.bootstrap)
+    send(broker.bootstrap, [("md.klines", bar(0, 100, 100, 100, 100)), ("orders", intent("p1")),
+                            ("md.klines", bar(1, 100, 101, 99.5, 100.5))])
+    home, port = tmp_path / "home", free_port()
+    proc = start(home, "paper", PERPFLOW_KAFKA_BOOTSTRAP=broker.bootstrap, PERPFLOW_METRICS_PORT=str(port))
+    try:
+        wait_for("/health", lambda: '"ok"' in get(f"http://127.0.0.1:{port}/health"), [proc])
+        wait_for("the fill and its protection", lambda: len(read_topic(broker.bootstrap, "user.events")) >= 5, [proc])
+    finally:
+        stop(proc)
+    events = read_topic(broker.bootstrap, "user.events")
+    ids = client_ids("p1")
+    assert [(e["event_type"], e["client_order_id"]) for e in events] == [
+        ("ORDER_TRADE_UPDATE", ids["entry"]), ("ORDER_TRADE_UPDATE", ids["entry"]), ("ACCOUNT_UPDATE", None),
+        ("ALGO_UPDATE", ids["sl"]), ("ALGO_UPDATE", ids["tp"])]
+    assert {e["source"] for e in events} == {"paper"}
+    assert (home / "paper" / "state.json").exists()  # where the compose volume and the Kubernetes PVC are mounted
