@@ -41,7 +41,43 @@ def test_secrets_must_come_from_the_environment(tmp_path):
 
 
 def test_the_whole_stack_is_there(config):
-    assert {"kafka", "clickhouse", "prometheus", "grafana", "sink", "worker", "replay"} <= set(config["services"])
+    assert {"kafka", "clickhouse", "prometheus", "grafana", "sink", "worker", "replay", "market-connector",
+            "user-connector", "execution", "execution-live"} <= set(config["services"])
+
+
+CONNECTORS = {"market-connector": ["connector", "market"], "user-connector": ["connector", "user"],
+              "execution": ["connector", "paper"], "execution-live": ["connector", "execution"]}
+
+
+def test_each_connector_is_its_own_service(config):
+    services = config["services"]
+    for name, command in CONNECTORS.items():
+        svc = services[name]
+        assert svc["command"] == command, name
+        assert "/health" in " ".join(svc["healthcheck"]["test"]), name
+        assert "ports" not in svc and svc.get("deploy", {}).get("replicas", 1) == 1, name  # singletons
+    assert "profiles" not in services["market-connector"]  # market data always flows
+
+
+def test_paper_by_default_and_never_two_execution_connectors(config):
+    services = config["services"]
+    profiles = {n: set(s.get("profiles", ())) for n, s in services.items()}
+    # paper and live execution are in disjoint profiles, so no profile choice runs both
+    assert profiles["execution"] == {"paper"} and profiles["execution-live"] == {"live"}
+    assert profiles["user-connector"] == {"live"}
+    assert "COMPOSE_PROFILES=paper" in (ROOT / ".env.example").read_text().splitlines()  # paper by default
+    # and no other service runs a paper exchange of its own (`perpflow up` would, without --no-paper)
+    for name in ("sink", "replay"):
+        assert services[name]["command"][0] == "up" and "--no-paper" in services[name]["command"], name
+
+
+def test_the_api_key_reaches_only_the_live_services(config):
+    for name, svc in config["services"].items():
+        has_key = "PERPFLOW_BINANCE_API_SECRET" in svc.get("environment", {})
+        assert has_key == (name in {"user-connector", "execution-live"}), name
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.startswith(("PERPFLOW_BINANCE_API_KEY=", "PERPFLOW_BINANCE_API_SECRET=")):
+            assert line.endswith("="), "no key in the example"
 
 
 def test_every_service_has_a_healthcheck_or_waits_for_one(config):
@@ -55,7 +91,7 @@ def test_every_service_has_a_healthcheck_or_waits_for_one(config):
 def test_perpflow_services_run_real_commands_with_the_same_settings(config):
     commands = set(typer.main.get_command(app).commands)
     services = {n: s for n, s in config["services"].items() if s.get("image") == PERPFLOW_IMAGE}
-    assert set(services) >= {"sink", "worker", "replay"}
+    assert set(services) >= {"sink", "worker", "replay", *CONNECTORS}
     shared = {k: v for k, v in services["sink"]["environment"].items() if k != "PERPFLOW_RUN_WORKER"}
     for name, svc in services.items():
         assert svc["command"][0] in commands, f"{name}: `perpflow {svc['command'][0]}` does not exist"
@@ -72,7 +108,7 @@ def test_prometheus_scrapes_every_long_running_perpflow_service(config):
     scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
     targets = {t for job in scrape for sc in job.get("static_configs", []) for t in sc["targets"]}
     targets |= {f"{n}:{sd['port']}" for job in scrape for sd in job.get("dns_sd_configs", []) for n in sd["names"]}
-    assert {"sink:9464", "worker:9465"} <= targets
+    assert {"sink:9464", "worker:9465"} | {f"{n}:9464" for n in CONNECTORS} <= targets
 
 
 def test_dockerfile_is_multi_stage_slim_pinned_and_non_root():

@@ -204,6 +204,11 @@ def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker
         while worker.metric("perpflow_model_info", side="long", model_id="long-reloaded") != 1:
             assert time.monotonic() < deadline, "the worker did not load the second promotion"
             time.sleep(0.5)
+        # the model's age: since its training data's end (in the control record), growing without an update
+        age = worker.metric("perpflow_model_age_seconds", side="long")
+        assert abs(age - (time.time() - rows["long"]["train_end"] / 1000)) < 60
+        time.sleep(1.5)
+        assert worker.metric("perpflow_model_age_seconds", side="long") > age
         produce(broker.bootstrap, [("features", "ETHUSDT", codec.encode("features", r)) for r in records[10:]])
         while len(read_topic(broker.bootstrap, "predictions")) < 20:
             assert time.monotonic() < deadline, "no predictions after the reload"
