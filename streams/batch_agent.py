@@ -131,9 +131,12 @@ class BatchAgent:
         forget(self.app, self.name)
 
     async def run(self, stream: faust.StreamT) -> None:
+        busy = metrics.AGENT_BUSY.labels(self.name)
         async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
             async with self.lock:
-                await self.batch(events)
+                started = time.perf_counter()
+                await self.batch(events)  # includes waiting for the broker's acks: an upper bound of its CPU
+                busy.inc(time.perf_counter() - started)
 
     async def batch(self, events: list[faust.EventT]) -> None:
         pending: list[Any] = []

@@ -43,6 +43,8 @@ FEATURES_BTC_TIMEOUTS = Counter(
     "perpflow_features_btc_timeouts", "Bars released without BTCUSDT's snapshot after waiting for it", ["symbol"])
 FEATURES_LAST_CLOSE = Gauge("perpflow_features_last_close_seconds", "close_time of the newest features record",
                             ["symbol"])
+AGENT_BUSY = Counter("perpflow_agent_busy_seconds", "Time an agent spent handling its micro-batches (its share of the "
+                     "worker's core)", ["agent"])
 WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")
 
 # The decision chain's metrics, named before their agents exist: the alert rules

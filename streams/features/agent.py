@@ -115,10 +115,13 @@ class FeaturesAgent:
                 self.sequencers[key.decode()] = (FeatureSequencer.from_state(state["sequencer"]), state["partition"])
 
     async def run(self, stream: faust.StreamT) -> None:
+        busy = metrics.AGENT_BUSY.labels("features")
         async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
             async with self.lock:
+                started = time.perf_counter()
                 pending, touched, new_btc = self._intake(events)
                 await self._release(pending, touched, new_btc)
+                busy.inc(time.perf_counter() - started)
 
     async def tick(self) -> None:
         """Bars held while no input arrives (waiting for a silent BTC, at the end of a replay) are released by
