@@ -812,6 +812,10 @@ def connector(
                                 "PERPFLOW_BINANCE_API_KEY and PERPFLOW_BINANCE_API_SECRET in the environment (testnet "
                                 "keys unless PERPFLOW_BINANCE_TESTNET=false)")
         _check_live(settings, mainnet)
+    if part is ConnectorPart.execution and settings.paper_trading:
+        raise PerpflowError("the execution connector trades the orders on Binance, but PERPFLOW_PAPER_TRADING is "
+                            "true: the workers' risk agent would fill them on paper too; set "
+                            "PERPFLOW_PAPER_TRADING=false for the workers and this connector")
     info = StackInfo.load(settings)
     bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else "")
     if not bootstrap:

@@ -92,6 +92,16 @@ def test_live_connectors_need_the_api_key(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_the_execution_connector_refuses_to_run_next_to_paper_trading(tmp_path):
+    """With PERPFLOW_PAPER_TRADING true (the default) the workers' risk agent fills every order on paper: a live
+    execution connector next to it would trade the same orders twice over."""
+    keys = {"PERPFLOW_BINANCE_API_KEY": API_KEY, "PERPFLOW_BINANCE_API_SECRET": API_SECRET,
+            "PERPFLOW_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    result = run_cli(tmp_path / "home", "connector", "execution", timeout=60, **keys)
+    assert result.returncode == 1 and "PERPFLOW_PAPER_TRADING=false" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_market_connector_alone_puts_closed_klines_on_md_klines(tmp_path, broker):
@@ -129,7 +139,7 @@ def test_user_and_execution_connectors_as_two_processes(tmp_path, broker):
     fake = FakeBinance(["BTCUSDT"], NOW).start()
     env = {"PERPFLOW_KAFKA_BOOTSTRAP": broker.bootstrap, "PERPFLOW_BINANCE_REST_URL": fake.rest_url,
            "PERPFLOW_BINANCE_WS_URL": fake.ws_url, "PERPFLOW_BINANCE_API_KEY": API_KEY,
-           "PERPFLOW_BINANCE_API_SECRET": API_SECRET, "PERPFLOW_LOG_LEVEL": "INFO"}
+           "PERPFLOW_BINANCE_API_SECRET": API_SECRET, "PERPFLOW_LOG_LEVEL": "INFO", "PERPFLOW_PAPER_TRADING": "false"}
     user = start(tmp_path / "user", "user", "--symbols", "BTCUSDT", PERPFLOW_METRICS_PORT=str(free_port()), **env)
     execution = start(tmp_path / "execution", "execution", "--symbols", "BTCUSDT",
                       PERPFLOW_METRICS_PORT=str(free_port()), **env)
