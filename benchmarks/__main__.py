@@ -12,9 +12,10 @@ from importlib.metadata import version
 
 import confluent_kafka
 
-from benchmarks import _data, archive_path, codec, features, labels
+from benchmarks import _data, archive_path, chain, codec, features, labels
 
-BENCHMARKS = {"codec": codec.run, "features": features.run, "archive_path": archive_path.run, "labels": labels.run}
+BENCHMARKS = {"codec": codec.run, "features": features.run, "archive_path": archive_path.run, "labels": labels.run,
+              "chain": chain.run}
 
 
 def _git(*args: str) -> str:

@@ -5,13 +5,14 @@ chain), offsets committed by the agent itself after the outputs are acknowledged
 
 Predict and policy are stateless between records, so at-least-once is enough: a replayed input gives the same
 output with the same deterministic event_id, which the archive deduplicates on. An agent with state (risk) saves it
-in `save`, after the outputs are acknowledged and before the offsets may be committed."""
+in `save`, which runs before every commit (so at most once a second), after the outputs are acknowledged."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import faust
@@ -20,7 +21,7 @@ from faust.types import TP
 from schemas.catalog import topic
 from schemas.codec import DecodeError, dead_letter_record, default_codec
 from streams import metrics
-from streams.app import catalog_name, raw_topic
+from streams.app import catalog_name, kafka_name, raw_topic
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,50 @@ BATCH_SECONDS = 0.05  # a hop's added latency live: the batch closes after this 
 COMMIT_SECONDS = 1.0
 
 
-async def commit_handled(app: faust.App, processed: dict[TP, int]) -> bool:
-    """Commit the offsets after the last messages handled, once their outputs and changelog are flushed.
+class _Handled:
+    """Per app: which agents read each topic, and the last offset each agent handled per partition."""
+
+    def __init__(self) -> None:
+        self.readers: dict[str, set[str]] = {}
+        self.offsets: dict[str, dict[TP, int]] = {}
+
+
+def _handled(app: faust.App) -> _Handled:
+    if not hasattr(app, "_perpflow_handled"):
+        app._perpflow_handled = _Handled()
+    return app._perpflow_handled
+
+
+def reads(app: faust.App, agent: str, topics: Iterable[str]) -> None:
+    """Declare an agent's input topics: agents of one app share the consumer group, so a topic two of them read
+    (md.klines: features and risk) has one committed offset, which must not pass either of them."""
+    for name in topics:  # keyed as committed: by the Kafka name (a backtest's are prefixed)
+        _handled(app).readers.setdefault(kafka_name(app, name), set()).add(agent)
+
+
+def forget(app: faust.App, agent: str) -> None:
+    """After a revocation: what the agent handled is no longer its to commit."""
+    _handled(app).offsets.pop(agent, None)
+
+
+async def commit_handled(app: faust.App, agent: str, processed: dict[TP, int]) -> bool:
+    """Commit the offsets after the last messages handled, once their outputs and changelog are flushed; for a
+    topic other agents read too, the lowest offset any of them handled (none handled yet: not committed).
 
     Faust's own ack-based commits can stall after a restart (messages handed before its seek to the committed
     offsets leave holes in its acked lists: seen on Tansu, a restarted worker processed everything and kept
     committing the old offset). Every message of a batch is handled in order before this runs, so the offsets to
     commit are simply the last ones handled."""
     await app.producer.flush()  # outputs and changelog durable before the input offsets move
-    offsets = {tp: offset + 1 for tp, offset in processed.items()}
+    shared = _handled(app)
+    shared.offsets[agent] = dict(processed)
+    offsets = {}
+    for tp in processed:
+        handled = [shared.offsets.get(a, {}).get(tp) for a in shared.readers.get(tp.topic, {agent})]
+        if None not in handled:
+            offsets[tp] = min(handled) + 1
+    if not offsets:
+        return True
     if not await app.consumer._commit(offsets):
         return False
     committed = app.consumer._committed_offset  # keep Faust from committing older offsets later
@@ -72,6 +108,7 @@ class BatchAgent:
         self.committed: dict[TP, int] = {}
         self.lock = asyncio.Lock()  # batches and the commit timer take turns
         app.agent(raw_topic(app, *self.input_topics), name=self.name)(self.run)
+        reads(app, self.name, self.input_topics)
         app.timer(COMMIT_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
 
@@ -83,18 +120,23 @@ class BatchAgent:
 
     async def _commit(self) -> None:
         self.last_commit = time.monotonic()
+        self.save()  # the state of every batch handled so far, before their offsets are committed
         snapshot = dict(self.processed)
-        if await commit_handled(self.app, snapshot):
+        if await commit_handled(self.app, self.name, snapshot):
             self.committed = snapshot
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         self.processed.clear()
         self.committed.clear()
+        forget(self.app, self.name)
 
     async def run(self, stream: faust.StreamT) -> None:
+        busy = metrics.AGENT_BUSY.labels(self.name)
         async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
             async with self.lock:
-                await self.batch(events)
+                started = time.perf_counter()
+                await self.batch(events)  # includes waiting for the broker's acks: an upper bound of its CPU
+                busy.inc(time.perf_counter() - started)
 
     async def batch(self, events: list[faust.EventT]) -> None:
         pending: list[Any] = []
@@ -116,7 +158,6 @@ class BatchAgent:
             pending.extend(self.send(await self.handle(inputs)))
         if pending:
             await asyncio.gather(*pending)
-        self.save()
         self.processed.update(offsets)  # only once the outputs are acknowledged: a cancelled batch is not committed
         if time.monotonic() - self.last_commit >= COMMIT_SECONDS:
             await self._commit()
@@ -130,7 +171,8 @@ class BatchAgent:
         return futures
 
     def save(self) -> None:
-        """State to write once the batch's outputs are acknowledged (none for a stateless agent)."""
+        """State to write before offsets are committed, once the batches' outputs are acknowledged (none for a
+        stateless agent)."""
 
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         raise NotImplementedError

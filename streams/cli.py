@@ -829,13 +829,61 @@ def worker() -> None:
     run_worker(settings, bootstrap)
 
 
+# -- perpflow connector: one exchange connector as its own service (streams/connector.py) -------------------------
+class ConnectorPart(StrEnum):
+    market = "market"
+    user = "user"
+    execution = "execution"
+
+
+@app.command()
+def connector(
+    part: ConnectorPart = typer.Argument(..., help="market: Binance market streams + REST backfill → md.*; user: "
+                                         "the user data stream → user.events, risk.events; execution: orders → "
+                                         "Binance orders (live), reconciled. There is no paper connector: the "
+                                         "worker's risk agent paper-trades (PERPFLOW_PAPER_TRADING)."),
+    symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
+    start: str = typer.Option(None, help="market: first bar to backfill when md.klines holds none yet (UTC; "
+                              "default: PERPFLOW_BINANCE_BACKFILL_HOURS ago)."),
+    mainnet: bool = typer.Option(False, "--mainnet", help="Required for user and execution when "
+                                 "PERPFLOW_BINANCE_TESTNET=false: real money."),
+) -> None:
+    """Run one exchange connector on its own against PERPFLOW_KAFKA_BOOTSTRAP (or the broker of the running
+    `perpflow up`), serving /metrics and /health on PERPFLOW_METRICS_PORT, until stopped. The docker-compose
+    services and Kubernetes Deployments of the connectors run this; never run two execution connectors at once, nor
+    one with a worker that paper-trades (run it with PERPFLOW_PAPER_TRADING=false)."""
+    from streams.connector import LIVE_PARTS, run_connector
+    from streams.stack import StackInfo
+
+    start_ms = parse_time(start, "--start")
+    if start_ms is not None and part is not ConnectorPart.market:
+        raise typer.BadParameter("only the market connector backfills", param_hint="--start")
+    settings = _settings()
+    if part.value in LIVE_PARTS:
+        if not (settings.binance_api_key.get_secret_value() and settings.binance_api_secret.get_secret_value()):
+            raise PerpflowError(f"the {part.value} connector trades or watches the account: it needs "
+                                "PERPFLOW_BINANCE_API_KEY and PERPFLOW_BINANCE_API_SECRET in the environment (testnet "
+                                "keys unless PERPFLOW_BINANCE_TESTNET=false)")
+        _check_live(settings, mainnet)
+    if part is ConnectorPart.execution and settings.paper_trading:
+        raise PerpflowError("the execution connector trades the orders on Binance, but PERPFLOW_PAPER_TRADING is "
+                            "true: the workers' risk agent would fill them on paper too; set "
+                            "PERPFLOW_PAPER_TRADING=false for the workers and this connector")
+    info = StackInfo.load(settings)
+    bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else "")
+    if not bootstrap:
+        raise PerpflowError("no broker: set PERPFLOW_KAFKA_BOOTSTRAP or start `perpflow up` first")
+    _stop_on_signals()
+    run_connector(settings, bootstrap, part.value, _symbols(symbols, settings), start_ms)
+
+
 def main() -> None:
     """Console entry point: usage errors and PerpflowError become one clear line, not a traceback."""
     try:
         rv = app(standalone_mode=False)
     except UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx else "perpflow"
-        print(f"{cmd}: {exc.format_message()} (see '{cmd} --help')", file=sys.stderr)
+        print(f"{cmd}: {' '.join(exc.format_message().split())} (see '{cmd} --help')", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)

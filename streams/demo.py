@@ -73,7 +73,8 @@ def plan(data: str, symbols: list[str], first_ms: int, last_ms: int, trade_days:
     return DemoPlan(data, symbols, first_ms, train_end, trade_start, end)
 
 
-def run_demo(settings: Settings, p: DemoPlan, say: Callable[[str], None]) -> tuple[UpSummary, TradingSummary, list]:
+def train_and_promote(settings: Settings, p: DemoPlan, say: Callable[[str], None], max_rounds: int = 150) -> list:
+    """Steps 1 and 2: the training part archived (features by the agent), labeled, trained and promoted."""
     from training import registry
     from training.label_build import build_labels
     from training.labels import LabelSpec
@@ -88,7 +89,7 @@ def run_demo(settings: Settings, p: DemoPlan, say: Callable[[str], None]) -> tup
         spec = LabelSpec()
         build_labels(store, p.symbols, p.start_ms, p.train_end_ms, spec, say=say)
         trained = train_models(store, settings.home_dir / "models", ["long", "short"], p.symbols, p.start_ms,
-                               p.train_end_ms, spec.id, TrainConfig(folds=3, embargo_bars=48, max_rounds=150),
+                               p.train_end_ms, spec.id, TrainConfig(folds=3, embargo_bars=48, max_rounds=max_rounds),
                                say=say)
         models = []
         for row, side_models in trained:
@@ -99,6 +100,11 @@ def run_demo(settings: Settings, p: DemoPlan, say: Callable[[str], None]) -> tup
             models.append((row["id"], side_models.metrics))
     finally:
         store.close()
+    return models
+
+
+def run_demo(settings: Settings, p: DemoPlan, say: Callable[[str], None]) -> tuple[UpSummary, TradingSummary, list]:
+    models = train_and_promote(settings, p, say)
     say("3/3 replaying the most recent part through the live chain and the paper exchange")
     up = run_up(settings, UpOptions("replay", p.data, p.symbols, p.train_end_ms, p.end_ms, None, True))
     store = Store(settings)

@@ -43,6 +43,8 @@ FEATURES_BTC_TIMEOUTS = Counter(
     "perpflow_features_btc_timeouts", "Bars released without BTCUSDT's snapshot after waiting for it", ["symbol"])
 FEATURES_LAST_CLOSE = Gauge("perpflow_features_last_close_seconds", "close_time of the newest features record",
                             ["symbol"])
+AGENT_BUSY = Counter("perpflow_agent_busy_seconds", "Time an agent spent handling its micro-batches (its share of the "
+                     "worker's core)", ["agent"])
 WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")
 
 # The decision chain's metrics, named before their agents exist: the alert rules
@@ -52,7 +54,6 @@ WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes re
 # tests/test_observability.py fails while a listed name is exported, or an unlisted queried one is not.
 DECISION_CHAIN_METRICS: dict[str, str] = {
     # models
-    "perpflow_model_age_seconds": "gauge {side}: age of the promoted model's training data end",
     "perpflow_model_calibration_error": "gauge {side}: |mean predicted P(TP) - realized TP rate|, recent labels",
 }
 
@@ -78,10 +79,13 @@ MODEL_INFO = Gauge("perpflow_model_info", "1 for the model each side predicts wi
 PREDICTION_P_TP = Histogram("perpflow_prediction_p_tp", "Predicted P(TP)", ["side"],
                             buckets=tuple(i / 10 for i in range(1, 10)))
 PREDICTIONS = Counter("perpflow_predictions", "predictions emitted", ["symbol"])
+MODEL_AGE = Gauge("perpflow_model_age_seconds", "Seconds since the end of the training data of the model each side "
+                  "predicts with (computed at each scrape)", ["side"])
 PREDICT_SKIPPED = Counter("perpflow_predict_skipped", "features records not predicted (not_ready, no_model)",
                           ["reason"])
 
-# Binance connectors (connectors/binance): connector = binance-market | binance-user. The first four names are
+# Binance connectors (connectors/binance): connector = binance-market | binance-user | binance-execution (the
+# execution connector's own watch of the account when it runs alone). The first four names are
 # the ones the alert rules and dashboards query (deploy/prometheus/rules, grafana/boards.py).
 CONNECTOR_CONNECTED = Gauge("perpflow_connector_connected", "1 while the connector's stream is connected, else 0",
                             ["connector"])

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     """Whether a second entry may add to a symbol's open position."""
 
     # -- the paper exchange (connectors/paper): the fill and cost model of paper trading
+    paper_trading: bool = True
+    """The worker's risk agent fills its own orders on the paper exchange (false when an execution connector
+    trades an account: `perpflow up --live` sets it)."""
     paper_taker_fee: float = 0.0004
     """Fee per fill, a fraction of the notional (the labels' default)."""
     paper_slippage_bps: float = 15.0

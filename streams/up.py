@@ -17,10 +17,6 @@ from dataclasses import dataclass, field
 from confluent_kafka.admin import AdminClient
 
 from connectors.clickhouse_sink import ClickHouseSink
-from connectors.paper.connector import GROUP as PAPER_GROUP
-from connectors.paper.connector import INPUTS as PAPER_INPUTS
-from connectors.paper.connector import PaperConnector
-from connectors.paper.engine import PaperConfig
 from connectors.replay import ReplayResult, ReplaySource
 from schemas.catalog import archived
 from schemas.tables import table_name
@@ -44,7 +40,7 @@ class UpOptions:
     speed: float | None = None  # None = max
     until_drained: bool = False
     live: bool = False  # with source binance: the user data stream and the execution connector too
-    paper: bool = True  # the paper exchange answers `orders` (never with live)
+    paper: bool = True  # the worker's risk agent fills its orders on the paper exchange (never with live)
     # a backtest run (training.backtest.orchestrate): its topics' prefix (`bt.<run>.`), its id (rows archived in
     # the `bt_` tables), the models it pins (registry rows; None = the promoted ones)
     prefix: str = ""
@@ -189,7 +185,8 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
         sink_thread = _ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
         announce_promoted_models(stack, px, opts.models)
-        worker = WorkerProcess(settings, stack.bootstrap, opts.symbols) if settings.run_worker else None
+        worker = WorkerProcess(settings, stack.bootstrap, opts.symbols, paper=opts.paper and not opts.live) \
+            if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
         if opts.source in ("clickhouse", "kafka"):
             replay = _ArchiveReplayThread(stack.bootstrap, stack.store, opts)
@@ -201,20 +198,10 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
                                     opts.start_ms)
             binance_thread = _ReportingThread("binance", binance.run)
             binance_thread.start()
-        paper, paper_thread = None, None
-        if opts.paper and not opts.live:
-            state = settings.home / "paper" / f"state{px.rstrip('.')}.json"
-            paper = PaperConnector(stack.bootstrap, state, PaperConfig(
-                settings.paper_taker_fee, settings.paper_slippage_bps, settings.paper_leverage, settings.paper_balance),
-                prefix=px, group=f"{PAPER_GROUP}-{px.rstrip('.')}" if px else PAPER_GROUP)
-            paper_thread = _ReportingThread("paper-exchange", paper.run)
-            paper_thread.start()
         try:
             while True:
                 if sink_thread.error is not None:
                     raise sink_thread.error
-                if paper_thread is not None and not paper_thread.is_alive():
-                    raise paper_thread.error or RuntimeError("the paper exchange stopped")
                 if binance_thread is not None and not binance_thread.is_alive():
                     raise binance_thread.error or RuntimeError("the Binance connectors stopped")
                 if worker is not None:
@@ -226,9 +213,6 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
                         if worker is not None:
                             log.info("replay finished; waiting for the agents to process everything")
                             wait_for_agents(stack.bootstrap, worker, px)
-                        if paper_thread is not None:
-                            log.info("waiting for the paper exchange to answer every order")
-                            _wait_paper(stack.bootstrap, paper_thread, paper)
                         log.info("waiting for the sink to archive everything")
                         _wait_drained(stack.bootstrap, sink, sink_thread, px)
                         summary.archive_seconds = time.monotonic() - (sink.first_insert_at or time.monotonic())
@@ -244,9 +228,6 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
                 binance_thread.join(30)
             if replay:
                 replay.stop()
-            if paper is not None:
-                paper.stop()
-                paper_thread.join(30)
             if worker:
                 worker.stop()
             sink.stop()
@@ -302,19 +283,6 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> 
                 return
             previous = targets
         time.sleep(0.5)
-
-
-def _wait_paper(bootstrap: str, thread: _ReportingThread, paper: PaperConnector) -> None:
-    """Until the paper exchange has committed everything now in its inputs."""
-    admin = AdminClient(client_config(bootstrap))
-    while True:
-        if not thread.is_alive():
-            raise thread.error or RuntimeError("the paper exchange stopped")
-        targets = end_offsets(bootstrap, [paper.prefix + t for t in PAPER_INPUTS])
-        committed = committed_offsets(admin, paper.group)
-        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0):
-            return
-        time.sleep(0.2)
 
 
 def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _ReportingThread, prefix: str = "") -> None:

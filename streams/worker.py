@@ -69,13 +69,15 @@ class WorkerProcess:
 
     MAX_RESTARTS = 5  # in a row without a minute of uptime: a crash loop, not a hiccup
 
-    def __init__(self, settings: Settings, bootstrap: str, symbols: list[str] | None = None):
+    def __init__(self, settings: Settings, bootstrap: str, symbols: list[str] | None = None,
+                 paper: bool | None = None):
         self.log_path: Path = settings.run_dir / f"worker{_suffix(settings.topic_prefix)}.log"
         # the child reads its settings from the environment: pass this process's explicitly
         self.env = {**os.environ, "PERPFLOW_KAFKA_BOOTSTRAP": bootstrap, "PERPFLOW_HOME": str(settings.home_dir),
                     "PERPFLOW_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
                     "PERPFLOW_METRICS_HOST": settings.metrics_host, "PERPFLOW_LOG_LEVEL": settings.log_level,
                     "PERPFLOW_SYMBOLS": ",".join(symbols or settings.symbols),
+                    "PERPFLOW_PAPER_TRADING": str(settings.paper_trading if paper is None else paper).lower(),
                     "PERPFLOW_TOPIC_PREFIX": settings.topic_prefix,
                     # thresholds and costs as this process has them (a backtest's --fee and --slippage-bps included)
                     **{f"PERPFLOW_{k.upper()}": str(getattr(settings, k)) for k in DECISION_SETTINGS}}

@@ -4,6 +4,7 @@ the generated resources equal what the catalog and the alert rules say."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -68,7 +69,7 @@ def test_the_validator_rejects_a_broken_object(rendered):
 def test_every_container_has_probes_resources_and_metrics_scraped(rendered):
     _, docs = rendered
     workloads = [*by_kind(docs, "Deployment").values(), *by_kind(docs, "StatefulSet").values()]
-    assert {w["metadata"]["name"] for w in workloads} == {"perpflow-sink", "perpflow-worker"}
+    assert {w["metadata"]["name"] for w in workloads} == {"perpflow-sink", "perpflow-worker", *CONNECTORS}
     for w in workloads:
         pod = w["spec"]["template"]
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
@@ -79,6 +80,74 @@ def test_every_container_has_probes_resources_and_metrics_scraped(rendered):
             assert {"requests", "limits"} <= set(c["resources"]), c["name"]
             assert "metrics" in {p["name"] for p in c["ports"]}
             assert {"configMapRef": {"name": "perpflow-config"}} in c["envFrom"]
+
+
+CONNECTORS = {"perpflow-market": ["connector", "market"]}
+LIVE = {"perpflow-market": ["connector", "market"], "perpflow-execution": ["connector", "execution"],
+        "perpflow-user": ["connector", "user"]}
+KEY_ENV = {"PERPFLOW_BINANCE_API_KEY", "PERPFLOW_BINANCE_API_SECRET"}
+
+
+def containers(docs: list[dict]) -> dict[str, dict]:
+    workloads = [*by_kind(docs, "Deployment").values(), *by_kind(docs, "StatefulSet").values()]
+    return {w["metadata"]["name"]: c for w in workloads for c in w["spec"]["template"]["spec"]["containers"]}
+
+
+def assert_singletons(docs: list[dict], commands: dict[str, list[str]]) -> None:
+    deployments = by_kind(docs, "Deployment")
+    for name, args in commands.items():
+        d = deployments[name]
+        assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate", name
+        assert containers(docs)[name]["args"] == args, name
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_connectors_are_singletons_and_the_workers_trade_on_paper(rendered):
+    """The one paper exchange is the workers' risk agent: no execution Deployment, no paper connector or volume."""
+    _, docs = rendered
+    assert_singletons(docs, CONNECTORS)
+    cs = containers(docs)
+    assert env_of(cs["perpflow-worker"])["PERPFLOW_PAPER_TRADING"] == "true"
+    assert "--no-paper" in cs["perpflow-sink"]["args"] and env_of(cs["perpflow-sink"])["PERPFLOW_RUN_WORKER"] == "false"
+    assert "perpflow-execution" not in by_kind(docs, "Deployment")
+    for name, c in cs.items():
+        assert c["args"][:2] not in (["connector", "paper"], ["connector", "execution"]), name
+        assert not KEY_ENV & set(env_of(c)), f"{name} sees the API key without trading live"
+    assert not by_kind(docs, "PersistentVolumeClaim"), "no paper state volume: the workers' is in Kafka"
+
+
+def test_the_live_component_makes_the_same_deployment_live(tmp_path):
+    """components/live added to the prod overlay: the user connector and the Binance execution connector, and the
+    workers stop paper trading, so each order is filled once; only the two connectors see the API key."""
+    rel = os.path.relpath(K8S, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "perpflow",
+        "resources": [f"{rel}/overlays/prod"], "components": [f"{rel}/components/live"]}))
+    docs = kustomize(tmp_path)
+    assert_singletons(docs, LIVE)
+    cs = containers(docs)
+    assert env_of(cs["perpflow-worker"])["PERPFLOW_PAPER_TRADING"] == "false"
+    assert env_of(cs["perpflow-execution"])["PERPFLOW_PAPER_TRADING"] == "false"  # else it refuses to start
+    assert by_kind(docs, "StatefulSet")["perpflow-worker"]["spec"]["replicas"] == 4  # the prod overlay's, kept
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    for name, c in containers(docs).items():
+        keys = {e["name"] for e in c.get("env", []) if e["name"] in KEY_ENV}
+        assert keys == (KEY_ENV if name in {"perpflow-user", "perpflow-execution"} else set()), name
+        for e in c.get("env", []):
+            if e["name"] in KEY_ENV:
+                assert e["valueFrom"]["secretKeyRef"]["name"] == "perpflow-secrets", name  # never a literal
+    user = by_kind(docs, "Deployment")["perpflow-user"]
+    assert user["metadata"]["namespace"] == "perpflow"
+    assert user["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "perpflow"
+    assert user["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    secret = by_kind(docs, "Secret")["perpflow-secrets"]["stringData"]
+    assert KEY_ENV <= set(secret) and not any(secret[k] for k in KEY_ENV), "a template: no key in the repo"
+    for doc in docs:
+        if doc["apiVersion"].split("/")[0] not in OPERATOR_GROUPS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 def test_workers_never_outnumber_partitions(rendered):

@@ -1,11 +1,10 @@
-"""The risk agent through the real broker and a real worker process, with the paper exchange answering its
-orders: signals in, exactly one verdict each, orders for approved entries, protective orders on the exchange, the
-kill switch from the CLI, and the trading state across a SIGKILL of the worker."""
+"""The risk agent through the real broker and a real worker process, paper trading (its paper exchange fills the
+orders from md.klines): signals in, exactly one verdict each, orders for approved entries, protective orders on the
+exchange, the kill switch from the CLI, and the trading state across a SIGKILL of the worker."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +14,6 @@ import pytest
 
 from connectors.binance.execution import client_ids
 from connectors.binance.publish import Publisher
-from connectors.paper.connector import PaperConnector
 from schemas import event_ids, records
 from streams.broker import ensure_topics
 from streams.settings import Settings
@@ -79,14 +77,13 @@ def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
     settings = Settings(home=home, kafka_bootstrap=bootstrap, clickhouse_url="", worker_metrics_port=0,
                         symbols=["BTCUSDT", "ETHUSDT"])
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    paper = PaperConnector(bootstrap, home / "paper" / "state.json")
-    paper_thread = threading.Thread(target=paper.run, daemon=True)
-    paper_thread.start()
     worker = WorkerProcess(settings, bootstrap)
     cli = {"PERPFLOW_KAFKA_BOOTSTRAP": bootstrap}
     try:
         btc = signal("BTCUSDT", 0, "LONG", 42_000.0, 0.1)
-        publish(bootstrap, [("signals", btc), ("signals", signal("ETHUSDT", 0, "FLAT", 2_300.0, 0))])
+        # a signal is decided once its bar is in md.klines (live, the bar always comes first)
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 0, 42_000.0)), ("md.klines", kline("ETHUSDT", 0, 2_300.0)),
+                            ("signals", btc), ("signals", signal("ETHUSDT", 0, "FLAT", 2_300.0, 0))])
         got = wait("two verdicts", lambda: len(verdicts(bootstrap)) == 2 and verdicts(bootstrap), worker=worker)
         assert (got[btc["event_id"]]["verdict"], got[btc["event_id"]]["action"]) == ("APPROVED", "OPEN")
         assert got[signal("ETHUSDT", 0, "FLAT", 0, 0)["event_id"]]["action"] == "NONE"
@@ -94,7 +91,12 @@ def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
         assert (order["intent_id"], order["action"], order["quantity"], order["leverage"]) == \
                (event_ids.open_intent("BTCUSDT", "5m", T0), "OPEN", 0.1, 5)
         ids = client_ids(order["intent_id"])
-        publish(bootstrap, [("md.klines", kline("BTCUSDT", 1, 42_010.0))])  # the bar the entry fills at
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 1, 42_010.0)),  # the bar the entry fills at
+                            ("md.klines", kline("BTCUSDT", 2, 42_010.0))])  # held until a signal of its own
+        # the same signal again (a redelivery) changes nothing: same verdict, no second order; bar 1 is applied
+        # before its own signal is decided: the entry fills at its open, with both protective orders
+        publish(bootstrap, [("signals", btc), ("signals", signal("BTCUSDT", 1, "LONG", 42_010.0, 0.1))])
+        wait("four verdicts", lambda: len(read_topic(bootstrap, "risk.verdicts")) == 4, worker=worker)
 
         def protected():
             events = read_topic(bootstrap, "user.events")
@@ -104,10 +106,6 @@ def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
             return filled and {ids["sl"], ids["tp"]} <= legs
 
         wait("the entry filled with both protective orders", protected, worker=worker)
-
-        # the same signal again (a redelivery) changes nothing: same verdict, no second order
-        publish(bootstrap, [("signals", btc), ("signals", signal("BTCUSDT", 1, "LONG", 42_010.0, 0.1))])
-        wait("three verdicts", lambda: len(read_topic(bootstrap, "risk.verdicts")) == 4, worker=worker)
         again = [v for v in read_topic(bootstrap, "risk.verdicts") if v["signal_id"] == btc["event_id"]]
         assert len(again) == 2 and again[0] == again[1]
         assert verdicts(bootstrap)[signal("BTCUSDT", 1, "LONG", 0, 0)["event_id"]]["violations"] == ["position_open"]
@@ -124,7 +122,8 @@ def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
         close = wait("the kill's close order", lambda: [o for o in read_topic(bootstrap, "orders")
                                                          if o["action"] == "CLOSE"], worker=worker)
         assert close[0]["reason"] == "test" and close[0]["side"] == "SELL"
-        publish(bootstrap, [("md.klines", kline("BTCUSDT", 2, 42_020.0))])  # the next bar: flat
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 3, 42_020.0)),
+                            ("signals", signal("BTCUSDT", 2, "FLAT", 42_010.0, 0))])  # bar 2 applied: flat
         closing = client_ids(close[0]["intent_id"])["close"]
         wait("the position closed", lambda: any(
             e["client_order_id"] == closing and e["order_status"] == "FILLED"
@@ -133,7 +132,7 @@ def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
         # SIGKILL the worker: the restarted one is still HALTED
         worker.process.kill()
         eth = signal("ETHUSDT", 3, "LONG", 2_300.0, 1.0)
-        publish(bootstrap, [("signals", eth)])
+        publish(bootstrap, [("md.klines", kline("ETHUSDT", 3, 2_300.0)), ("signals", eth)])
         v = wait("the verdict after the restart", lambda: verdicts(bootstrap).get(eth["event_id"]), timeout=120,
                  worker=worker)
         assert worker.restarts == 1
@@ -145,7 +144,7 @@ def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
         assert started.returncode == 0, started.stderr
         eth4 = signal("ETHUSDT", 4, "LONG", 2_300.0, 1.0)
         wait("RUNNING", lambda: "RUNNING" in run_cli(home, "trading", "status", **cli).stdout, worker=worker)
-        publish(bootstrap, [("signals", eth4)])
+        publish(bootstrap, [("md.klines", kline("ETHUSDT", 4, 2_300.0)), ("signals", eth4)])
         v = wait("an approved entry", lambda: verdicts(bootstrap).get(eth4["event_id"]), worker=worker)
         assert v["verdict"] == "APPROVED"
         # every signal, exactly one verdict (the redelivered one twice, with one event_id)
@@ -153,8 +152,6 @@ def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
         assert set(verdicts(bootstrap)) == signals
     finally:
         worker.stop()
-        paper.stop()
-        paper_thread.join(30)
 
 
 def test_trading_command_errors_are_one_line(tmp_path: Path):
@@ -162,3 +159,40 @@ def test_trading_command_errors_are_one_line(tmp_path: Path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     none = run_cli(tmp_path / "home", "trading", "status")
     assert none.returncode == 1 and "no running worker" in none.stderr
+
+
+def test_daily_loss_flattens_and_halts_within_one_bar(broker, tmp_path: Path):
+    """0.3 BTC long filled at 42,000 × 1.0015 (paper slippage) = 42,063; marked at 40,000 at that bar's close:
+    −618.9 unrealized (and a 5.05 fee) on a 10,000 account, past the 2 % daily limit → a CLOSE and HALTED in that
+    bar's verdict, flat at the next open."""
+    bootstrap = broker.bootstrap
+    ensure_topics(bootstrap)
+    home = tmp_path / "home"
+    settings = Settings(home=home, kafka_bootstrap=bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["BTCUSDT"])
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(settings, bootstrap)
+    try:
+        entry = signal("BTCUSDT", 0, "LONG", 42_000.0, 0.3) | {"leverage": 8}  # 1,575 margin: 15.75 % exposure
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 0, 42_000.0)), ("signals", entry),
+                            ("md.klines", kline("BTCUSDT", 1, 42_000.0)),
+                            ("signals", signal("BTCUSDT", 1, "FLAT", 40_000.0, 0))])
+        v = wait("the second verdict", lambda: verdicts(bootstrap).get(signal("BTCUSDT", 1, "FLAT", 0, 0)["event_id"]),
+                 worker=worker)
+        assert v["trading_state"] == "HALTED"
+        assert v["daily_pnl_ratio"] == pytest.approx(-(0.3 * 2_063 + 0.3 * 42_063 * 0.0004) / 10_000, rel=1e-6)
+        [close] = [o for o in read_topic(bootstrap, "orders") if o["action"] == "CLOSE"]
+        assert close["reason"] == "daily_loss"
+        events = read_topic(bootstrap, "risk.events")
+        assert any(e["kind"] == "trading_state" and json.loads(e["detail"])["to"] == "HALTED" for e in events)
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 2, 40_000.0)),
+                            ("signals", signal("BTCUSDT", 2, "LONG", 40_000.0, 0.1))])
+        v = wait("the third verdict", lambda: verdicts(bootstrap).get(signal("BTCUSDT", 2, "LONG", 0, 0)["event_id"]),
+                 worker=worker)
+        assert v["verdict"] == "REJECTED" and "halted" in v["violations"]
+        closing = client_ids(close["intent_id"])["close"]
+        fills = [e for e in read_topic(bootstrap, "user.events")
+                 if e["client_order_id"] == closing and e["order_status"] == "FILLED"]
+        assert len(fills) == 1 and fills[0]["event_time"] == T0 + 2 * BAR  # at the open of the next bar
+    finally:
+        worker.stop()

@@ -140,7 +140,8 @@ def control_value(row: dict, previous: dict | None) -> dict:
     """What the `control` record says: enough for a predictor to load and verify the model."""
     return {"model_id": row["id"], "side": row["side"], "artifact_path": row["artifact_path"],
             "sha256": row["sha256"], "schema_version": row["schema_version"], "label_spec_id": row["label_spec_id"],
-            "previous": previous["id"] if previous else None, "reason": row["reason"]}
+            "previous": previous["id"] if previous else None, "reason": row["reason"],
+            "train_end": row["train_end"]}  # epoch ms, exclusive: the model's age (perpflow_model_age_seconds)
 
 
 def metrics_of(row: dict) -> tuple[dict, list[dict]]:

@@ -1,4 +1,5 @@
-"""Wires the Binance connectors for `perpflow up --source binance [--live]` and `perpflow backfill`.
+"""Wires the Binance connectors for `perpflow up --source binance [--live]`, `perpflow connector` and
+`perpflow backfill`.
 
 One RestClient is shared by every connector of a process: Binance counts request weight per IP, so one
 budget is the honest one. The market connector resumes after the newest bar already in md.klines.
@@ -63,13 +64,27 @@ def last_published_bars(bootstrap: str, prefix: str = "") -> dict[tuple[str, str
     return last
 
 
+PARTS = ("market", "user", "execution")
+
+
 class BinanceSource:
-    """The live Binance connectors in one asyncio loop, run by a thread of `perpflow up`."""
+    """The live Binance connectors in one asyncio loop: `parts` of market, user, execution.
+
+    `perpflow up --source binance` runs market (and with --live all three) in a thread; `perpflow connector
+    market|user|execution` runs one part as its own process. Run together, one user data stream publishes
+    user.events and feeds the executor. The execution part alone watches the account through a user data stream of
+    its own (same listenKey, nothing published: user.events is the user connector's), because trading must stop
+    the moment the account is unobserved and a fired stop-loss must cancel its take-profit at once, without
+    depending on another process or on a Kafka hop; every (re)connect of that stream reconciles first.
+    """
 
     def __init__(self, settings: Settings, bootstrap: str, symbols: list[str], live: bool,
-                 start_ms: int | None = None):
+                 start_ms: int | None = None, parts: tuple[str, ...] | None = None):
         self.settings, self.bootstrap, self.symbols, self.live = settings, bootstrap, symbols, live
         self.start_ms = start_ms
+        self.parts = parts if parts is not None else (PARTS if live else ("market",))
+        if not set(self.parts) <= set(PARTS):
+            raise ValueError(f"unknown Binance connector parts {self.parts}; known: {PARTS}")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self.market: MarketConnector | None = None
@@ -86,21 +101,30 @@ class BinanceSource:
         self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
         s = self.settings
         publisher = Publisher(self.bootstrap)
-        state = MarketState(last_open=await asyncio.to_thread(last_published_bars, self.bootstrap))
         async with rest_client(s) as rest:
             await rest.sync_time()  # "now" is the exchange's clock
-            start = self.start_ms or int(rest.server_now_ms() - s.binance_backfill_hours * 3_600_000)
-            self.market = MarketConnector(rest, s.binance_ws_base, publisher, self.symbols, s.binance_intervals,
-                                          start, s.binance_stale_seconds, s.binance_max_connection_seconds,
-                                          s.binance_open_interest_seconds, state)
-            jobs = [self.market.run()]
-            if self.live:
+            jobs = []
+            if "market" in self.parts:
+                state = MarketState(last_open=await asyncio.to_thread(last_published_bars, self.bootstrap))
+                start = self.start_ms or int(rest.server_now_ms() - s.binance_backfill_hours * 3_600_000)
+                self.market = MarketConnector(rest, s.binance_ws_base, publisher, self.symbols, s.binance_intervals,
+                                              start, s.binance_stale_seconds, s.binance_max_connection_seconds,
+                                              s.binance_open_interest_seconds, state)
+                jobs.append(self.market.run())
+            executor = None
+            if "execution" in self.parts:
                 executor = Executor(rest, publisher, self.symbols, s.binance_leverage)
                 await executor.start()
+            if "user" in self.parts or executor is not None:
+                publishing = "user" in self.parts
                 self.user = UserStream(rest, s.binance_ws_base, publisher, s.binance_listen_key_keepalive_seconds,
                                        max_connection_s=s.binance_max_connection_seconds,
-                                       on_event=executor.on_user_event, on_reconnected=executor.reconcile)
-                jobs += [self.user.run(), OrderConsumer(self.bootstrap, executor, ready=self.user.healthy).run()]
+                                       on_event=executor.on_user_event if executor else None,
+                                       on_reconnected=executor.reconcile if executor else None,
+                                       publish=publishing, name="binance-user" if publishing else "binance-execution")
+                jobs.append(self.user.run())
+            if executor is not None:
+                jobs.append(OrderConsumer(self.bootstrap, executor, ready=self.user.healthy).run())
             try:
                 await asyncio.gather(*jobs)
             finally:

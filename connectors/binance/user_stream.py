@@ -121,7 +121,8 @@ class UserStream:
     def __init__(self, rest: RestClient, ws_base: str, publisher: Publisher, keepalive_s: float = 30 * 60,
                  stale_s: float = 0.0, max_connection_s: float = 23.5 * 3600,
                  on_event: Callable[[dict], Awaitable[None]] | None = None,
-                 on_reconnected: Callable[[], Awaitable[None]] | None = None):
+                 on_reconnected: Callable[[], Awaitable[None]] | None = None, publish: bool = True,
+                 name: str = "binance-user"):
         self.rest = rest
         self.ws_base = ws_base.rstrip("/")
         self.publisher = publisher
@@ -130,6 +131,8 @@ class UserStream:
         self.max_connection_s = max_connection_s
         self.on_event = on_event  # the execution connector reacts to fills (sibling cancels)
         self.on_reconnected = on_reconnected
+        self.publish = publish  # False: a private watch of the account (the execution connector run on its own)
+        self.name = name  # the `connector` label of its metrics
         self.connections = 0
         self.listen_key: str | None = None
         self.healthy = asyncio.Event()
@@ -139,10 +142,10 @@ class UserStream:
         while True:
             reason = await self._session()
             self.healthy.clear()
-            metrics.CONNECTOR_RECONNECTS.labels("binance-user").inc()
+            metrics.CONNECTOR_RECONNECTS.labels(self.name).inc()
             now = self.rest.server_now_ms()
-            self.publisher.publish("risk.events", risk_record("user_stream_down", "critical", "", now,
-                                                              {"reason": reason}), key="")
+            self._publish("risk.events", risk_record("user_stream_down", "critical", "", now, {"reason": reason}),
+                          key="")
             attempt = 0 if reason in ("rollover", "listen key expired") else attempt + 1
             delay = min(0.25 * 2 ** attempt, 30.0) * random.uniform(0.5, 1.0) if attempt else 0.0
             log.warning("user data stream: %s; reconnecting in %.1f s (trading halts until reconciled)", reason,
@@ -155,10 +158,10 @@ class UserStream:
             async with websockets.connect(f"{self.ws_base}/ws/{self.listen_key}", ping_interval=None,
                                           open_timeout=10) as ws:
                 self.connections += 1
-                metrics.CONNECTOR_CONNECTED.labels("binance-user").set(1)
+                metrics.CONNECTOR_CONNECTED.labels(self.name).set(1)
                 if self.on_reconnected is not None:
                     await self.on_reconnected()  # reconcile before declaring the stream healthy
-                self.publisher.publish("risk.events", risk_record(
+                self._publish("risk.events", risk_record(
                     "user_stream_restored", "info", "", self.rest.server_now_ms(),
                     {"connection": self.connections}, self.connections), key="")
                 self.healthy.set()
@@ -172,7 +175,17 @@ class UserStream:
         except (BinanceError, UnknownOutcome) as exc:  # listenKey or reconciliation requests
             return f"REST failed ({exc})"
         finally:
-            metrics.CONNECTOR_CONNECTED.labels("binance-user").set(0)
+            metrics.CONNECTOR_CONNECTED.labels(self.name).set(0)
+
+    def _publish(self, topic: str, record: dict, key: str | None = None) -> None:
+        if self.publish:
+            self.publisher.publish(topic, record, key)
+
+    def _dead_letter(self, payload: bytes, reason: str, error: str) -> None:
+        if self.publish:
+            self.publisher.dead_letter("binance:user", payload, reason, error)
+        else:
+            log.warning("user data stream: %s message ignored (%s)", reason, error[:200])
 
     async def _read(self, ws, keepalive: asyncio.Task) -> str:
         """Read until the connection ends, the key expires or the keepalive loses the key."""
@@ -214,23 +227,23 @@ class UserStream:
             msg = json.loads(payload)
             event = msg["e"]
         except (ValueError, KeyError, TypeError) as exc:
-            self.publisher.dead_letter("binance:user", payload, "malformed", f"{type(exc).__name__}: {exc}")
+            self._dead_letter(payload, "malformed", f"{type(exc).__name__}: {exc}")
             return False
-        metrics.BINANCE_MESSAGES.labels("binance-user", event).inc()
+        metrics.BINANCE_MESSAGES.labels(self.name, event).inc()
         if event == "listenKeyExpired":
             return True
         parser = PARSERS.get(event)
         if parser is None:
-            self.publisher.dead_letter("binance:user", payload, "unknown_event", str(event))
+            self._dead_letter(payload, "unknown_event", str(event))
             return False
         try:
             record = parser(msg)
         except (ValueError, KeyError, TypeError) as exc:
-            self.publisher.dead_letter("binance:user", payload, "invalid_field", f"{type(exc).__name__}: {exc}")
+            self._dead_letter(payload, "invalid_field", f"{type(exc).__name__}: {exc}")
             return False
         latency = max(self.rest.server_now_ms() - record["event_time"], 0) / 1000
-        metrics.BINANCE_LATENCY.labels("binance-user").observe(latency)
-        self.publisher.publish("user.events", record)
+        metrics.BINANCE_LATENCY.labels(self.name).observe(latency)
+        self._publish("user.events", record)
         if self.on_event is not None:
             await self.on_event(msg)
         return False

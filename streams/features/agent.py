@@ -38,7 +38,7 @@ from schemas.catalog import SYMBOL_PARTITIONS
 from schemas.codec import DecodeError, default_codec
 from streams import metrics
 from streams.app import catalog_name, kafka_name, raw_topic
-from streams.batch_agent import commit_handled, send_dead_letter
+from streams.batch_agent import commit_handled, forget, reads, send_dead_letter
 from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
 from streams.settings import Settings
@@ -84,6 +84,7 @@ class FeaturesAgent:
         self.last_commit = 0.0
         self.committed: dict[TP, int] = {}  # self.saved when last committed
         app.agent(self.inputs, name="features")(self.run)
+        reads(app, "features", (*INPUT_TOPICS, BTC_TOPIC))
         app.timer(TICK_SECONDS)(self.tick)
         app.on_partitions_revoked.connect(self._on_revoked)
 
@@ -97,6 +98,7 @@ class FeaturesAgent:
         self.processed.clear()
         self.saved.clear()
         self.committed.clear()
+        forget(self.app, "features")
 
     async def _on_recovered(self) -> None:
         self.reload = True  # the next tick loads every symbol of the partitions this worker now owns
@@ -114,10 +116,13 @@ class FeaturesAgent:
                 self.sequencers[key.decode()] = (FeatureSequencer.from_state(state["sequencer"]), state["partition"])
 
     async def run(self, stream: faust.StreamT) -> None:
+        busy = metrics.AGENT_BUSY.labels("features")
         async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
             async with self.lock:
+                started = time.perf_counter()
                 pending, touched, new_btc = self._intake(events)
                 await self._release(pending, touched, new_btc)
+                busy.inc(time.perf_counter() - started)
 
     async def tick(self) -> None:
         """Bars held while no input arrives (waiting for a silent BTC, at the end of a replay) are released by
@@ -218,7 +223,7 @@ class FeaturesAgent:
             return
         self.last_commit = time.monotonic()
         snapshot = dict(self.saved)
-        if await commit_handled(self.app, snapshot):
+        if await commit_handled(self.app, "features", snapshot):
             self.committed = snapshot  # a failed commit is retried by the next tick
 
     # -- inputs ----------------------------------------------------------------------------------------------------

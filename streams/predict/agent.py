@@ -8,6 +8,10 @@ the recorded path does not exist here (another machine, a moved home), $PERPFLOW
 artifacts are content-addressed. `perpflow up` announces the registry's promoted models on `control` at start (the
 embedded broker keeps nothing between runs); `perpflow models promote` announces new ones.
 
+The model's age, `perpflow_model_age_seconds{side}`, is the time since the end of its training data (`train_end` in
+the promotion record), computed at each scrape so it grows between promotions; a side without a model, or promoted
+by a record older than that field, has no series.
+
 `control` is read by a plain consumer of this worker (every partition, from the beginning, no group): every
 worker needs every promotion, whatever partitions of `features` it owns. Before the first batch it reads
 `control` to its end; afterwards a timer polls it, so a promotion switches the model without a restart. Until both
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +91,7 @@ class PredictAgent(BatchAgent):
             metrics.MODEL_INFO.labels(side, previous[0] if previous else "none").set(0)
             metrics.MODEL_INFO.labels(side, value["model_id"]).set(1)
             self.models[side] = (value["model_id"], predictor)
+            track_model_age(side, value.get("train_end"))
             log.info("%s side: predicting with model %s%s", side, value["model_id"],
                      f" (was {previous[0]})" if previous else "")
         missing = [s for s in SIDES if s not in self.models]
@@ -146,6 +152,19 @@ class PredictAgent(BatchAgent):
                       f"timeout_return_{side}": tr if np.isfinite(tr) else None,
                       f"top_features_{side}": [{"feature": names[j], "value": float(contrib[i, j])} for j in top[i]]})
             metrics_hist.observe(o[f"p_tp_{side}"])
+
+
+def track_model_age(side: str, train_end_ms: int | None) -> None:
+    """perpflow_model_age_seconds{side}: now minus the end of the model's training data, evaluated at each scrape
+    (so it grows without anyone updating it); no series when the promotion did not say when its data ends."""
+    if train_end_ms is None:
+        try:
+            metrics.MODEL_AGE.remove(side)
+        except KeyError:
+            pass
+        return
+    end_s = int(train_end_ms) / 1000
+    metrics.MODEL_AGE.labels(side).set_function(lambda: time.time() - end_s)
 
 
 def _close(r: dict) -> float:

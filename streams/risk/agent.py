@@ -2,11 +2,17 @@
 exactly one `risk.verdicts` record per signal, `orders` for approved entries and forced closes, the guard's own
 `risk.events`, and its trading-state changes on `control`. The rules are `streams.risk.guard`; this is the wiring.
 
-State: the guard's whole book (account, positions, trading state) is saved after every batch whose outputs are
-acknowledged, in the `risk-state` table (changelog topic), under the key of the batch's last partition with a
-sequence number; a restarted worker takes the newest snapshot of its table, then reads `control` to its end and
-applies the operator commands newer than the book's. The account is one book per worker: the embedded default
-runs one worker, which owns every partition (with several workers, each guards the symbols it owns and sees the
+Paper trading (the default; `PERPFLOW_PAPER_TRADING=false` when an execution connector trades an account) runs the
+paper exchange's engine here (`streams.risk.paper_desk`): the agent also reads `md.klines` and `md.funding`, holds
+each signal until its bar has arrived, applies the bar to the engine (fills of the previous signal's orders,
+stops, targets, funding), then decides the signal and hands its orders to the engine — the event-time order a live
+account has, whatever the replay speed, so a backtest fills as live. The engine's events go to `user.events`.
+
+State: the guard's whole book (account, positions, trading state), the paper engine and the held signals are
+saved before every offset commit, in the `risk-state` table (changelog topic), under the key of the last partition
+handled with a sequence number; a restarted worker takes the newest snapshot of its table, then reads `control` to
+its end and applies the operator commands newer than the book's. The account is one book per worker: the embedded
+default runs one worker, which owns every partition (with several workers, each guards the symbols it owns and sees the
 account through their events; run the risk agent on one worker when account-wide limits must be exact).
 """
 
@@ -20,6 +26,7 @@ from typing import Any
 
 import faust
 
+from connectors.paper.engine import PaperConfig
 from schemas import event_ids
 from schemas.catalog import SYMBOL_PARTITIONS
 from streams import metrics
@@ -27,6 +34,7 @@ from streams.app import topic_prefix
 from streams.batch_agent import BatchAgent
 from streams.control import ControlReader
 from streams.risk.guard import STATES, TRADING_ENTITY, Book, Limits, RiskGuard
+from streams.risk.paper_desk import PaperDesk
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,12 +54,26 @@ def limits_from(settings: Settings) -> Limits:
         initial_equity=settings.paper_balance)
 
 
+def paper_config(settings: Settings) -> PaperConfig:
+    return PaperConfig(settings.paper_taker_fee, settings.paper_slippage_bps, settings.paper_leverage,
+                       settings.paper_balance)
+
+
 class RiskAgent(BatchAgent):
     name = "risk"
     input_topics = ("signals", "user.events", "risk.events")
-    output_topics = ("risk.verdicts", "orders", "risk.events", "control")
+    output_topics = ("risk.verdicts", "orders", "risk.events", "control", "user.events")
 
     def __init__(self, app: Any, settings: Settings) -> None:
+        self.paper = settings.paper_trading
+        if self.paper:
+            self.input_topics = (*self.input_topics, "md.klines", "md.funding")
+        self.paper_config = paper_config(settings)
+        self.desk: PaperDesk | None = PaperDesk(self.paper_config) if self.paper else None
+        self.waiting: dict[str, list[tuple[int, dict]]] = {}  # symbol → signals held until their bar arrived
+        self.partition_of: dict[str, int] = {}
+        self.paper_events: list[dict] = []
+        self.fed = 0  # orders of the guard's current outputs already handed to the paper engine
         super().__init__(app)
         self.bootstrap = settings.kafka_bootstrap or app.conf.broker[0].netloc
         self.limits = limits_from(settings)
@@ -87,6 +109,10 @@ class RiskAgent(BatchAgent):
         if newest is not None and newest["seq"] > self.seq:
             self.seq = newest["seq"]
             self.guard = RiskGuard(self.limits, Book.loads(newest["book"]))
+            if self.paper:
+                self.desk = PaperDesk(self.paper_config, newest.get("desk"))
+            self.waiting = {s: [(p, r) for p, r in held] for s, held in newest.get("waiting", {}).items()}
+            self.fed = 0
             log.info("risk: book restored (trading %s, %d positions)", self.guard.book.state,
                      len(self.guard.book.positions))
 
@@ -124,20 +150,58 @@ class RiskAgent(BatchAgent):
         await self._ready()
         guard, now = self.guard, int(time.time() * 1000)
         for name, partition, _, record in inputs:
-            if name == "signals":
-                guard.signal(record, partition, now)
-                if record["source"] in ("binance",):
-                    metrics.E2E_LATENCY.observe(max(now - record["event_time"], 0) / 1000)
+            self.dirty = partition
+            if name in ("signals", "md.klines", "md.funding"):
+                symbol = record["symbol"]
+                self.partition_of[symbol] = partition
+                if name == "signals":
+                    self.waiting.setdefault(symbol, []).append((partition, record))
+                elif name == "md.klines":
+                    self._paper(self.desk.kline(record))
+                else:
+                    self.desk.funding(record)
+                self._decide(symbol, now)
             elif name == "user.events":
-                guard.user_event(record)
+                if self.desk is None or record["source"] != "paper":  # the paper engine's are handled already
+                    guard.user_event(record)
             elif record["source"] != "risk":  # risk.events: the connectors' (our own come back too)
                 guard.connector_event(record)
-            self.dirty = partition
         return self._outputs()
 
+    def _decide(self, symbol: str, now: int) -> None:
+        """The symbol's held signals whose bar has arrived, in order: the bar to the paper engine, then the
+        verdict, then its orders to the engine."""
+        held = self.waiting.get(symbol)
+        while held and (self.desk is None or self.desk.ready_for(symbol, held[0][1]["open_time"])):
+            partition, signal = held.pop(0)
+            if self.desk is not None:
+                self._paper(self.desk.release(symbol, signal["open_time"]))
+            self.guard.signal(signal, partition, now)
+            self._feed()
+            if signal["source"] in ("binance",):
+                metrics.E2E_LATENCY.observe(max(now - signal["event_time"], 0) / 1000)
+
+    def _paper(self, events: list[dict]) -> None:
+        """The paper engine's events: to the guard now, to `user.events` with the batch."""
+        for event in events:
+            self.guard.user_event(event)
+            self._feed()  # a fill may make the guard close (a kill that came while the entry was on its way)
+        self.paper_events += events
+
+    def _feed(self) -> None:
+        if self.desk is not None:
+            orders = self.guard.out.orders
+            for _, order in orders[self.fed:]:
+                self.desk.order(order)
+            self.fed = len(orders)
+
     def _outputs(self) -> list[tuple[str, int | None, bytes, dict]]:
-        out = self.guard.take_outputs()
+        self._feed()  # orders made outside a signal (an operator's kill) reach the paper engine too
+        out, self.fed = self.guard.take_outputs(), 0
         sends: list[tuple[str, int | None, bytes, dict]] = []
+        for ev in self.paper_events:
+            sends.append(("user.events", self.partition_of.get(ev["symbol"]), ev["symbol"].encode(), ev))
+        self.paper_events = []
         for v in out.verdicts:
             self.latest[v["symbol"]] = {k: v[k] for k in ("event_time", "open_time", "decision", "verdict", "action",
                                                           "violations", "intent_id", "signal_id")}
@@ -170,7 +234,8 @@ class RiskAgent(BatchAgent):
             return
         self.seq += 1
         key = f"book:{self.dirty}".encode()
-        value = json.dumps({"seq": self.seq, "book": self.guard.book.dumps()}).encode()
+        value = json.dumps({"seq": self.seq, "book": self.guard.book.dumps(), "waiting": self.waiting,
+                            "desk": self.desk.dumps() if self.desk is not None else None}).encode()
         self.table.data[key] = value
         self.table.send_changelog(self.dirty, key, value)
         self.dirty = None

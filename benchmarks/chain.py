@@ -1,0 +1,119 @@
+"""The decision chain end to end, on the real broker with a real worker: features → predict → policy → risk (with its
+paper exchange), models trained on the bundled sample's older part (as `make run` does, not timed).
+
+1. Throughput at full speed: the rest of the sample replayed as fast as the broker takes it; bars/s from the first
+   kline's publication to the last verdict's (Kafka timestamps), and each agent's busy time (its share of the core).
+2. Latency at live pacing: the last hours replayed at PACED_SPEED× real time (a bar per symbol every second); per
+   bar, the time from the kline's publication to its verdict — the order of an approved entry leaves in the same
+   batch — p50/p99, with the hops in between (kline → features → prediction → signal → verdict).
+
+The entry thresholds are lowered (MIN_PWIN 0.30, MIN_EV −1 %) so that orders and fills are part of the load: with
+the defaults these models never enter on this sample."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from benchmarks import _data
+from schemas.codec import default_codec
+from streams.broker import EmbeddedBroker, client_config, end_offsets
+from streams.demo import plan, train_and_promote
+from streams.settings import Settings
+from streams.up import UpOptions, run_up, wait_for_agents
+from streams.worker import WorkerProcess
+
+PACED_SPEED = 300.0  # 5m bars at 300× real time: one per symbol per second
+PACED_HOURS = 3
+TARGET_BARS_PER_S = 2000
+TARGET_P99_MS = 50
+HOPS = ("md.klines", "features", "predictions", "signals", "risk.verdicts")
+AGENTS = ("features", "predict", "policy", "risk")
+
+
+def _timestamps(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
+    """(symbol, open_time) → the Kafka timestamp (ms) of the topic's first record of that bar (5m klines only)."""
+    ends = {p: o for (_, p), o in end_offsets(bootstrap, [topic]).items() if o > 0}
+    consumer = Consumer(client_config(bootstrap, **{"group.id": "bench-reader", "enable.auto.commit": False}))
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    codec, out, done = default_codec(), {}, dict.fromkeys(ends, 0)
+    try:
+        while any(done[p] < ends[p] for p in ends):
+            for m in consumer.consume(5000, timeout=1.0):
+                if m.error() is not None:
+                    continue
+                done[m.partition()] = m.offset() + 1
+                _, rec = codec.decode(m.value())
+                if rec.get("interval", "5m") == "5m":
+                    out.setdefault((rec["symbol"], rec["open_time"]), m.timestamp()[1])
+    finally:
+        consumer.close()
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
+
+
+def run(quick: bool = False) -> bool:
+    data = _data.BUNDLED  # the models and the window come from the sample `make run` uses
+    home = Path(tempfile.mkdtemp(prefix="perpflow-bench-chain-"))
+    os.environ.update({"PERPFLOW_MIN_PWIN": "0.30", "PERPFLOW_MIN_EV": "-0.01"})  # the worker reads its env
+    broker = EmbeddedBroker().start()
+    try:
+        settings = Settings(home=home, kafka_bootstrap=broker.bootstrap, clickhouse_url="", metrics_port=0,
+                            worker_metrics_port=0, log_level="WARNING", symbols=_data.SYMBOLS)
+        p = plan(str(data), _data.SYMBOLS, 1_702_080_000_000, 1_704_758_400_000)  # 2023-12-09 → 2024-01-09
+        say = (lambda line: None) if quick else (lambda line: print(f"  {line}", file=sys.stderr))
+        train_and_promote(settings, p, say, max_rounds=60)
+        # the broker outlives each run_up (it is external to them) and still holds the training part: only the bars
+        # replayed from here on are measured (and the agents' state carries over, warm)
+        before = {t: set(_timestamps(broker.bootstrap, t)) for t in ("md.klines",)}
+        paced_start = p.end_ms - PACED_HOURS * 3_600_000
+        settings.run_worker = False  # this benchmark's own worker: its /metrics outlive the replays
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        worker = WorkerProcess(settings, broker.bootstrap, _data.SYMBOLS)
+        try:
+            run_up(settings, UpOptions("replay", str(data), _data.SYMBOLS, p.train_end_ms, paced_start, None, True))
+            wait_for_agents(broker.bootstrap, worker)
+            busy = {a: worker.metric("perpflow_agent_busy_seconds_total", agent=a) or 0.0 for a in AGENTS}
+            stamps = {t: _timestamps(broker.bootstrap, t) for t in HOPS}
+            new = [k for k in stamps["md.klines"] if k not in before["md.klines"]]
+            bars = len(new)
+            first = min(stamps["md.klines"][k] for k in new)
+            last = max(stamps["risk.verdicts"][k] for k in new if k in stamps["risk.verdicts"])
+            seconds = (last - first) / 1000
+            run_up(settings, UpOptions("replay", str(data), _data.SYMBOLS, paced_start, p.end_ms, PACED_SPEED, True))
+            wait_for_agents(broker.bootstrap, worker)
+            stamps = {t: _timestamps(broker.bootstrap, t) for t in HOPS}
+        finally:
+            worker.stop()
+        paced = [k for k in stamps["risk.verdicts"] if k[1] >= paced_start]
+        e2e = [stamps["risk.verdicts"][k] - stamps["md.klines"][k] for k in paced if k in stamps["md.klines"]]
+        hops = {f"{a}→{b}": [stamps[b][k] - stamps[a][k] for k in paced if k in stamps[a] and k in stamps[b]]
+                for a, b in zip(HOPS, HOPS[1:], strict=False)}
+    finally:
+        broker.stop()
+    total_busy = sum(busy.values()) or 1.0
+    rate = bars / seconds if seconds > 0 else float("nan")
+    print(f"chain: data {data}, {', '.join(_data.SYMBOLS)}; models trained {p.start_ms} → {p.train_end_ms} "
+          "(not timed)")
+    print(f"  full speed: {bars:,} bars through features → predict → policy → risk + paper in {seconds:.1f} s = "
+          f"{rate:,.0f} bars/s (target ≥ {TARGET_BARS_PER_S:,}: {rate / TARGET_BARS_PER_S:.2f}× of it)")
+    print("  busy time per agent: " + ", ".join(
+        f"{a} {busy[a]:.1f} s ({busy[a] / total_busy:.0%})" for a in AGENTS))
+    if e2e:
+        print(f"  live pacing ({PACED_SPEED:g}× real time, {len(e2e):,} bars): kline published → verdict (and order) "
+              f"p50 {_pct(e2e, 50):.0f} ms, p99 {_pct(e2e, 99):.0f} ms (target p99 ≤ {TARGET_P99_MS} ms: "
+              f"{_pct(e2e, 99) / TARGET_P99_MS:.1f}× of it)")
+        print("  hops p50 / p99 (ms): " + ", ".join(
+            f"{h} {_pct(v, 50):.0f} / {_pct(v, 99):.0f}" for h, v in hops.items() if v))
+    ok = bars > 0 and len(e2e) > 0
+    if not ok:
+        print("FAIL chain: no bars or no verdicts measured")
+    return ok

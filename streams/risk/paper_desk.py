@@ -1,0 +1,82 @@
+"""Paper trading next to the risk guard: the paper exchange's engine (`connectors/paper/engine.py`) fed in event time
+by the risk agent, so a replay fills exactly as live would, however fast it runs.
+
+Why here and not as a connector reading `orders` over Kafka: a fill depends on which bar comes first — an entry
+decided on bar t fills at the open of bar t+1 — and over topics that order is a race between the chain's latency
+and the replay's speed (a fast replay lets bar t+1 reach the exchange before the order of bar t). Here the order is
+fixed: the agent holds each symbol's bars (and funding settlements) and applies them to the engine just before the
+signal of the same bar is decided, after the orders of the previous signal were handed to it. The engine's events
+go to `user.events` as the live user data stream's would (same parsers), and to the guard at once.
+
+A symbol's bars wait for its signals; while a symbol has none (indicators warming up, no model) they pile up, so
+at most MAX_HELD bars are held: beyond that the oldest are applied (deterministic: by count, not by time)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from connectors.paper.engine import PaperConfig, PaperExchange
+
+INTERVAL = "5m"
+BAR_MS = 300_000
+MAX_HELD = 4032  # two weeks of 5m bars per symbol
+
+
+@dataclass
+class Held:
+    bars: list[dict] = field(default_factory=list)  # klines of INTERVAL, in arrival order
+    funding: list[dict] = field(default_factory=list)
+
+
+class PaperDesk:
+    def __init__(self, config: PaperConfig, state: str | None = None):
+        raw = json.loads(state) if state else None
+        self.exchange = PaperExchange.loads(raw["exchange"], config) if raw else PaperExchange(config)
+        self.held: dict[str, Held] = {s: Held(**h) for s, h in raw["held"].items()} if raw else {}
+
+    def dumps(self) -> str:
+        return json.dumps({"exchange": self.exchange.dumps(),
+                           "held": {s: {"bars": h.bars, "funding": h.funding} for s, h in self.held.items()}})
+
+    def kline(self, k: dict) -> list[dict]:
+        if k["interval"] != INTERVAL:
+            return []
+        held = self.held.setdefault(k["symbol"], Held())
+        held.bars.append(k)
+        if len(held.bars) > MAX_HELD:
+            return self.release(k["symbol"], held.bars[len(held.bars) - MAX_HELD - 1]["open_time"])
+        return []
+
+    def funding(self, rec: dict) -> None:
+        self.held.setdefault(rec["symbol"], Held()).funding.append(rec)
+
+    def ready_for(self, symbol: str, open_time: int) -> bool:
+        """Whether the bar a signal answers has arrived (its fills and triggers come before its verdict)."""
+        held = self.held.get(symbol)
+        newest = self.exchange.state.last_bar.get(symbol, -1)
+        if held is not None and held.bars:
+            newest = max(newest, max(b["open_time"] for b in held.bars))
+        return newest >= open_time
+
+    def release(self, symbol: str, through_open_time: int) -> list[dict]:
+        """Apply the held bars opened at or before `through_open_time` (and the settlements due by their close),
+        in event time: the engine's events, in order."""
+        held = self.held.get(symbol)
+        if held is None:
+            return []
+        due = sorted((b for b in held.bars if b["open_time"] <= through_open_time), key=lambda b: b["open_time"])
+        if not due:
+            return []
+        close = due[-1]["open_time"] + BAR_MS
+        out: list[dict] = []
+        for rec in sorted((f for f in held.funding if f["funding_time"] < close), key=lambda f: f["funding_time"]):
+            out += self.exchange.funding(rec)
+        held.funding = [f for f in held.funding if f["funding_time"] >= close]
+        for bar in due:
+            out += self.exchange.bar(bar)
+        held.bars = [b for b in held.bars if b["open_time"] > through_open_time]
+        return out
+
+    def order(self, order: dict) -> None:
+        self.exchange.order(order)  # fills at the next bar applied: events come with it
