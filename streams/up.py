@@ -22,7 +22,7 @@ from schemas.catalog import archived
 from schemas.tables import table_name
 from streams.app import app_id_for
 from streams.broker import client_config, committed_offsets, die_with_parent, end_offsets, ensure_topics
-from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS
+from streams.features.sequencer import INPUT_TOPICS
 from streams.settings import Settings
 from streams.stack import Stack
 from streams.worker import WorkerProcess
@@ -268,9 +268,13 @@ def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] 
 
 def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> None:
     """Until the agents' consumer group has committed everything now in its input topics and holds no bar back
-    (twice in a row: the agents write to some of their own inputs, e.g. features.btc). `prefix`: a run's."""
+    (twice in a row: the agents write to some of their own inputs, e.g. user.events). `prefix`: a run's.
+
+    Not features.btc: its copies carry nothing new to up's one worker (BTC's snapshots are handed over in memory;
+    a bar still waiting for one counts in held_bars), and its Faust consumer was seen to stop fetching it midway
+    (committed 2 of 10 per partition, records readable by any other consumer), which left this waiting forever."""
     # inputs of features, predict, policy and risk (user.events: the risk agent's paper fills come back to it)
-    topics = list(INPUT_TOPICS) + [BTC_TOPIC, "features", "predictions", "signals", "user.events", "risk.events"]
+    topics = list(INPUT_TOPICS) + ["features", "predictions", "signals", "user.events", "risk.events"]
     topics = [prefix + t for t in topics]
     admin = AdminClient(client_config(bootstrap))
     previous: dict | None = None
