@@ -4,8 +4,8 @@ The home: two weeks replayed into the archive, labeled, both sides trained and p
 (P(win) ≥ 0.3, any EV) so that the sample's edgeless models still trade: fills, stops and targets are what parity
 and determinism must hold for, not only FLAT signals.
 
-- parity: `perpflow up --source replay` over the window and `perpflow backtest` over it → the same signals, verdicts
-  and user events, row by row;
+- parity: `perpflow up --source replay` over the window and `perpflow backtest` over it → the same signals, verdicts,
+  orders and user events, row by row (one symbol: see PARITY_SYMBOL); and with --source kafka, the same signals;
 - determinism: the same backtest twice → byte-identical metrics.json;
 - isolation: two backtests at once and a live replay beside them, on one broker and store → each sees its own
   messages only (its topics and rows hold its symbols and window, each run once);
@@ -28,6 +28,9 @@ pytestmark = pytest.mark.e2e
 SYMBOLS = "BTCUSDT,ETHUSDT,1000PEPEUSDT"
 ARCHIVE = ["--start", "2023-12-09", "--end", "2023-12-23"]
 START, END = "2023-12-16", "2023-12-23"  # ~2.5 days of ready bars after the warm-up
+# verdicts and fills depend on the order in which the risk agent sees the symbols' signals, which is event-time order
+# within a partition only: the row-by-row parity of a whole account is checked on one symbol (its own partition)
+PARITY_SYMBOL = "BTCUSDT"
 LOOSE = {"PERPFLOW_MIN_PWIN": "0.3", "PERPFLOW_MIN_EV": "-1"}
 DAY = 86_400_000
 
@@ -64,8 +67,8 @@ def home(tmp_path_factory):
 
 
 def _backtest(home, *extra: str):
-    result = run_cli(home, "backtest", "--symbols", SYMBOLS, "--start", START, "--end", END, *extra, timeout=600,
-                     **LOOSE)
+    result = run_cli(home, "backtest", "--symbols", PARITY_SYMBOL, "--start", ARCHIVE[1], "--end", ARCHIVE[3], *extra,
+                     timeout=600, **LOOSE)
     assert result.returncode == 0, result.stderr
     return re.search(r"backtest (\d{8}T\d{6}-[0-9a-f]{6}):", result.stderr).group(1)
 
@@ -97,13 +100,13 @@ def test_parity_with_a_live_replay_and_determinism(home, tmp_path):
     a, b = (tmp_path / "a" / "metrics.json").read_bytes(), (tmp_path / "b" / "metrics.json").read_bytes()
     assert a == b  # determinism: same backtest, same metrics
     metrics = json.loads(a)
-    assert metrics["signals"]["total"] > 500 and metrics["trades"] > 0, metrics  # it traded: fills to compare
+    assert metrics["signals"]["total"] > 2000 and metrics["trades"] > 0, metrics  # it traded: fills to compare
     assert (tmp_path / "a" / "report.html").stat().st_size > 1000
 
-    live = run_cli(home, "up", "--source", "replay", "--data", str(SAMPLE), "--symbols", SYMBOLS, "--start", START,
-                   "--end", END, "--speed", "max", "--until-drained", timeout=600, **LOOSE)
+    live = run_cli(home, "up", "--source", "replay", "--data", str(SAMPLE), "--symbols", PARITY_SYMBOL, *ARCHIVE,
+                   "--speed", "max", "--until-drained", timeout=600, **LOOSE)
     assert live.returncode == 0, live.stderr
-    lo, hi = _ms(START), _ms(END)
+    lo, hi = _ms(ARCHIVE[1]), _ms(ARCHIVE[3])
     window = f"toUnixTimestamp64Milli(event_time) >= {lo} AND toUnixTimestamp64Milli(event_time) < {hi + DAY}"
     for table, order in (("signals", "symbol, open_time"), ("risk.verdicts", "symbol, open_time"),
                          ("user.events", "symbol, event_time, event_id"), ("orders", "symbol, event_time")):
@@ -124,7 +127,7 @@ def test_parity_with_a_live_replay_and_determinism(home, tmp_path):
     finally:
         store.close()
     assert recorded[first]["metrics"] == recorded[second]["metrics"] == json.loads(a)
-    assert recorded[first]["symbols"] == SYMBOLS.split(",")
+    assert recorded[first]["symbols"] == [PARITY_SYMBOL]
 
 
 def test_two_backtests_and_a_live_replay_at_once_stay_apart(home):
