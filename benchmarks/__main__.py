@@ -12,10 +12,10 @@ from importlib.metadata import version
 
 import confluent_kafka
 
-from benchmarks import _data, archive_path, chain, codec, features, labels
+from benchmarks import _data, archive_path, backtest, chain, codec, features, labels
 
 BENCHMARKS = {"codec": codec.run, "features": features.run, "archive_path": archive_path.run, "labels": labels.run,
-              "chain": chain.run}
+              "chain": chain.run, "backtest": backtest.run}
 
 
 def _git(*args: str) -> str:

@@ -3,8 +3,9 @@ features → predict → policy → risk → paper exchange → sink, one Faust 
 plain vectorized offline pass of the same decisions (the feature engine over the same events, both sides' models
 on the whole matrix at once, the policy over every prediction at once), as a ratio measured in this run.
 
-The home is built first (not timed): the sample replayed into the archive, labeled, both sides trained (small) and
-promoted. The backtest window is the last 12 days; its decisions must equal the offline pass's (checked)."""
+The home is built first (not timed), as `make run` builds it: the sample's older part archived, labeled, both sides
+trained and promoted, then the last 12 days archived. The backtest replays those 12 days (5 warm the indicators up);
+its decisions must equal the offline pass's (checked)."""
 
 from __future__ import annotations
 
@@ -19,31 +20,21 @@ from benchmarks import _data
 
 DAY_MS = 86_400_000
 TARGET_BARS_PER_S = 2_000
-BACKTEST_DAYS = 12
 
 
-def _build_home(settings, data: Path, symbols: list[str], start_ms: int, end_ms: int, train_end_ms: int) -> list:
+def _build_home(settings, p) -> list[dict]:
+    """`make run`'s first steps (`streams.demo.train_and_promote`), then the traded part archived too (a backtest
+    replays the archive): the promoted models' registry rows."""
     from connectors.clickhouse_store import Store
+    from streams.demo import train_and_promote
     from streams.up import UpOptions, run_up
     from training import registry
-    from training.label_build import build_labels
-    from training.labels import LabelSpec
-    from training.pipeline import train_models
-    from training.train import TrainConfig
 
-    run_up(settings, UpOptions("replay", str(data), symbols, start_ms, end_ms, None, True))
+    train_and_promote(settings, p, lambda _: None, max_rounds=60)
+    run_up(settings, UpOptions("replay", p.data, p.symbols, p.train_end_ms, p.end_ms, None, True))
     store = Store(settings)
     try:
-        spec = LabelSpec()
-        build_labels(store, symbols, start_ms, train_end_ms, spec, say=lambda _: None)
-        trained = train_models(store, settings.home_dir / "models", ["long", "short"], symbols, start_ms,
-                               train_end_ms, spec.id, TrainConfig(folds=2, embargo_bars=48, max_rounds=40),
-                               say=lambda _: None)
-        rows = []
-        for row, _ in trained:
-            registry.promote(store, row["id"], "benchmark", "backtest throughput", force=True, reason="benchmark")
-            rows.append(registry.get(store, row["id"]))
-        return rows
+        return [registry.promoted(store, side) for side in ("long", "short")]
     finally:
         store.close()
 
@@ -82,29 +73,25 @@ def offline_pass(settings, data: Path, symbols: list[str], start_ms: int, end_ms
 
 
 def run(quick: bool = False) -> bool:
+    from streams.demo import plan
     from streams.settings import Settings
     from training.backtest.orchestrate import BacktestOptions, run_backtest
 
     logging.basicConfig(level=logging.WARNING)
-    data, symbols, _ = _data.choose(True)  # the bundled month: a backtest needs models trained on the archive
-    symbols = symbols or _data.SYMBOLS
-    from connectors.history_files import load_history
-
-    histories, _ = load_history(data, symbols)
-    first = max(int(h.klines.open_time.min()) for h in histories.values())
-    end = min(int(h.klines.open_time.max()) for h in histories.values()) + 300_000
-    end -= end % DAY_MS
-    start = end - BACKTEST_DAYS * DAY_MS
+    data, symbols = _data.BUNDLED, _data.SYMBOLS  # a backtest needs models trained on the archive: the sample's month
+    p = plan(str(data), symbols, 1_702_080_000_000, 1_704_758_400_000)  # 2023-12-09 → 2024-01-09
+    start, end = p.train_end_ms, p.end_ms  # 12 days: 5 warm the indicators up, 7 are traded
     with tempfile.TemporaryDirectory() as home:
         # loose thresholds: the sample's models have no edge, and a backtest that never trades measures less
         settings = Settings(home=Path(home), kafka_bootstrap="", clickhouse_url="", metrics_port=0,
                             worker_metrics_port=0, log_level="WARNING", symbols=symbols, min_pwin=0.3, min_ev=-1.0)
-        models = _build_home(settings, data, symbols, first, end, start)
+        models = _build_home(settings, p)
         result = run_backtest(settings, BacktestOptions(symbols, start, end, ",".join(m["id"] for m in models)),
                               say=lambda _: None)
         bars, offline_s, decisions = offline_pass(settings, data, symbols, start, end, models)
     chain_rate, offline_rate = result.bars_per_second, bars / offline_s
-    print(f"backtest: {data}, {', '.join(symbols)}, {BACKTEST_DAYS} days = {result.bars:,} bars, one Faust worker")
+    days = (end - start) // DAY_MS
+    print(f"backtest: {data}, {', '.join(symbols)}, {days} days = {result.bars:,} bars, one Faust worker")
     print(f"  full chain (replay → archived, start-up included) {result.seconds:8.1f} s = {chain_rate:8,.0f} bars/s  "
           f"{'PASS' if chain_rate >= TARGET_BARS_PER_S else 'MISS'} (target ≥ {TARGET_BARS_PER_S:,})")
     print(f"  offline vectorized pass of the same decisions     {offline_s:8.1f} s = {offline_rate:8,.0f} bars/s")

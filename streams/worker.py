@@ -28,7 +28,8 @@ from streams.settings import Settings
 AGENT_MODULES: list[str] = ["streams.features.agent", "streams.predict.agent", "streams.policy.agent",
                              "streams.risk.agent"]
 log = logging.getLogger(__name__)
-DECISION_SETTINGS = ("min_ev", "min_pwin", "fee", "slippage", "paper_taker_fee", "paper_slippage_bps", "paper_balance")
+DECISION_SETTINGS = ("min_ev", "min_pwin", "risk_per_trade_usdt", "fee", "slippage", "paper_taker_fee",
+                     "paper_slippage_bps", "paper_balance")
 
 
 def run_worker(settings: Settings, bootstrap: str) -> None:

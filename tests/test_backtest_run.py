@@ -1,8 +1,8 @@
 """`perpflow backtest` through the real broker, worker, paper exchange and store, on the bundled real sample.
 
 The home: two weeks replayed into the archive, labeled, both sides trained and promoted. The thresholds are lowered
-(P(win) ≥ 0.3, any EV) so that the sample's edgeless models still trade: fills, stops and targets are what parity
-and determinism must hold for, not only FLAT signals.
+(P(win) ≥ 0.3, any EV, 10 USDT at risk per trade: small enough for the exposure rule) so that the sample's edgeless
+models still trade: fills, stops and targets are what parity and determinism must hold for, not only FLAT signals.
 
 - parity: `perpflow up --source replay` over the window and `perpflow backtest` over it → the same signals, verdicts,
   orders and user events, row by row (one symbol: see PARITY_SYMBOL); and with --source kafka, the same signals;
@@ -31,7 +31,7 @@ START, END = "2023-12-16", "2023-12-23"  # ~2.5 days of ready bars after the war
 # verdicts and fills depend on the order in which the risk agent sees the symbols' signals, which is event-time order
 # within a partition only: the row-by-row parity of a whole account is checked on one symbol (its own partition)
 PARITY_SYMBOL = "BTCUSDT"
-LOOSE = {"PERPFLOW_MIN_PWIN": "0.3", "PERPFLOW_MIN_EV": "-1"}
+LOOSE = {"PERPFLOW_MIN_PWIN": "0.3", "PERPFLOW_MIN_EV": "-1", "PERPFLOW_RISK_PER_TRADE_USDT": "10"}
 DAY = 86_400_000
 
 
@@ -39,7 +39,8 @@ def _settings(home):
     from streams.settings import Settings
 
     return Settings(home=home, kafka_bootstrap="", clickhouse_url="", metrics_port=0, worker_metrics_port=0,
-                    log_level="WARNING", min_pwin=0.3, min_ev=-1.0, symbols=SYMBOLS.split(","))
+                    log_level="WARNING", min_pwin=0.3, min_ev=-1.0, risk_per_trade_usdt=10.0,
+                    symbols=SYMBOLS.split(","))
 
 
 def _ms(day: str) -> int:
