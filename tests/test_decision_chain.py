@@ -156,6 +156,42 @@ def test_every_filled_entry_is_protected_by_a_stop_loss_and_a_take_profit(chain)
     assert filled > 0
 
 
+def test_promote_over_http_needs_the_token_and_passes_the_gates(chain):
+    """`perpflow up` owns the registry's store, so POST /models/{id}/promote is served by its control API."""
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import PERPFLOW, ROOT, cli_env
+
+    home, ids, _, _ = chain
+    up = subprocess.Popen([PERPFLOW, "up", "--source", "none"], env=cli_env(home), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        stack = home / "run" / "stack.json"
+        deadline = time.monotonic() + 60
+        while not stack.exists():
+            assert up.poll() is None and time.monotonic() < deadline, up.stderr.read() if up.poll() else "no stack"
+            time.sleep(0.3)
+        api = json.loads(stack.read_text())["api_url"]
+        model = next(i for i in ids if i.startswith("long-"))
+        url = f"{api}/models/{model}/promote"
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=30)
+        assert denied.value.code == 401
+        token = (home / "run" / "control-token").read_text().strip()
+        request = urllib.request.Request(url, data=json.dumps({"reason": "test"}).encode(), method="POST",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert answer["promoted"] == model and answer["side"] == "long"
+        assert all(g["ok"] for g in answer["gates"]) and answer["control"]["entity"] == "model:long"
+    finally:
+        up.terminate()
+        up.wait(60)
+
+
 def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker):
     """Runs last: it opens the module's store itself. The second promotion names a new model id on the same
     artifact (content-addressed, so only the id differs): predictions made after it carry that id."""
