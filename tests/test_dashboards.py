@@ -18,7 +18,7 @@ from tests.conftest import ROOT, SAMPLE, run_cli
 
 FROM, TO = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC)
 INTERVAL_S = 300
-REPLAYED = ("md_klines", "md_markprice", "md_funding", "system.parts", "user_events")  # tables with rows
+REPLAYED = ("md_klines", "md_markprice", "md_funding", "system.parts", "user_events", "risk_verdicts")  # with rows
 NOON_MS = int(FROM.timestamp() * 1000) + 12 * 3_600_000
 # Until the paper exchange writes user.events, two events in Binance's user-data shapes stand for it:
 # a fill with its realized profit and fee, and a funding payment.
@@ -41,6 +41,29 @@ def write_user_events(store) -> None:
     for event in USER_EVENTS:
         record = {"event_time": NOON_MS, "symbol": "BTCUSDT", "source": "test", "balances": [], "positions": [],
                   **event}
+        rows.append(tuple(to_json_if_nested(record.get(c.name)) if c.nested else record.get(c.name)
+                          for c in columns(t)))
+    store.insert_arrow(t.table, arrow_table(t, rows, [-1] * len(rows), [-1] * len(rows)))
+
+
+# a rejection that violates two rules, and an approved FLAT signal's verdict
+VERDICTS = (
+    {"event_id": "verdict-1", "verdict": "REJECTED", "decision": "LONG", "violations": ["margin_usage", "fat_finger"]},
+    {"event_id": "verdict-2", "verdict": "APPROVED", "decision": "FLAT", "violations": []},
+)
+
+
+def write_verdicts(store) -> None:
+    from schemas.catalog import topic
+    from schemas.tables import arrow_table, columns, to_json_if_nested
+
+    t = topic("risk.verdicts")
+    rows = []
+    for v in VERDICTS:
+        record = {"event_time": NOON_MS, "open_time": NOON_MS - 300_000, "symbol": "BTCUSDT", "source": "test",
+                  "interval": "5m", "signal_id": "", "action": "NONE", "intent_id": None, "trading_state": "RUNNING",
+                  "equity": 1000.0, "margin_usage": 0.1, "daily_pnl_ratio": 0.0, "drawdown_ratio": 0.0,
+                  "detail": "{}", **v}
         rows.append(tuple(to_json_if_nested(record.get(c.name)) if c.nested else record.get(c.name)
                           for c in columns(t)))
     store.insert_arrow(t.table, arrow_table(t, rows, [-1] * len(rows), [-1] * len(rows)))
@@ -92,8 +115,8 @@ def test_provisioning_serves_what_the_dashboards_use():
 
 @pytest.fixture(scope="module")
 def replayed_store(tmp_path_factory):
-    """One day of BTCUSDT replayed through the real broker into a real chDB store, every table created,
-    and the two user events above."""
+    """One day of BTCUSDT replayed through the real broker into a real chDB store, every table created (the
+    training room's too), the two user events and the two verdicts above."""
     from connectors.clickhouse_store import Store
     from schemas.catalog import archived
     from streams.settings import Settings
@@ -104,8 +127,12 @@ def replayed_store(tmp_path_factory):
                      "--until-drained", PERPFLOW_RUN_WORKER="false")
     assert result.returncode == 0, result.stderr
     store = Store(Settings(home=home, clickhouse_url=""))
+    from training import tables
+
     store.ensure_tables(archived())
+    tables.ensure(store, *tables.DDL)  # models, labels, backtest_runs: what the Models dashboard reads
     write_user_events(store)
+    write_verdicts(store)
     yield store
     store.close()
 
@@ -130,3 +157,11 @@ def test_pnl_split_adds_up_fills_fees_and_funding(replayed_store):
                  for q in p.queries)
     rows = replayed_store.query_rows(expand_macros(query.sql))
     assert [tuple(r[1:]) for r in rows] == [(12.5, -0.4, -0.3)]
+
+
+@pytest.mark.e2e
+def test_rejections_count_once_per_violated_rule(replayed_store):
+    query = next(q for d in DASHBOARDS for p in d.panels() if p.title == "Rejections by violated rule"
+                 for q in p.queries)
+    rows = replayed_store.query_rows(expand_macros(query.sql))
+    assert sorted((r[1], r[2]) for r in rows) == [("fat_finger", 1), ("margin_usage", 1)]
