@@ -309,7 +309,8 @@ MODELS = Dashboard(
                 "FROM (\n  "
                 + _per_side("arrayJoin(JSONExtract(top_features_{s}, 'Array(Tuple(feature String, value Float64))')) "
                             "AS c, c.1 AS feature, c.2 AS contribution")
-                + "\n)\nGROUP BY side, feature ORDER BY side, predictions DESC, mean_abs_contribution DESC LIMIT 10 BY side",
+                + "\n)\nGROUP BY side, feature\n"
+                "ORDER BY side, predictions DESC, mean_abs_contribution DESC LIMIT 10 BY side",
                 ("side", "feature", "predictions", "mean_abs_contribution")),), kind="table",
                 description="How often each feature was among a prediction's five largest contributions."),
             Panel("Feature rows per symbol", (_by_symbol_over_time("features", "rows"),)),
