@@ -59,9 +59,19 @@ def measure(side: str, model_id: str, p_tp: np.ndarray, outcome: np.ndarray) -> 
                        float(np.mean(outcome[known] == TP)))
 
 
-def latest(store: Store, side: str, limit: int) -> Calibration | None:
-    """The promoted `side` model's calibration over its latest `limit` predictions whose horizon has passed in the
-    archive; None without a promoted model or any such prediction."""
+@dataclass
+class Known:
+    """The promoted model's latest predictions whose horizon has passed, newest first, with their outcomes."""
+
+    model: dict  # its registry row
+    symbol: np.ndarray
+    open_time: np.ndarray  # int64 ms
+    p_tp: np.ndarray
+    outcome: np.ndarray  # TP, SL, TIMEOUT, or −1 where a gap hides it
+
+
+def known_outcomes(store: Store, side: str, limit: int) -> Known | None:
+    """None without a promoted `side` model."""
     model = registry.promoted(store, side)
     if model is None:
         return None
@@ -74,15 +84,21 @@ def latest(store: Store, side: str, limit: int) -> Calibration | None:
         f"  WHERE interval = '{INTERVAL}' GROUP BY symbol) AS k USING (symbol)\n"
         f"WHERE model_id_{side} = '{model_id}' AND t + {horizon_ms} <= last_bar\n"
         f"ORDER BY t DESC, symbol LIMIT {int(limit)}")
-    if found.num_rows == 0:
-        return None
-    symbols = np.asarray(found.column("symbol").to_pylist())
-    open_time = found.column("t").to_numpy()
-    p_tp = found.column("p").to_numpy()
+    symbols = np.asarray(found.column("symbol").to_pylist(), dtype=object)
+    open_time = found.column("t").to_numpy().astype(np.int64)
     outcome = np.full(len(open_time), -1, np.int8)
     for symbol in np.unique(symbols):
         rows = np.flatnonzero(symbols == symbol)
         t = open_time[rows]
         bars = read_bars(store, str(symbol), int(t.min()), int(t.max()) + BAR_MS, spec.horizon)
         outcome[rows] = outcomes(bars, side, spec, t)
-    return measure(side, model["id"], p_tp, outcome)
+    return Known(model, symbols, open_time, found.column("p").to_numpy().astype(np.float64), outcome)
+
+
+def latest(store: Store, side: str, limit: int) -> Calibration | None:
+    """The promoted `side` model's calibration over its latest `limit` predictions whose horizon has passed in the
+    archive (those a gap hides are left out); None without a promoted model or any such prediction."""
+    found = known_outcomes(store, side, limit)
+    if found is None:
+        return None
+    return measure(side, found.model["id"], found.p_tp, found.outcome)
