@@ -147,6 +147,9 @@ TRADING = Dashboard(
             Panel("Equity", (PromQuery("perpflow_account_equity_usdt", "equity"),), unit="currencyUSD", width=6),
             Panel("Drawdown from peak", (PromQuery("perpflow_account_drawdown_ratio", "drawdown"),),
                   unit="percentunit", width=6),
+            Panel("Trading state at the verdicts (event time)", (_counted_over_time(
+                "risk_verdicts", "trading_state", "verdicts"),),
+                description="RUNNING, REDUCE_ONLY or HALTED when each signal was judged."),
             Panel("Equity at the verdicts (event time)", (SqlQuery(
                 "SELECT $__timeInterval(event_time) AS time, argMax(equity, event_time) AS equity_usdt\n"
                 "FROM risk_verdicts FINAL WHERE $__timeFilter(event_time) AND equity > 0\n"
@@ -183,6 +186,11 @@ TRADING = Dashboard(
             Panel("Signals by decision (archive)", (_counted_over_time("signals", "decision", "signals"),)),
             Panel("EV distribution of signals (1 h)", (PromQuery(
                 "sum by (le) (increase(perpflow_signal_ev_bucket[1h]))", "{{le}}", heatmap=True),), kind="bargauge"),
+            Panel("EV distribution of signals (archive)", (SqlQuery(
+                "SELECT floor(greatest(ev_long, ev_short) * 1000) / 1000 AS ev, decision, count() AS signals\n"
+                "FROM signals FINAL WHERE $__timeFilter(event_time)\nGROUP BY ev, decision ORDER BY ev, decision",
+                ("ev", "decision", "signals")),), kind="table",
+                description="The better side's EV (net of costs, per unit of notional) in 0.1 % buckets."),
             Panel("Why FLAT", (_counted_over_time("signals", "flat_reason", "signals", " AND decision = 'FLAT'"),),
                   description="flat_reason of the FLAT signals: below the EV or P(win) threshold, below the "
                               "minimum notional, …"),
@@ -313,6 +321,15 @@ MODELS = Dashboard(
                 "ORDER BY side, predictions DESC, mean_abs_contribution DESC LIMIT 10 BY side",
                 ("side", "feature", "predictions", "mean_abs_contribution")),), kind="table",
                 description="How often each feature was among a prediction's five largest contributions."),
+            Panel("Influence of the top features over time", (SqlQuery(
+                "SELECT toStartOfDay(event_time) AS time, feature, avg(abs(contribution)) AS mean_abs_contribution\n"
+                "FROM (\n  "
+                + _per_side("event_time, arrayJoin(JSONExtract(top_features_{s}, "
+                            "'Array(Tuple(feature String, value Float64))')) AS c, c.1 AS feature, c.2 AS contribution")
+                + "\n)\nGROUP BY time, feature ORDER BY time",
+                ("time", "feature", "mean_abs_contribution"), time_series=True),),
+                description="Daily mean |contribution| to P(TP) of each feature when among a prediction's top five: "
+                            "a model leaning on other inputs than it used to shows here."),
             Panel("Feature rows per symbol", (_by_symbol_over_time("features", "rows"),)),
             Panel("Feature drift: daily mean of key inputs (ready rows)", (SqlQuery(
                 "SELECT toStartOfDay(event_time) AS time, "
