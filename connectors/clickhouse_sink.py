@@ -77,7 +77,7 @@ class ClickHouseSink:
     def run(self) -> None:
         self.consumer.subscribe(
             list(self.topics), on_revoke=lambda c, parts: self.flush(),
-            on_assign=lambda c, parts: log.info("sink joined group %s: %d partitions", self.group, len(parts)))
+            on_assign=self._on_assign)
         try:
             while not self.stop_event.is_set():
                 self._take_all(self.consumer.consume(5_000, timeout=0.1))
@@ -97,6 +97,15 @@ class ClickHouseSink:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _on_assign(self, consumer: Consumer, parts: list) -> None:
+        """What the group committed before (an earlier sink on a broker that outlives it) counts as archived: a
+        partition with nothing new would otherwise never look caught up."""
+        for tp in consumer.committed(parts, timeout=10):
+            if tp.offset >= 0:
+                key = (tp.topic, tp.partition)
+                self.committed[key] = max(self.committed.get(key, 0), tp.offset)
+        log.info("sink joined group %s: %d partitions", self.group, len(parts))
 
     def caught_up(self, targets: dict[tuple[str, int], int]) -> bool:
         """True when every partition in `targets` has been archived and committed up to its offset."""
