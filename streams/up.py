@@ -129,7 +129,6 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
         sink_thread.start()
         announce_promoted_models(stack)
         calibration = CalibrationMonitor(stack.store, settings)
-        calibration.start()
         worker = WorkerProcess(settings, stack.bootstrap, opts.symbols, paper=opts.paper and not opts.live) \
             if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
@@ -141,6 +140,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                                     opts.start_ms)
             binance_thread = _ReportingThread("binance", binance.run)
             binance_thread.start()
+        calibration.start()  # stopped in the finally below, before the store closes
         try:
             while True:
                 if sink_thread.error is not None:
