@@ -120,7 +120,9 @@ class BatchAgent:
 
     async def _commit(self) -> None:
         self.last_commit = time.monotonic()
-        self.save()  # the state of every batch handled so far, before their offsets are committed
+        saving = self.save()  # the state of every batch handled so far, before their offsets are committed
+        if saving is not None:
+            await saving  # acknowledged: Faust's producer.flush() alone does not wait for a changelog record
         snapshot = dict(self.processed)
         if await commit_handled(self.app, self.name, snapshot):
             self.committed = snapshot
@@ -169,9 +171,10 @@ class BatchAgent:
             futures.append(out.send_soon(key=key, value=self.codec.encode(schema, record), partition=partition))
         return futures
 
-    def save(self) -> None:
-        """State to write before offsets are committed, once the batches' outputs are acknowledged (none for a
-        stateless agent)."""
+    def save(self) -> Any:
+        """State to write before offsets are committed, once the batches' outputs are acknowledged: the delivery
+        future of what was written, or None (a stateless agent, nothing new)."""
+        return None
 
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         raise NotImplementedError
