@@ -553,24 +553,17 @@ def models_promote(
     common out-of-fold window); archives the side's previous model and publishes the change on `control`."""
     import getpass
 
-    from streams.control import publish
+    from streams.control import promotion_publisher
     from training import registry
 
     if force and not reason.strip():
         raise typer.BadParameter("--force needs --reason TEXT saying why the gates are overridden",
                                  param_hint="--reason")
     settings = _settings()
-    bootstrap = settings.kafka_bootstrap
-
-    def announce(row: dict, previous: dict | None) -> dict | None:
-        if not bootstrap:
-            return None
-        return publish(bootstrap, f"model:{row['side']}", "model_promoted", registry.control_value(row, previous),
-                       row["actor"], row["promoted_at"])
-
     store = _registry_store(settings, "perpflow models promote")
     try:
-        result = registry.promote(store, model, getpass.getuser(), reason.strip(), force, announce)
+        result = registry.promote(store, model, getpass.getuser(), reason.strip(), force,
+                                  promotion_publisher(settings.kafka_bootstrap))
     finally:
         store.close()
     for g in result.gates:
