@@ -117,8 +117,20 @@ def run_backtest(settings: Settings, opts: BacktestOptions, stack: Stack | None 
     if opts.start_ms >= opts.end_ms:
         raise PerpflowError("--start must be before --end")
     if stack is None:
+        if opts.source == "kafka" and not settings.kafka_bootstrap:
+            raise PerpflowError("--source kafka replays the md.* topics of a Kafka cluster (PERPFLOW_KAFKA_BOOTSTRAP); "
+                                "the embedded broker starts empty: use --source clickhouse")
         with Stack(settings) as own:
             return run_backtest(settings, opts, own, say, run_id)
+    if opts.source == "clickhouse":
+        from connectors.archive_replay import ArchiveReplay
+
+        found = ArchiveReplay(stack.bootstrap, "clickhouse", opts.symbols, opts.start_ms, opts.end_ms, "", "",
+                              stack.store).count()
+        if not found:
+            raise PerpflowError(f"no archived market data of {','.join(opts.symbols)} in {_iso(opts.start_ms)} → "
+                                f"{_iso(opts.end_ms)}: archive it first (`perpflow up --source replay ... "
+                                "--until-drained` or `perpflow backfill`)")
     run_id = run_id or new_run_id()
     prefix = run_prefix(run_id)
     created_at = int(time.time() * 1000)
