@@ -190,7 +190,7 @@ def _ledger(store: Store, run_id: str, s: Settings) -> tuple[accounting.Ledger, 
 
 def delete_run_topics(bootstrap: str, run_id: str, settings: Settings) -> int:
     """The run's topics (its prefix) and its agents' internal ones (changelogs, Faust's leader topic: named from
-    the run's app id), and its Faust working directory. Returns how many topics were deleted."""
+    the run's app id), its consumer groups and its Faust working directory. Returns how many topics were deleted."""
     prefix, app_id = run_prefix(run_id), app_id_for(run_prefix(run_id))
     admin = AdminClient(client_config(bootstrap))
     names = [t for t in admin.list_topics(timeout=10).topics if t.startswith((prefix, app_id + "-"))]
@@ -202,6 +202,15 @@ def delete_run_topics(bootstrap: str, run_id: str, settings: Settings) -> int:
                 deleted += 1
             except Exception as exc:  # reported, not fatal: the run's results are archived already
                 log.warning("could not delete topic %s: %s", name, exc)
+    groups = [app_id, f"perpflow-sink-{prefix.rstrip('.')}", f"{app_id}-source"]
+    try:
+        for future in admin.delete_consumer_groups(groups, request_timeout=10).values():
+            try:
+                future.result()
+            except Exception:  # a group never made (the Kafka source's), or a broker without the API
+                pass
+    except Exception as exc:
+        log.info("consumer groups of run %s not deleted: %s", run_id, exc)
     shutil.rmtree(settings.run_dir / f"faust-{prefix.rstrip('.')}", ignore_errors=True)
     return deleted
 
