@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -56,6 +57,45 @@ def _timestamps(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
     return out
 
 
+def _broker_floor(bootstrap: str, n: int = 40) -> list[float]:
+    """One plain hop on the same broker: a confluent-kafka producer (flushed per message) to a consumer polling
+    with a 10 ms fetch wait, ms per message — what each of the chain's four hops costs before any agent work."""
+    import threading
+
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from streams.broker import producer_config
+
+    admin = AdminClient(client_config(bootstrap))
+    admin.create_topics([NewTopic("bench.floor", 1, 1)])["bench.floor"].result()
+    consumer = Consumer(client_config(bootstrap, **{"group.id": "bench-floor", "auto.offset.reset": "earliest",
+                                                    "fetch.wait.max.ms": 10, "session.timeout.ms": 6000}))
+    consumer.subscribe(["bench.floor"])
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set():
+            for m in consumer.consume(100, 0.05):
+                if m.error() is None:
+                    latencies.append(time.time() * 1000 - float(m.value()))
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    time.sleep(5)  # the group join
+    producer = Producer(producer_config(bootstrap, **{"linger.ms": 0}))
+    for _ in range(n):
+        producer.produce("bench.floor", str(time.time() * 1000).encode())
+        producer.flush()
+        time.sleep(0.1)
+    time.sleep(1)
+    done.set()
+    reader.join(5)
+    consumer.close()
+    return latencies
+
+
 def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
 
@@ -93,6 +133,7 @@ def run(quick: bool = False) -> bool:
             stamps = {t: _timestamps(broker.bootstrap, t) for t in HOPS}
         finally:
             worker.stop()
+        floor = _broker_floor(broker.bootstrap)
         paced = [k for k in stamps["risk.verdicts"] if k[1] >= paced_start]
         e2e = [stamps["risk.verdicts"][k] - stamps["md.klines"][k] for k in paced if k in stamps["md.klines"]]
         hops = {f"{a}→{b}": [stamps[b][k] - stamps[a][k] for k in paced if k in stamps[a] and k in stamps[b]]
@@ -113,6 +154,10 @@ def run(quick: bool = False) -> bool:
               f"{_pct(e2e, 99) / TARGET_P99_MS:.1f}× of it)")
         print("  hops p50 / p99 (ms): " + ", ".join(
             f"{h} {_pct(v, 50):.0f} / {_pct(v, 99):.0f}" for h, v in hops.items() if v))
+    if floor:
+        print(f"  broker floor, same broker: one plain produce → consume hop p50 {_pct(floor, 50):.0f} ms, p99 "
+              f"{_pct(floor, 99):.0f} ms; the chain has four hops: ≥ {4 * _pct(floor, 50):.0f} ms at p50 before any "
+              "agent work")
     ok = bars > 0 and len(e2e) > 0
     if not ok:
         print("FAIL chain: no bars or no verdicts measured")

@@ -57,9 +57,51 @@ def _use_fetch_highwaters(bootstrap: str) -> None:
     AIOKafkaConsumerThread._highwaters = _highwaters
 
 
+FETCH_MAX_WAIT_MS = 10
+
+
+def _short_fetch_wait() -> None:
+    """Faust builds its consumer with fetch_max_wait_ms=1500; a fetch of partitions with nothing new is held that
+    long by the broker before it answers. A short wait costs a few more fetch requests per second."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(create, "_perpflow", False):
+        return
+
+    def _create_worker_consumer(self, transport):
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
+
+    _create_worker_consumer._perpflow = True
+    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
+
+
+def _only_agents_commit() -> None:
+    """Faust commits on its own (every broker_commit_interval, on a rebalance, on stop) the offsets its streams
+    acked — and `take_events` acks a micro-batch as soon as the agent's loop body returns, before a stateful agent
+    has saved what the batch changed (the risk agent saves its book once a second, before its own commit). Every
+    perpflow agent commits what it handled and saved itself (`streams.batch_agent.commit_handled`, which calls the
+    consumer's low-level `_commit`), so Faust's high-level commit is switched off: at worst a restart handles again
+    what it had handled, never skips what it had not saved."""
+    from faust.transport.consumer import Consumer
+
+    if getattr(Consumer.commit, "_perpflow", False):
+        return
+
+    async def commit(self, topics=None, start_new_transaction: bool = True) -> bool:
+        return False
+
+    commit._perpflow = True
+    Consumer.commit = commit
+
+
 def create_app(bootstrap: str, app_id: str = APP_ID, web_port: int | None = None,
                datadir: str | None = None) -> faust.App:
     _use_fetch_highwaters(bootstrap)
+    _short_fetch_wait()
+    _only_agents_commit()
     return faust.App(
         app_id,
         datadir=datadir or f"{app_id}-data",  # Faust's working files; perpflow keeps them under PERPFLOW_HOME

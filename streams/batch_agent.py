@@ -56,14 +56,18 @@ def forget(app: faust.App, agent: str) -> None:
 
 
 async def commit_handled(app: faust.App, agent: str, processed: dict[TP, int]) -> bool:
-    """Commit the offsets after the last messages handled, once their outputs and changelog are flushed; for a
-    topic other agents read too, the lowest offset any of them handled (none handled yet: not committed).
+    """Commit the offsets after the last messages handled; for a topic other agents read too, the lowest offset any
+    of them handled (none handled yet: not committed).
+
+    The caller must have awaited the delivery of every effect of those messages (outputs, changelog records):
+    `app.producer.flush()` is no guarantee, as Faust's send buffer stops flushing when no record left it for 0.1 s
+    and does not wait for the record being handed to the client.
 
     Faust's own ack-based commits can stall after a restart (messages handed before its seek to the committed
     offsets leave holes in its acked lists: seen on Tansu, a restarted worker processed everything and kept
     committing the old offset). Every message of a batch is handled in order before this runs, so the offsets to
     commit are simply the last ones handled."""
-    await app.producer.flush()  # outputs and changelog durable before the input offsets move
+    await app.producer.flush()  # what else was sent on its way (best effort, see above)
     shared = _handled(app)
     shared.offsets[agent] = dict(processed)
     offsets = {}
@@ -120,7 +124,9 @@ class BatchAgent:
 
     async def _commit(self) -> None:
         self.last_commit = time.monotonic()
-        self.save()  # the state of every batch handled so far, before their offsets are committed
+        saving = self.save()  # the state of every batch handled so far, before their offsets are committed
+        if saving is not None:
+            await saving  # acknowledged: Faust's producer.flush() alone does not wait for a changelog record
         snapshot = dict(self.processed)
         if await commit_handled(self.app, self.name, snapshot):
             self.committed = snapshot
@@ -169,9 +175,10 @@ class BatchAgent:
             futures.append(out.send_soon(key=key, value=self.codec.encode(schema, record), partition=partition))
         return futures
 
-    def save(self) -> None:
-        """State to write before offsets are committed, once the batches' outputs are acknowledged (none for a
-        stateless agent)."""
+    def save(self) -> Any:
+        """State to write before offsets are committed, once the batches' outputs are acknowledged: the delivery
+        future of what was written, or None (a stateless agent, nothing new)."""
+        return None
 
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         raise NotImplementedError

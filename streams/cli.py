@@ -553,24 +553,17 @@ def models_promote(
     common out-of-fold window); archives the side's previous model and publishes the change on `control`."""
     import getpass
 
-    from streams.control import publish
+    from streams.control import promotion_publisher
     from training import registry
 
     if force and not reason.strip():
         raise typer.BadParameter("--force needs --reason TEXT saying why the gates are overridden",
                                  param_hint="--reason")
     settings = _settings()
-    bootstrap = settings.kafka_bootstrap
-
-    def announce(row: dict, previous: dict | None) -> dict | None:
-        if not bootstrap:
-            return None
-        return publish(bootstrap, f"model:{row['side']}", "model_promoted", registry.control_value(row, previous),
-                       row["actor"], row["promoted_at"])
-
     store = _registry_store(settings, "perpflow models promote")
     try:
-        result = registry.promote(store, model, getpass.getuser(), reason.strip(), force, announce)
+        result = registry.promote(store, model, getpass.getuser(), reason.strip(), force,
+                                  promotion_publisher(settings.kafka_bootstrap))
     finally:
         store.close()
     for g in result.gates:
@@ -781,15 +774,14 @@ class ConnectorPart(StrEnum):
     market = "market"
     user = "user"
     execution = "execution"
-    paper = "paper"
 
 
 @app.command()
 def connector(
     part: ConnectorPart = typer.Argument(..., help="market: Binance market streams + REST backfill → md.*; user: "
                                          "the user data stream → user.events, risk.events; execution: orders → "
-                                         "Binance orders (live), reconciled; paper: the paper exchange answers "
-                                         "orders with user.events."),
+                                         "Binance orders (live), reconciled. There is no paper connector: the "
+                                         "worker's risk agent paper-trades (PERPFLOW_PAPER_TRADING)."),
     symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
     start: str = typer.Option(None, help="market: first bar to backfill when md.klines holds none yet (UTC; "
                               "default: PERPFLOW_BINANCE_BACKFILL_HOURS ago)."),
@@ -798,8 +790,8 @@ def connector(
 ) -> None:
     """Run one exchange connector on its own against PERPFLOW_KAFKA_BOOTSTRAP (or the broker of the running
     `perpflow up`), serving /metrics and /health on PERPFLOW_METRICS_PORT, until stopped. The docker-compose
-    services and Kubernetes Deployments of the connectors run this; never run two execution connectors (live or
-    paper) at once."""
+    services and Kubernetes Deployments of the connectors run this; never run two execution connectors at once, nor
+    one with a worker that paper-trades (run it with PERPFLOW_PAPER_TRADING=false)."""
     from streams.connector import LIVE_PARTS, run_connector
     from streams.stack import StackInfo
 
@@ -813,6 +805,10 @@ def connector(
                                 "PERPFLOW_BINANCE_API_KEY and PERPFLOW_BINANCE_API_SECRET in the environment (testnet "
                                 "keys unless PERPFLOW_BINANCE_TESTNET=false)")
         _check_live(settings, mainnet)
+    if part is ConnectorPart.execution and settings.paper_trading:
+        raise PerpflowError("the execution connector trades the orders on Binance, but PERPFLOW_PAPER_TRADING is "
+                            "true: the workers' risk agent would fill them on paper too; set "
+                            "PERPFLOW_PAPER_TRADING=false for the workers and this connector")
     info = StackInfo.load(settings)
     bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else "")
     if not bootstrap:

@@ -1,13 +1,17 @@
-"""`perpflow connector market|user|execution|paper`: one exchange connector as its own process, the way the
+"""`perpflow connector market|user|execution`: one exchange connector as its own process, the way the
 compose services and Kubernetes Deployments run them.
 
 - market: Binance's market WebSocket streams → md.* topics, with the REST backfill of anything missed
 - user: Binance's user data stream → user.events, its health → risk.events
 - execution: orders → Binance REST orders, reconciled with the exchange at start and on every reconnect of the
   account stream it watches itself (connectors/binance/runner.py says why)
-- paper: the paper exchange: orders, md.klines and md.funding → simulated fills on user.events
 
-It is the same code `perpflow up` runs in its threads (BinanceSource with one part, PaperConnector). The process
+There is no paper connector: the paper exchange runs inside the worker's risk agent (`streams/risk/paper_desk.py`,
+PERPFLOW_PAPER_TRADING), which applies each bar just before deciding the signal of that bar, so fills follow event
+time whatever the replay speed and a backtest is deterministic; a second paper exchange reading `orders` would
+fill every order twice. Going live is the execution and user connectors here plus PERPFLOW_PAPER_TRADING=false.
+
+It is the same code `perpflow up` runs in its thread (BinanceSource with one part). The process
 creates any missing catalog topic (as `perpflow up` does; idempotent), serves /metrics and /health on
 PERPFLOW_METRICS_HOST:PERPFLOW_METRICS_PORT, and runs until SIGTERM/Ctrl-C, or until the connector fails: then it
 exits non-zero and its supervisor (compose, Kubernetes) restarts it, and it resumes from Kafka (committed offsets,
@@ -27,7 +31,7 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PARTS = ("market", "user", "execution", "paper")
+PARTS = ("market", "user", "execution")
 LIVE_PARTS = ("user", "execution")  # these need the account's API key
 
 
@@ -46,12 +50,6 @@ class _Runner(threading.Thread):
 
 def build(settings: Settings, bootstrap: str, part: str, symbols: list[str], start_ms: int | None = None):
     """The connector object of `part`: something with run() (blocking) and stop() (from another thread)."""
-    if part == "paper":
-        from connectors.paper.connector import PaperConnector
-        from connectors.paper.engine import PaperConfig
-
-        return PaperConnector(bootstrap, settings.home / "paper" / "state.json", PaperConfig(
-            settings.paper_taker_fee, settings.paper_slippage_bps, settings.paper_leverage, settings.paper_balance))
     from connectors.binance.runner import BinanceSource
 
     return BinanceSource(settings, bootstrap, symbols, live=part in LIVE_PARTS, start_ms=start_ms, parts=(part,))

@@ -42,6 +42,42 @@ def publish(bootstrap: str, entity: str, kind: str, value: dict, actor: str, eve
     return record
 
 
+def promotion_publisher(bootstrap: str):
+    """What `training.registry.promote` calls to announce a promotion on `control` (None without a broker)."""
+    from training import registry
+
+    def announce(row: dict, previous: dict | None) -> dict | None:
+        if not bootstrap:
+            return None
+        return publish(bootstrap, f"model:{row['side']}", "model_promoted", registry.control_value(row, previous),
+                       row["actor"], row["promoted_at"])
+
+    return announce
+
+
+def promote_route(store, bootstrap: str):
+    """POST /models/{id}/promote on the API of the process that owns the registry's store (`perpflow up`); body
+    {"reason": ..., "force": false, "actor": ...}. The gates decide, as with `perpflow models promote`."""
+    from training import registry
+
+    def handle(path: str, body: dict | None) -> tuple[int, object]:
+        parts = path.strip("/").split("/")
+        if len(parts) != 3 or parts[2] != "promote":
+            return 404, {"error": "POST /models/{id}/promote"}
+        body = body or {}
+        force, reason = bool(body.get("force")), str(body.get("reason") or "").strip()
+        if force and not reason:
+            return 400, {"error": "force needs a reason saying why the gates are overridden"}
+        result = registry.promote(store, parts[1], str(body.get("actor") or "api"), reason, force,
+                                  promotion_publisher(bootstrap))
+        return 200, {"promoted": result.model["id"], "side": result.model["side"],
+                     "archived": result.incumbent["id"] if result.incumbent else None,
+                     "gates": [{"name": g.name, "ok": g.ok, "detail": g.detail} for g in result.gates],
+                     "control": result.control}
+
+    return handle
+
+
 def control_token(settings: Settings) -> str:
     """The bearer token of the state-changing HTTP routes: PERPFLOW_CONTROL_TOKEN, else one made for this home and
     kept in run/control-token (mode 0600), where `perpflow trading ...` on the same machine finds it."""

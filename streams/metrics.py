@@ -47,15 +47,12 @@ AGENT_BUSY = Counter("perpflow_agent_busy_seconds", "Time an agent spent handlin
                      "worker's core)", ["agent"])
 WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")
 
-# The decision chain's metrics, named before their agents exist: the alert rules
-# (deploy/prometheus/rules) and the Trading/Models dashboards (grafana/) already query them. Whoever builds
-# the agent that owns one exports it under exactly this name (series name as PromQL sees it: a Counter
-# "perpflow_x" is "perpflow_x_total", a Histogram's is "perpflow_x_bucket") and removes it from this list;
-# tests/test_observability.py fails while a listed name is exported, or an unlisted queried one is not.
-DECISION_CHAIN_METRICS: dict[str, str] = {
-    # models
-    "perpflow_model_calibration_error": "gauge {side}: |mean predicted P(TP) - realized TP rate|, recent labels",
-}
+# Metrics named before whoever exports them exists: the alert rules (deploy/prometheus/rules) and the dashboards
+# (grafana/) may query a name listed here before it is built. Whoever builds it exports it under exactly this name
+# (series name as PromQL sees it: a Counter "perpflow_x" is "perpflow_x_total", a Histogram's is
+# "perpflow_x_bucket") and removes it from this list; tests/test_observability.py fails while a listed name is
+# exported, or an unlisted queried one is not. Empty: every queried metric is built.
+DECISION_CHAIN_METRICS: dict[str, str] = {}
 
 # decision chain: the risk agent (streams/risk): account, trading state, verdicts
 TRADING_STATE = Gauge("perpflow_trading_state", "1 for the current trading state (RUNNING, REDUCE_ONLY, HALTED)",
@@ -81,6 +78,13 @@ PREDICTION_P_TP = Histogram("perpflow_prediction_p_tp", "Predicted P(TP)", ["sid
 PREDICTIONS = Counter("perpflow_predictions", "predictions emitted", ["symbol"])
 MODEL_AGE = Gauge("perpflow_model_age_seconds", "Seconds since the end of the training data of the model each side "
                   "predicts with (computed at each scrape)", ["side"])
+# live calibration of the promoted models (streams/calibration.py, in `perpflow up`, which owns the store): no series
+# for a side until enough of its predictions have a known outcome
+MODEL_CALIBRATION_ERROR = Gauge("perpflow_model_calibration_error", "|mean predicted P(TP) - realized TP rate| over "
+                                "the promoted model's latest predictions whose outcome is known (labels' rules)",
+                                ["side"])
+MODEL_CALIBRATION_PREDICTIONS = Gauge("perpflow_model_calibration_predictions", "Predictions with a known outcome "
+                                      "that perpflow_model_calibration_error is computed over", ["side"])
 PREDICT_SKIPPED = Counter("perpflow_predict_skipped", "features records not predicted (not_ready, no_model)",
                           ["reason"])
 

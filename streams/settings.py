@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     slippage: float = 0.0015
     """Slippage per fill (entry and exit), as the label spec's."""
 
+    # -- live calibration of the promoted models (streams/calibration.py, computed by `perpflow up`)
+    calibration_interval_seconds: float = 300.0
+    """How often `perpflow up` recomputes perpflow_model_calibration_error."""
+    calibration_predictions: int = 1000
+    """Over how many of the latest predictions whose outcome is known (per side)."""
+    calibration_min_predictions: int = 100
+    """Fewer predictions with a known outcome: no calibration series for that side (too few to judge)."""
+
     # -- the risk guard (streams/risk): every rule's threshold; defaults from the seeds
     risk_max_margin_usage: float = 0.70
     """Isolated margin in use (the new entry's included) / equity above this rejects an entry."""

@@ -90,7 +90,11 @@ class Stack:
         self._health_thread = threading.Thread(target=self.health.run, args=(self._stop,), name="topic-health",
                                                daemon=True)
         self._health_thread.start()
-        self.api = ControlApi(s.metrics_host, s.metrics_port, self.store, self.health).start()
+        from streams.control import control_token, promote_route
+
+        self.api = ControlApi(s.metrics_host, s.metrics_port, self.store, self.health,
+                              routes={("POST", "/models"): promote_route(self.store, self.bootstrap)},
+                              token=control_token(s)).start()
         broker_pid = self.broker.process.pid if self.broker else None
         info = StackInfo(os.getpid(), self.bootstrap, self.api.url, s.clickhouse_dsn, broker_pid)
         StackInfo.path(s).write_text(json.dumps(asdict(info)))

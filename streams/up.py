@@ -2,7 +2,8 @@
 (its own process) or the Binance connectors (a thread: live rates are low, and their metrics belong on
 this process's /metrics), the ClickHouse sink (a thread of this one, which owns the store) and a Faust
 worker (its own process) — until Ctrl-C/SIGTERM, or with `until_drained` until the replay finished and
-the sink caught up.
+the sink caught up. Beside the sink, a periodic task measures the promoted models' live calibration
+(streams/calibration.py): it reads the store too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from connectors.replay import ReplayResult, ReplaySource
 from schemas.catalog import archived
 from streams.app import APP_ID
 from streams.broker import client_config, committed_offsets, die_with_parent, end_offsets
+from streams.calibration import CalibrationMonitor
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS
 from streams.settings import Settings
 from streams.stack import Stack
@@ -126,6 +128,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
         sink_thread = _ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
         announce_promoted_models(stack)
+        calibration = CalibrationMonitor(stack.store, settings)
         worker = WorkerProcess(settings, stack.bootstrap, opts.symbols, paper=opts.paper and not opts.live) \
             if settings.run_worker else None
         replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
@@ -137,6 +140,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                                     opts.start_ms)
             binance_thread = _ReportingThread("binance", binance.run)
             binance_thread.start()
+        calibration.start()  # stopped in the finally below, before the store closes
         try:
             while True:
                 if sink_thread.error is not None:
@@ -168,6 +172,7 @@ def run_up(settings: Settings, opts: UpOptions) -> UpSummary:
                 replay.stop()
             if worker:
                 worker.stop()
+            calibration.stop()
             sink.stop()
             sink_thread.join(60)
         if sink_thread.error is not None:

@@ -42,11 +42,12 @@ def test_secrets_must_come_from_the_environment(tmp_path):
 
 def test_the_whole_stack_is_there(config):
     assert {"kafka", "clickhouse", "prometheus", "grafana", "sink", "worker", "replay", "market-connector",
-            "user-connector", "execution", "execution-live"} <= set(config["services"])
+            "user-connector", "execution-live"} <= set(config["services"])
 
 
 CONNECTORS = {"market-connector": ["connector", "market"], "user-connector": ["connector", "user"],
-              "execution": ["connector", "paper"], "execution-live": ["connector", "execution"]}
+              "execution-live": ["connector", "execution"]}
+LIVE = {"user-connector", "execution-live"}
 
 
 def test_each_connector_is_its_own_service(config):
@@ -59,22 +60,45 @@ def test_each_connector_is_its_own_service(config):
     assert "profiles" not in services["market-connector"]  # market data always flows
 
 
-def test_paper_by_default_and_never_two_execution_connectors(config):
+def test_one_paper_exchange_the_workers_and_live_only_by_choice(config):
+    """The paper exchange is the workers' risk agent (PERPFLOW_PAPER_TRADING, true by default): no service runs a
+    paper connector, no `perpflow up` runs a worker of its own, and the live connectors run only in the `live`
+    profile, which the example leaves off; going live also sets PERPFLOW_PAPER_TRADING=false."""
     services = config["services"]
+    for name, svc in services.items():
+        assert svc.get("command", [])[:2] != ["connector", "paper"], name
+        assert "paper" not in svc.get("profiles", ()), name
+        if svc.get("command", [None])[0] == "up":  # sink, replay: no worker, so no second paper exchange
+            assert svc["environment"]["PERPFLOW_RUN_WORKER"] == "false" and "--no-paper" in svc["command"], name
+    assert not [v for v in config.get("volumes", {}) if "paper" in v]
+    assert services["worker"]["environment"]["PERPFLOW_PAPER_TRADING"] == "true"  # paper by default
     profiles = {n: set(s.get("profiles", ())) for n, s in services.items()}
-    # paper and live execution are in disjoint profiles, so no profile choice runs both
-    assert profiles["execution"] == {"paper"} and profiles["execution-live"] == {"live"}
-    assert profiles["user-connector"] == {"live"}
-    assert "COMPOSE_PROFILES=paper" in (ROOT / ".env.example").read_text().splitlines()  # paper by default
-    # and no other service runs a paper exchange of its own (`perpflow up` would, without --no-paper)
-    for name in ("sink", "replay"):
-        assert services[name]["command"][0] == "up" and "--no-paper" in services[name]["command"], name
+    live_execution = {n for n, s in services.items() if s.get("command", [])[:2] in (["connector", "execution"],
+                                                                                      ["connector", "user"])}
+    assert live_execution == LIVE and all(profiles[n] == {"live"} for n in LIVE)
+    assert {n for n, p in profiles.items() if "live" in p} == LIVE
+    env = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env["COMPOSE_PROFILES"] == "" and env["PERPFLOW_PAPER_TRADING"] == "true"
+    text = (ROOT / ".env.example").read_text()
+    assert "COMPOSE_PROFILES=live" in text and "PERPFLOW_PAPER_TRADING=false" in text  # how to go live
+
+
+def test_going_live_turns_paper_trading_off(tmp_path):
+    live = tmp_path / "live.env"
+    live.write_text((ROOT / ".env.example").read_text().replace("COMPOSE_PROFILES=\n", "COMPOSE_PROFILES=live\n")
+                    .replace("PERPFLOW_PAPER_TRADING=true", "PERPFLOW_PAPER_TRADING=false"))
+    result = compose_config(str(live))
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert LIVE <= set(services)
+    assert {services[n]["environment"]["PERPFLOW_PAPER_TRADING"] for n in ("worker", *LIVE)} == {"false"}
 
 
 def test_the_api_key_reaches_only_the_live_services(config):
     for name, svc in config["services"].items():
         has_key = "PERPFLOW_BINANCE_API_SECRET" in svc.get("environment", {})
-        assert has_key == (name in {"user-connector", "execution-live"}), name
+        assert has_key == (name in LIVE), name
     for line in (ROOT / ".env.example").read_text().splitlines():
         if line.startswith(("PERPFLOW_BINANCE_API_KEY=", "PERPFLOW_BINANCE_API_SECRET=")):
             assert line.endswith("="), "no key in the example"

@@ -1,7 +1,8 @@
 """`perpflow connector …`: one connector as its own process, as the compose services and Kubernetes Deployments run
 it, through the CLI against the real (embedded) broker and the fake exchange. The market connector backfills and
 streams closed klines onto md.klines and serves /metrics and /health; live execution and the user data stream
-run as two processes without publishing any user event twice; a wrong argument is one line and exit code 2."""
+run as two processes without publishing any user event twice; a wrong argument is one line and exit code 2, and
+there is no paper connector (the worker's risk agent is the paper exchange)."""
 
 from __future__ import annotations
 
@@ -66,18 +67,38 @@ def stop(proc: subprocess.Popen) -> str:
 
 
 def test_a_wrong_connector_is_one_line_and_exit_code_2(tmp_path):
-    for args in (["orderbook"], [], ["user", "--start", "2024-01-01"]):
+    for args in (["orderbook"], [], ["user", "--start", "2024-01-01"], ["paper"]):
         result = run_cli(tmp_path / "home", "connector", *args, timeout=60)
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("perpflow connector: "), (args, result.stderr)
-    assert "market, user, execution, paper" in run_cli(tmp_path / "home", "connector", timeout=60).stderr
+    assert "market, user, execution" in run_cli(tmp_path / "home", "connector", timeout=60).stderr
+
+
+def test_there_is_no_paper_connector(tmp_path):
+    """The paper exchange runs in the worker's risk agent (PERPFLOW_PAPER_TRADING): a second one reading `orders`
+    would fill every order twice. `connector paper` is a one-line error naming the valid parts."""
+    result = run_cli(tmp_path / "home", "connector", "paper", timeout=60)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("perpflow connector: ") and "'paper'" in line
+    assert all(f"'{part}'" in line for part in ("market", "user", "execution")), line
 
 
 def test_live_connectors_need_the_api_key(tmp_path):
     result = run_cli(tmp_path / "home", "connector", "execution", PERPFLOW_KAFKA_BOOTSTRAP="127.0.0.1:1",
                      timeout=60)
     assert result.returncode == 1 and "PERPFLOW_BINANCE_API_KEY" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_execution_connector_refuses_to_run_next_to_paper_trading(tmp_path):
+    """With PERPFLOW_PAPER_TRADING true (the default) the workers' risk agent fills every order on paper: a live
+    execution connector next to it would trade the same orders twice over."""
+    keys = {"PERPFLOW_BINANCE_API_KEY": API_KEY, "PERPFLOW_BINANCE_API_SECRET": API_SECRET,
+            "PERPFLOW_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    result = run_cli(tmp_path / "home", "connector", "execution", timeout=60, **keys)
+    assert result.returncode == 1 and "PERPFLOW_PAPER_TRADING=false" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -118,7 +139,7 @@ def test_user_and_execution_connectors_as_two_processes(tmp_path, broker):
     fake = FakeBinance(["BTCUSDT"], NOW).start()
     env = {"PERPFLOW_KAFKA_BOOTSTRAP": broker.bootstrap, "PERPFLOW_BINANCE_REST_URL": fake.rest_url,
            "PERPFLOW_BINANCE_WS_URL": fake.ws_url, "PERPFLOW_BINANCE_API_KEY": API_KEY,
-           "PERPFLOW_BINANCE_API_SECRET": API_SECRET, "PERPFLOW_LOG_LEVEL": "INFO"}
+           "PERPFLOW_BINANCE_API_SECRET": API_SECRET, "PERPFLOW_LOG_LEVEL": "INFO", "PERPFLOW_PAPER_TRADING": "false"}
     user = start(tmp_path / "user", "user", "--symbols", "BTCUSDT", PERPFLOW_METRICS_PORT=str(free_port()), **env)
     execution = start(tmp_path / "execution", "execution", "--symbols", "BTCUSDT",
                       PERPFLOW_METRICS_PORT=str(free_port()), **env)
@@ -150,28 +171,3 @@ def test_user_and_execution_connectors_as_two_processes(tmp_path, broker):
     assert [o["clientOrderId"] for o in fake.exchange_orders()][0] == ids["entry"]
     assert fake.account.positions["BTCUSDT"].amount == 0
     assert all(API_SECRET not in s and API_KEY not in s for s in stderrs)
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(120)
-def test_paper_connector_alone_answers_orders_and_keeps_its_state(tmp_path, broker):
-    from streams.broker import ensure_topics
-    from tests.test_paper_connector import bar, intent, send
-
-    ensure_topics(broker.bootstrap)
-    send(broker.bootstrap, [("md.klines", bar(0, 100, 100, 100, 100)), ("orders", intent("p1")),
-                            ("md.klines", bar(1, 100, 101, 99.5, 100.5))])
-    home, port = tmp_path / "home", free_port()
-    proc = start(home, "paper", PERPFLOW_KAFKA_BOOTSTRAP=broker.bootstrap, PERPFLOW_METRICS_PORT=str(port))
-    try:
-        wait_for("/health", lambda: '"ok"' in get(f"http://127.0.0.1:{port}/health"), [proc])
-        wait_for("the fill and its protection", lambda: len(read_topic(broker.bootstrap, "user.events")) >= 5, [proc])
-    finally:
-        stop(proc)
-    events = read_topic(broker.bootstrap, "user.events")
-    ids = client_ids("p1")
-    assert [(e["event_type"], e["client_order_id"]) for e in events] == [
-        ("ORDER_TRADE_UPDATE", ids["entry"]), ("ORDER_TRADE_UPDATE", ids["entry"]), ("ACCOUNT_UPDATE", None),
-        ("ALGO_UPDATE", ids["sl"]), ("ALGO_UPDATE", ids["tp"])]
-    assert {e["source"] for e in events} == {"paper"}
-    assert (home / "paper" / "state.json").exists()  # where the compose volume and the Kubernetes PVC are mounted

@@ -156,8 +156,44 @@ def test_every_filled_entry_is_protected_by_a_stop_loss_and_a_take_profit(chain)
     assert filled > 0
 
 
+def test_promote_over_http_needs_the_token_and_passes_the_gates(chain):
+    """`perpflow up` owns the registry's store, so POST /models/{id}/promote is served by its control API."""
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import PERPFLOW, ROOT, cli_env
+
+    home, ids, _, _ = chain
+    up = subprocess.Popen([PERPFLOW, "up", "--source", "none"], env=cli_env(home), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        stack = home / "run" / "stack.json"
+        deadline = time.monotonic() + 60
+        while not stack.exists():
+            assert up.poll() is None and time.monotonic() < deadline, up.stderr.read() if up.poll() else "no stack"
+            time.sleep(0.3)
+        api = json.loads(stack.read_text())["api_url"]
+        model = next(i for i in ids if i.startswith("long-"))
+        url = f"{api}/models/{model}/promote"
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=30)
+        assert denied.value.code == 401
+        token = (home / "run" / "control-token").read_text().strip()
+        request = urllib.request.Request(url, data=json.dumps({"reason": "test"}).encode(), method="POST",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert answer["promoted"] == model and answer["side"] == "long"
+        assert all(g["ok"] for g in answer["gates"]) and answer["control"]["entity"] == "model:long"
+    finally:
+        up.terminate()
+        up.wait(60)
+
+
 def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker):
-    """Runs last: it opens the module's store itself. The second promotion names a new model id on the same
+    """Runs at the end: it opens the module's store itself. The second promotion names a new model id on the same
     artifact (content-addressed, so only the id differs): predictions made after it carry that id."""
     import time
 
@@ -220,3 +256,33 @@ def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker
     assert [p["open_time"] for p in got] == [r["open_time"] for r in records]
     assert [p["model_id_long"] for p in got] == [rows["long"]["id"]] * 10 + ["long-reloaded"] * 10
     assert {p["model_id_short"] for p in got} == {rows["short"]["id"]}
+
+
+def test_live_calibration_takes_each_outcome_from_the_labels_rules(chain):
+    """Runs at the end (it opens the store): the outcomes behind perpflow_model_calibration_error, on the promoted
+    models' predictions of the second run, are the outcomes `perpflow label` wrote for the same bars and spec."""
+    from connectors.clickhouse_store import Store
+    from streams.settings import Settings
+    from training.calibration import known_outcomes, latest
+    from training.labels import OUTCOMES
+
+    home, ids, _, _ = chain
+    store = Store(Settings(home=home, clickhouse_url=""))
+    try:
+        for side in ("long", "short"):
+            found = known_outcomes(store, side, 1000)
+            assert found.model["id"] in ids and len(found.outcome) == 1000
+            known = found.outcome >= 0
+            assert known.sum() > 900  # only a gap in the archive hides an outcome
+            labels = {(s, t): o for s, t, o in store.query_rows(
+                "SELECT toString(symbol), toUnixTimestamp64Milli(open_time), toString(outcome) FROM labels FINAL "
+                f"WHERE spec_id = '{found.model['label_spec_id']}' AND side = '{side}'")}
+            ours = {(s, int(t)): OUTCOMES[o] for s, t, o in
+                    zip(found.symbol[known], found.open_time[known], found.outcome[known], strict=True)}
+            assert ours == {k: labels.get(k) for k in ours}
+            calibration = latest(store, side, 1000)
+            assert calibration.predictions == known.sum() and 0 <= calibration.error <= 1
+            realized = sum(o == "TP" for o in ours.values()) / len(ours)
+            assert calibration.realized == realized
+    finally:
+        store.close()

@@ -205,8 +205,6 @@ def _worker_pid(up_pid: int) -> int | None:
     return None
 
 
-@pytest.mark.xfail(strict=False, reason="known defect, under investigation: in about 1 run of 3 the restarted worker "
-                   "resumes 10-40 bars past its restored state (a gap, no duplicates), so rows are missing")
 def test_sigkilled_worker_resumes_from_its_changelog(home):
     """Kill -9 the worker mid-replay: `up` restarts it, and the rows equal an uninterrupted offline run."""
     import subprocess

@@ -51,7 +51,7 @@ def test_objects_validate_against_the_kubernetes_schemas(rendered):
     custom = [d for d in docs if d["apiVersion"].split("/")[0] in OPERATOR_GROUPS]
     core = [d for d in docs if d not in custom]
     assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
-            "Namespace", "PersistentVolumeClaim"} <= {d["kind"] for d in core}
+            "Namespace"} <= {d["kind"] for d in core}
     for doc in core:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     assert {d["kind"] for d in custom} == {"Kafka", "KafkaNodePool", "KafkaTopic", "ClickHouseInstallation",
@@ -82,7 +82,7 @@ def test_every_container_has_probes_resources_and_metrics_scraped(rendered):
             assert {"configMapRef": {"name": "perpflow-config"}} in c["envFrom"]
 
 
-CONNECTORS = {"perpflow-market": ["connector", "market"], "perpflow-execution": ["connector", "paper"]}
+CONNECTORS = {"perpflow-market": ["connector", "market"]}
 LIVE = {"perpflow-market": ["connector", "market"], "perpflow-execution": ["connector", "execution"],
         "perpflow-user": ["connector", "user"]}
 KEY_ENV = {"PERPFLOW_BINANCE_API_KEY", "PERPFLOW_BINANCE_API_SECRET"}
@@ -101,26 +101,38 @@ def assert_singletons(docs: list[dict], commands: dict[str, list[str]]) -> None:
         assert containers(docs)[name]["args"] == args, name
 
 
-def test_connectors_are_singletons_and_trade_on_paper(rendered):
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_connectors_are_singletons_and_the_workers_trade_on_paper(rendered):
+    """The one paper exchange is the workers' risk agent: no execution Deployment, no paper connector or volume."""
     _, docs = rendered
     assert_singletons(docs, CONNECTORS)
-    assert "--no-paper" in containers(docs)["perpflow-sink"]["args"]  # the one paper exchange is perpflow-execution
-    for name, c in containers(docs).items():
-        assert not KEY_ENV & {e["name"] for e in c.get("env", [])}, f"{name} sees the API key without trading live"
-    volumes = by_kind(docs, "Deployment")["perpflow-execution"]["spec"]["template"]["spec"]["volumes"]
-    assert {"name": "paper", "persistentVolumeClaim": {"claimName": "perpflow-paper"}} in volumes
-    assert "perpflow-paper" in by_kind(docs, "PersistentVolumeClaim")
+    cs = containers(docs)
+    assert env_of(cs["perpflow-worker"])["PERPFLOW_PAPER_TRADING"] == "true"
+    assert "--no-paper" in cs["perpflow-sink"]["args"] and env_of(cs["perpflow-sink"])["PERPFLOW_RUN_WORKER"] == "false"
+    assert "perpflow-execution" not in by_kind(docs, "Deployment")
+    for name, c in cs.items():
+        assert c["args"][:2] not in (["connector", "paper"], ["connector", "execution"]), name
+        assert not KEY_ENV & set(env_of(c)), f"{name} sees the API key without trading live"
+    assert not by_kind(docs, "PersistentVolumeClaim"), "no paper state volume: the workers' is in Kafka"
 
 
 def test_the_live_component_makes_the_same_deployment_live(tmp_path):
-    """components/live added to the prod overlay: the user connector, and the execution Deployment (the same one, so
-    paper and live never run together) as the Binance execution connector; only those two see the API key."""
+    """components/live added to the prod overlay: the user connector and the Binance execution connector, and the
+    workers stop paper trading, so each order is filled once; only the two connectors see the API key."""
     rel = os.path.relpath(K8S, tmp_path)
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "perpflow",
         "resources": [f"{rel}/overlays/prod"], "components": [f"{rel}/components/live"]}))
     docs = kustomize(tmp_path)
     assert_singletons(docs, LIVE)
+    cs = containers(docs)
+    assert env_of(cs["perpflow-worker"])["PERPFLOW_PAPER_TRADING"] == "false"
+    assert env_of(cs["perpflow-execution"])["PERPFLOW_PAPER_TRADING"] == "false"  # else it refuses to start
+    assert by_kind(docs, "StatefulSet")["perpflow-worker"]["spec"]["replicas"] == 4  # the prod overlay's, kept
+    assert not by_kind(docs, "PersistentVolumeClaim")
     for name, c in containers(docs).items():
         keys = {e["name"] for e in c.get("env", []) if e["name"] in KEY_ENV}
         assert keys == (KEY_ENV if name in {"perpflow-user", "perpflow-execution"} else set()), name

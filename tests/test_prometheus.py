@@ -37,7 +37,7 @@ def test_rule_unit_tests_pass():
     assert result.returncode == 0, result.stdout + result.stderr
     tested = {t["alertname"] for f in tests for case in yaml.safe_load(open(f))["tests"]
               for t in case.get("alert_rule_test", [])}
-    assert {"ConsumerLagGrowing", "TradingHalted", "PositionUnprotected"} <= tested
+    assert {"ConsumerLagGrowing", "TradingHalted", "PositionUnprotected", "ModelCalibrationDrift"} <= tested
 
 
 def test_the_operator_alerts_exist():

@@ -159,3 +159,40 @@ def test_trading_command_errors_are_one_line(tmp_path: Path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     none = run_cli(tmp_path / "home", "trading", "status")
     assert none.returncode == 1 and "no running worker" in none.stderr
+
+
+def test_daily_loss_flattens_and_halts_within_one_bar(broker, tmp_path: Path):
+    """0.3 BTC long filled at 42,000 × 1.0015 (paper slippage) = 42,063; marked at 40,000 at that bar's close:
+    −618.9 unrealized (and a 5.05 fee) on a 10,000 account, past the 2 % daily limit → a CLOSE and HALTED in that
+    bar's verdict, flat at the next open."""
+    bootstrap = broker.bootstrap
+    ensure_topics(bootstrap)
+    home = tmp_path / "home"
+    settings = Settings(home=home, kafka_bootstrap=bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["BTCUSDT"])
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(settings, bootstrap)
+    try:
+        entry = signal("BTCUSDT", 0, "LONG", 42_000.0, 0.3) | {"leverage": 8}  # 1,575 margin: 15.75 % exposure
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 0, 42_000.0)), ("signals", entry),
+                            ("md.klines", kline("BTCUSDT", 1, 42_000.0)),
+                            ("signals", signal("BTCUSDT", 1, "FLAT", 40_000.0, 0))])
+        v = wait("the second verdict", lambda: verdicts(bootstrap).get(signal("BTCUSDT", 1, "FLAT", 0, 0)["event_id"]),
+                 worker=worker)
+        assert v["trading_state"] == "HALTED"
+        assert v["daily_pnl_ratio"] == pytest.approx(-(0.3 * 2_063 + 0.3 * 42_063 * 0.0004) / 10_000, rel=1e-6)
+        [close] = [o for o in read_topic(bootstrap, "orders") if o["action"] == "CLOSE"]
+        assert close["reason"] == "daily_loss"
+        events = read_topic(bootstrap, "risk.events")
+        assert any(e["kind"] == "trading_state" and json.loads(e["detail"])["to"] == "HALTED" for e in events)
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 2, 40_000.0)),
+                            ("signals", signal("BTCUSDT", 2, "LONG", 40_000.0, 0.1))])
+        v = wait("the third verdict", lambda: verdicts(bootstrap).get(signal("BTCUSDT", 2, "LONG", 0, 0)["event_id"]),
+                 worker=worker)
+        assert v["verdict"] == "REJECTED" and "halted" in v["violations"]
+        closing = client_ids(close["intent_id"])["close"]
+        fills = [e for e in read_topic(bootstrap, "user.events")
+                 if e["client_order_id"] == closing and e["order_status"] == "FILLED"]
+        assert len(fills) == 1 and fills[0]["event_time"] == T0 + 2 * BAR  # at the open of the next bar
+    finally:
+        worker.stop()

@@ -1,6 +1,7 @@
 """The paper exchange's matching and margin engine: pure and deterministic, no Kafka inside.
 
-Fed bars, funding settlements and order intents (the connector feeds them in arrival order); answers with
+Fed bars, funding settlements and order intents (by the worker's risk agent, `streams/risk/paper_desk.py`, in
+event time: each bar just before the signal of that bar is decided); answers with
 `user.events` records built by the live user-data stream's own parsers from Binance-shaped payloads, so
 paper and live events cannot drift apart.
 

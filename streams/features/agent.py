@@ -7,11 +7,12 @@ in event-time order and releases the bars whose context is complete; outputs of 
 
 Exactly-once by construction on an at-least-once broker (Tansu has no transactions):
 - the state (engine + held events) of a symbol is written to the `features-state` table (changelog topic) only
-  after the batch's outputs are acknowledged, and Faust commits input offsets only after that (it flushes the
-  producer before committing). A crash replays inputs since the last commit against a state that is at most as
-  new as the outputs: bars already done are dropped by the engine (open_time not after the last), context
-  already applied is applied again idempotently, and a re-emitted record has the same event_id (the archive
-  deduplicates on it). Recovery restores the table from its changelog, so indicators continue, never restart.
+  after the batch's outputs are acknowledged, and a batch ends (its inputs become committable, by this agent or by
+  Faust) only once those changelog records are acknowledged too. A crash replays inputs since the last commit
+  against a state that is at least as new as the commit and at most as new as the outputs: bars already done are
+  dropped by the engine (open_time not after the last), context already applied is applied again idempotently, and
+  a re-emitted record has the same event_id (the archive deduplicates on it). Recovery restores the table from its
+  changelog, so indicators continue, never restart.
 
 BTC context on every partition: symbols live on different partitions (maybe different workers), but each bar of
 ETHUSDT needs BTCUSDT's EMA50/EMA200/return of the same bar. Released BTC bars are written to *every* partition of
@@ -112,7 +113,10 @@ class FeaturesAgent:
                 continue
             state = json.loads(blob)
             if state["partition"] in owned:
-                self.sequencers[key.decode()] = (FeatureSequencer.from_state(state["sequencer"]), state["partition"])
+                seq = FeatureSequencer.from_state(state["sequencer"])
+                self.sequencers[key.decode()] = (seq, state["partition"])
+                log.debug("%s restored on partition %d: last bar %s, %d bars held", key.decode(), state["partition"],
+                          seq.engine.last_open_time, seq.pending())
 
     async def run(self, stream: faust.StreamT) -> None:
         busy = metrics.AGENT_BUSY.labels("features")
@@ -204,12 +208,18 @@ class FeaturesAgent:
             metrics.FEATURES_LAST_CLOSE.labels(symbol).set(records[-1]["close_time"] / 1000)
         if pending:
             await asyncio.gather(*pending)  # outputs acknowledged before the state says they were made
+        saves: list[Any] = []
         for symbol in touched | released:
             seq, partition = self.sequencers[symbol]
             state = {"partition": partition, "sequencer": seq.to_state()}
-            self._save(partition, symbol.encode(), json.dumps(state).encode())
+            saves.append(self._save(partition, symbol.encode(), json.dumps(state).encode()))
         for partition, open_times in new_btc.items():
-            self._save_btc(partition, open_times)
+            saves.extend(self._save_btc(partition, open_times))
+        # the changelog acknowledged before any commit can cover this batch's inputs: Faust's producer.flush() does
+        # not wait for them (its send buffer's flush gives up after 0.1 s without progress and never covers the
+        # record being handed to the client), and a commit that overtook them lost the state a SIGKILL came before
+        if saves:
+            await asyncio.gather(*saves)
         # only now are this batch's inputs covered by saved state: a batch cancelled midway (a rebalance) must
         # not have its offsets committed by a later tick
         self.saved.update(self.processed)
@@ -297,16 +307,19 @@ class FeaturesAgent:
         key = BTC_SYMBOL.encode()
         return [self.btc_output.send_soon(key=key, value=value, partition=p) for p in range(SYMBOL_PARTITIONS)]
 
-    def _save(self, partition: int, key: bytes, value: bytes | None) -> None:
-        """Write a table key to the changelog partition of the data it belongs to (not the batch's last event)."""
+    def _save(self, partition: int, key: bytes, value: bytes | None) -> Any:
+        """Write a table key to the changelog partition of the data it belongs to (not the batch's last event);
+        returns the changelog record's delivery future."""
         if value is None:
             self.table.data.pop(key, None)
         else:
             self.table.data[key] = value
-        self.table.send_changelog(partition, key, value)
+        return self.table.send_changelog(partition, key, value)
 
-    def _save_btc(self, partition: int, open_times: list[int]) -> None:
-        """Keep the snapshots that arrived in the table, unless every symbol of the partition is past them."""
+    def _save_btc(self, partition: int, open_times: list[int]) -> list[Any]:
+        """Keep the snapshots that arrived in the table, unless every symbol of the partition is past them (the
+        changelog records' delivery futures returned)."""
+        futures: list[Any] = []
         snaps = self._btc(partition)
         saved = self.btc_saved.setdefault(partition, set())
         starts = [seq.engine.last_open_time for seq, p in self.sequencers.values()
@@ -317,13 +330,15 @@ class FeaturesAgent:
             past = sorted(snaps)[-KEEP_BTC_SNAPSHOTS - 1] if len(snaps) > KEEP_BTC_SNAPSHOTS else -1
         for ot in open_times:
             if ot > past and ot in snaps and ot not in saved:
-                self._save(partition, f"btc:{partition}:{ot}".encode(), json.dumps(list(snaps[ot])).encode())
+                futures.append(self._save(partition, f"btc:{partition}:{ot}".encode(),
+                                          json.dumps(list(snaps[ot])).encode()))
                 saved.add(ot)
         for ot in [ot for ot in snaps if ot <= past]:
             del snaps[ot]
             if ot in saved:
                 saved.discard(ot)
-                self._save(partition, f"btc:{partition}:{ot}".encode(), None)
+                futures.append(self._save(partition, f"btc:{partition}:{ot}".encode(), None))
+        return futures
 
 
 def register(app: faust.App, settings: Settings) -> FeaturesAgent:
