@@ -189,9 +189,17 @@ def test_live_path_with_a_promoted_model_trades_end_to_end(home):
                 ("CONDITIONAL", kind, "true", "MARK_PRICE")
             assert algo["side"] == ("SELL" if side == "BUY" else "BUY")
             assert float(algo["triggerPrice"]) == pytest.approx(float(price), rel=1e-4)
-    closes = [o for o in orders if o[1] == "CLOSE"]
-    for intent, *_ in closes:
-        assert client_ids(intent)["entry"] in entries or client_ids(intent)["close"] in entries
+    closes = [o for o in orders if o[1] == "CLOSE"]  # the guard flattening (HALT) or a liquidation-distance breach
+    closed_by_protection = {cid for cid, status in ((r["client_order_id"], r["order_status"]) for r in (
+        PARSERS[e["e"]](e) for e in fake.user_events if e["e"] == "ALGO_UPDATE")) if status == "FINISHED"}
+    for intent, _, side, _, _, _, symbol in closes:
+        close = entries.get(client_ids(intent)["close"])
+        if close is not None:  # a reduce-only MARKET order for what the exchange held
+            assert (close["symbol"], close["side"], close["type"], close["reduceOnly"]) == \
+                (symbol, side, "MARKET", "true")
+        else:  # nothing to close: its entry's stop-loss or take-profit had fired first
+            entry_intent = next(i for i in opens if intent.startswith(f"close:{i}:"))
+            assert {client_ids(entry_intent)["sl"], client_ids(entry_intent)["tp"]} & closed_by_protection, intent
 
     # → user.events archived = what the exchange sent: the same events, client ids, statuses and fills
     sent = {}
