@@ -100,6 +100,7 @@ class BatchAgent:
     name: str
     input_topics: tuple[str, ...]
     output_topics: tuple[str, ...]
+    read_along: frozenset[str] = frozenset()  # inputs another agent owns (and dead-letters), e.g. md.klines for risk
 
     def __init__(self, app: faust.App) -> None:
         self.app = app
@@ -157,7 +158,8 @@ class BatchAgent:
                 if name != self.input_names[source]:
                     raise DecodeError("wrong_schema", f"{name} on a topic of {self.input_names[source]}")
             except DecodeError as exc:
-                pending.append(send_dead_letter(self.dead_letters, self.codec, msg, exc))
+                if msg.topic not in self.read_along:  # a topic another agent owns dead-letters its bad input
+                    pending.append(send_dead_letter(self.dead_letters, self.codec, msg, exc))
                 continue
             inputs.append((source, msg.partition, msg.key, record))
         if inputs:

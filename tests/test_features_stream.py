@@ -86,6 +86,21 @@ def test_sequencer_restores_the_offline_order_from_any_interleaving(seed):
         assert without_source(got[symbol]) == without_source(want[symbol])  # bit for bit: same code, same order
 
 
+def test_bars_from_the_exchange_make_features_records_of_the_exchange():
+    """The risk guard judges the freshness of live data by the source the chain carries: a bar from Binance
+    (WebSocket or REST backfill) makes a `binance` features record; a replayed bar keeps the engine's source."""
+    events = [e for e in replay_events(("ETHUSDT",)) if e[1]["event_time"] < JAN1]
+    bars = [r for k, r in events if k == KIND_KLINE]
+    for i, bar in enumerate(bars):
+        bar["source"] = "binance-rest" if i < 100 else "binance-ws" if i < 200 else bar["source"]
+    seq = FeatureSequencer(SymbolFeatures("ETHUSDT", "stream"))
+    for kind, record in events:
+        seq.add(kind, record)
+    records = seq.release(lambda kind: True, lambda ot: (True, None))
+    assert len(records) == len(bars) > 200
+    assert [r["source"] for r in records] == ["binance"] * 200 + ["stream"] * (len(bars) - 200)
+
+
 def test_sequencer_state_round_trip_keeps_held_events():
     events = [e for e in replay_events(("ETHUSDT",)) if e[1]["event_time"] < JAN1]
     bars = [r for k, r in events if k == KIND_KLINE]

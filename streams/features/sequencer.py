@@ -36,6 +36,9 @@ INPUT_TOPICS = {"md.klines": KIND_KLINE, "md.markprice": KIND_MARK, "md.funding"
                 "md.openinterest": KIND_OPEN_INTEREST}  # the features agent's inputs, besides BTC_TOPIC
 TOPIC_OF_KIND = {kind: name for name, kind in INPUT_TOPICS.items()}
 BTC_TOPIC = "features.btc"
+# a bar from the exchange (source binance-ws or binance-rest) makes a features record of this source, which the
+# chain carries on: the risk guard judges the freshness of live data by it (a replayed bar keeps the engine's)
+EXCHANGE_SOURCE = "binance"
 
 # btc_snapshot(open_time) → (decided, snapshot): (False, None) = wait; (True, None) = go on without BTC
 BtcLookup = Callable[[int], tuple[bool, BtcSnapshot | None]]
@@ -98,6 +101,8 @@ class FeatureSequencer:
             self._apply_context(before=ct)
             record = engine.on_kline(bar, btc)
             if record is not None:
+                if (bar.get("source") or "").startswith(EXCHANGE_SOURCE):
+                    record["source"] = EXCHANGE_SOURCE
                 out.append(record)
         if not self.klines and engine.last_open_time is not None:
             # context stamped up to the last bar's close belongs before the next bar, whichever it is

@@ -68,6 +68,7 @@ class RiskAgent(BatchAgent):
         self.paper = settings.paper_trading
         if self.paper:
             self.input_topics = (*self.input_topics, "md.klines", "md.funding")
+            self.read_along = frozenset({"md.klines", "md.funding"})  # the features agent's inputs
         self.paper_config = paper_config(settings)
         self.desk: PaperDesk | None = PaperDesk(self.paper_config) if self.paper else None
         self.waiting: dict[str, list[tuple[int, dict]]] = {}  # symbol → signals held until their bar arrived

@@ -86,6 +86,7 @@ class FakeBinance:
         self.silent_until = 0.0
         self.rollover_after_s: float | None = None
         self._pushed: dict[str, int] = {}
+        self._time_offsets: list[int] = []  # serverTime − wall clock of each /fapi/v1/time answered (newest last)
         self.market_connections = 0
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="fake-binance", daemon=True)
@@ -232,12 +233,23 @@ class FakeBinance:
         now = self.clock.now()
         if window > 60_000:
             raise ApiError(-1131, "recvWindow must be less than 60000")
-        if ts > now + 1000 or now - ts > window:
+        if (ts > now + 1000 or now - ts > window) and not self._fresh_on_wall_clock(ts, window):
             raise ApiError(-1021, "Timestamp for this request is outside of the recvWindow.")
+
+    def _fresh_on_wall_clock(self, ts: int, window: int) -> bool:
+        """On a virtual clock faster than the wall clock, a client's timestamp (its clock + the offset it measured
+        from /fapi/v1/time) falls behind the server's by (speed − 1) × the time since it measured. Binance's clock
+        runs at wall speed: judge the timestamp against the wall clock since a serverTime this fake answered."""
+        if self.clock.speed == 1:
+            return False
+        wall = int(time.time() * 1000)
+        return any(wall + o - window <= ts <= wall + o + 1000 for o in self._time_offsets)
 
     # -- market data endpoints ----------------------------------------------------------------
     def time_(self, p):
-        return {"serverTime": self.clock.now()}
+        now = self.clock.now()
+        self._time_offsets = [*self._time_offsets[-7:], now - int(time.time() * 1000)]
+        return {"serverTime": now}
 
     def exchange_info(self, p):
         symbols = []
