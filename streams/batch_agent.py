@@ -158,7 +158,7 @@ class BatchAgent:
                 if name != self.input_names[source]:
                     raise DecodeError("wrong_schema", f"{name} on a topic of {self.input_names[source]}")
             except DecodeError as exc:
-                if msg.topic not in self.read_along:  # a topic another agent owns dead-letters its bad input
+                if source not in self.read_along:  # a topic another agent owns dead-letters its bad input
                     pending.append(send_dead_letter(self.dead_letters, self.codec, msg, exc))
                 continue
             inputs.append((source, msg.partition, msg.key, record))
