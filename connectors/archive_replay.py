@@ -39,7 +39,7 @@ INTERVAL = "5m"
 # catalog topic → its rank among events of the same time (the file replay's order, open interest last)
 MARKET_TOPICS = {"md.klines": 0, "md.markprice": 1, "md.funding": 2, "md.openinterest": 3}
 CHUNK_MS = 86_400_000
-MAX_AHEAD = 20_000  # messages the run's agents may lag behind the replay on md.* (< streams.app.STREAM_BUFFER / 2)
+MAX_AHEAD = 20_000  # messages the run's agents may lag behind the replay on md.*
 CHECK_EVERY = 2_000
 
 

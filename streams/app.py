@@ -41,7 +41,6 @@ class LeanMonitor(Monitor):
 
 
 APP_ID = "perpflow"  # also the Kafka consumer group of the agents
-STREAM_BUFFER = 65_536  # events an agent's stream may buffer (Faust's default: 4,096)
 
 
 def app_id_for(prefix: str) -> str:
@@ -151,10 +150,6 @@ def create_app(bootstrap: str, app_id: str | None = None, web_port: int | None =
         # a table value holds a symbol's state and the events it holds back (a backlog can hold many)
         producer_max_request_size=16 * 1024 * 1024,
         producer_linger_ms=5,  # agents send a micro-batch at a time: a few ms fill a request instead of one each
-        # Faust stops fetching a partition whose stream buffer is under pressure and may never fetch it again (seen:
-        # a backtest's features.btc left unread, the run waiting forever; faust-streaming#236-like). A buffer larger
-        # than what a replay may be ahead (connectors.archive_replay.MAX_AHEAD) keeps backtests off that path.
-        stream_buffer_maxsize=STREAM_BUFFER,
     )
     app.perpflow_topic_prefix = prefix
     return app
