@@ -17,3 +17,19 @@ def choose(quick: bool) -> tuple[Path, list[str] | None, int | None]:
     if quick or not SHARED.is_dir():
         return BUNDLED, None, None
     return SHARED, SYMBOLS, START_MS
+
+
+def replay_events(data, symbols: list[str] | None, start_ms: int | None, end_ms: int | None) -> list[tuple[int, dict]]:
+    """The files' klines, marks and funding as the replay publishes them, in the features' event-time order."""
+    from connectors.replay import ReplaySource
+    from streams.features.offline import sort_events
+    from streams.features.sequencer import KIND_FUNDING, KIND_KLINE, KIND_MARK
+
+    src = ReplaySource("", str(data), symbols, start_ms, end_ms)
+    prepared, _ = src.load()
+    events = []
+    for p in prepared:
+        events += [(KIND_KLINE, src.kline_record(p, r)) for r in range(len(p.kline_rows))]
+        events += [(KIND_MARK, src.mark_record(p, r)) for r in range(len(p.kline_rows))]
+        events += [(KIND_FUNDING, src.funding_record(p, r)) for r in range(len(p.funding_rows))]
+    return sort_events(events)

@@ -41,20 +41,13 @@ def _build_home(settings, p) -> list[dict]:
 
 def offline_pass(settings, data: Path, symbols: list[str], start_ms: int, end_ms: int, models: list[dict]):
     """The same decisions without the broker: (bars, seconds, decisions by kind)."""
-    from connectors.replay import KIND_FUNDING, KIND_KLINE, KIND_MARK, ReplaySource
-    from streams.features.offline import FeatureRun, sort_events
+    from connectors.replay import KIND_KLINE
+    from streams.features.offline import FeatureRun
     from streams.policy.agent import Policy
     from streams.predict.agent import PredictAgent
     from training.artifact import Predictor
 
-    src = ReplaySource("", str(data), symbols, start_ms, end_ms)
-    prepared, _ = src.load()
-    events = []
-    for p in prepared:
-        events += [(KIND_KLINE, src.kline_record(p, r)) for r in range(len(p.kline_rows))]
-        events += [(KIND_MARK, src.mark_record(p, r)) for r in range(len(p.kline_rows))]
-        events += [(KIND_FUNDING, src.funding_record(p, r)) for r in range(len(p.funding_rows))]
-    events = sort_events(events)
+    events = _data.replay_events(data, symbols, start_ms, end_ms)
     bars = sum(1 for kind, _ in events if kind == KIND_KLINE)
     # the predict agent's own per-batch code, on one batch holding every ready row
     agent = types.SimpleNamespace(models={m["side"]: (m["id"], Predictor.load(Path(m["artifact_path"]), m["sha256"]))

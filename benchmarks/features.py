@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import _data
-from connectors.replay import KIND_FUNDING, KIND_KLINE, KIND_MARK, ReplaySource
+from connectors.replay import KIND_KLINE, ReplaySource
 from streams.broker import EmbeddedBroker, end_offsets, ensure_topics
-from streams.features.offline import FeatureRun, sort_events
+from streams.features.offline import FeatureRun
 from streams.features.registry import NAMES
 from streams.settings import Settings
 from streams.up import wait_for_agents
@@ -30,14 +30,7 @@ SEED_BARS = 400  # the seed approach is slow: time it on this many bars
 
 def _events(quick: bool) -> tuple[str, list[tuple[int, dict]]]:
     data, _, start_ms = _data.choose(quick)
-    src = ReplaySource("", str(data), ["BTCUSDT", "ETHUSDT"], start_ms, None)
-    prepared, _ = src.load()
-    events = []
-    for p in prepared:
-        events += [(KIND_KLINE, src.kline_record(p, r)) for r in range(len(p.kline_rows))]
-        events += [(KIND_MARK, src.mark_record(p, r)) for r in range(len(p.kline_rows))]
-        events += [(KIND_FUNDING, src.funding_record(p, r)) for r in range(len(p.funding_rows))]
-    return str(data), sort_events(events)
+    return str(data), _data.replay_events(data, ["BTCUSDT", "ETHUSDT"], start_ms, None)
 
 
 def seed_features(w: pd.DataFrame) -> dict:

@@ -755,6 +755,10 @@ def backtest(
     out.print(table)
 
 
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
 @app.command()
 def demo(
     data: Path = typer.Option(Path("data/binance-um-futures"), help="Directory of historical files (the bundled "
@@ -786,14 +790,15 @@ def demo(
                         f"{_day(p.start_ms)} → {_day(p.train_end_ms)} ({time.monotonic() - started:.0f} s in all)")
     table.add_column("")
     table.add_column("", justify="right")
+    m = t.metrics
     rows = [("bars with features", f"{t.bars:,}"),
             ("signals", " · ".join(f"{k} {v:,}" for k, v in sorted(t.signals.items())) or "none"),
             ("verdicts by reason", " · ".join(f"{k} {v:,}" for k, v in sorted(t.verdicts.items())) or "none"),
             ("orders", " · ".join(f"{k} {v:,}" for k, v in sorted(t.orders.items())) or "none"),
-            ("trades closed (won)", f"{t.trades:,} ({t.wins:,})"),
-            ("realized PnL at fill prices", f"{t.realized:+,.2f} USDT"), ("fees", f"{-t.fees:+,.2f} USDT"),
-            ("funding", f"{t.funding:+,.2f} USDT"), ("net PnL", f"{t.net:+,.2f} USDT"),
-            ("max drawdown (wallet)", f"{t.max_drawdown:.2%}"),
+            ("trades closed (win rate)", f"{m['trades']:,} ({_share(m['win_rate'])})"),
+            ("PnL gross at reference prices", f"{m['gross_pnl']:+,.2f} USDT"), ("fees", f"{-m['fees']:+,.2f} USDT"),
+            ("slippage", f"{-m['slippage']:+,.2f} USDT"), ("funding", f"{m['funding']:+,.2f} USDT"),
+            ("net PnL", f"{m['net_pnl']:+,.2f} USDT"), ("max drawdown (equity)", f"{m['max_drawdown']:.2%}"),
             ("trading state changes", " → ".join(t.trading_states) or "none (RUNNING throughout)")]
     for label_, value in rows:
         table.add_row(label_, value)

@@ -21,31 +21,18 @@ the last bar in md.klines) and the exchange (reconciliation).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from streams.broker import ensure_topics
 from streams.control_api import ControlApi
 from streams.errors import PerpflowError
 from streams.settings import Settings
+from streams.up import ReportingThread  # a thread that remembers the exception that ended it
 
 log = logging.getLogger(__name__)
 
 PARTS = ("market", "user", "execution")
 LIVE_PARTS = ("user", "execution")  # these need the account's API key
-
-
-class _Runner(threading.Thread):
-    def __init__(self, name: str, target):
-        super().__init__(name=name, daemon=True)
-        self._target_fn = target
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._target_fn()
-        except BaseException as exc:  # reported by the main thread
-            self.error = exc
 
 
 def build(settings: Settings, bootstrap: str, part: str, symbols: list[str], start_ms: int | None = None):
@@ -68,7 +55,7 @@ def run_connector(settings: Settings, bootstrap: str, part: str, symbols: list[s
     log.info("%s connector: Kafka %s, symbols %s, /metrics and /health at %s", part, bootstrap, ",".join(symbols),
              api.url)
     connector = build(settings, bootstrap, part, symbols, start_ms)
-    thread = _Runner(f"connector-{part}", connector.run)
+    thread = ReportingThread(f"connector-{part}", connector.run)
     thread.start()
     try:
         while thread.is_alive():

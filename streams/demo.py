@@ -24,6 +24,8 @@ from connectors.clickhouse_store import Store
 from streams.errors import PerpflowError
 from streams.settings import Settings
 from streams.up import UpOptions, UpSummary, run_up
+from training.backtest import accounting, metrics
+from training.backtest.orchestrate import run_records
 
 log = logging.getLogger(__name__)
 DAY_MS = 86_400_000
@@ -45,20 +47,9 @@ class TradingSummary:
     signals: dict[str, int] = field(default_factory=dict)
     verdicts: dict[str, int] = field(default_factory=dict)
     orders: dict[str, int] = field(default_factory=dict)
-    trades: int = 0
-    wins: int = 0
-    realized: float = 0.0  # price PnL of closed trades, at fill prices (slippage included)
-    fees: float = 0.0
-    funding: float = 0.0
-    max_drawdown: float = 0.0
-    start_balance: float | None = None
-    end_balance: float | None = None
     best_p_win: float = 0.0
+    metrics: dict = field(default_factory=dict)  # training.backtest.metrics of the traded window
     trading_states: list[str] = field(default_factory=list)
-
-    @property
-    def net(self) -> float:
-        return self.realized - self.fees + self.funding
 
 
 def plan(data: str, symbols: list[str], first_ms: int, last_ms: int, trade_days: int = 7,
@@ -133,29 +124,11 @@ def summarize(store: Store, symbols: list[str], start_ms: int, end_ms: int) -> T
     s.verdicts = dict(reasons)
     s.orders = dict(q(f"SELECT action, count() FROM orders FINAL WHERE symbol IN ({names}) "
                       f"AND toUnixTimestamp64Milli(event_time) >= {start_ms} GROUP BY action"))
-    events = q(f"SELECT event_type, order_status, reduce_only, realized_profit, commission, balances, reason, "
-               f"toUnixTimestamp64Milli(event_time) AS t FROM user_events FINAL WHERE symbol IN ({names}) "
-               f"AND toUnixTimestamp64Milli(event_time) >= {start_ms} ORDER BY t, event_id")
-    peak = None
-    for kind, status, reduce_only, realized, commission, balances, reason, _ in events:
-        if kind == "ORDER_TRADE_UPDATE" and status == "FILLED":
-            s.fees += commission or 0.0
-            if reduce_only:
-                s.trades += 1
-                s.realized += realized or 0.0
-                s.wins += (realized or 0.0) > 0
-        elif kind == "ACCOUNT_UPDATE":
-            for b in json.loads(balances):
-                if b["asset"] != "USDT":
-                    continue
-                if s.start_balance is None:
-                    s.start_balance = b["wallet_balance"] - b["balance_change"]
-                    peak = s.start_balance
-                if reason == "FUNDING_FEE":
-                    s.funding += b["balance_change"]
-                s.end_balance = b["wallet_balance"]
-                peak = max(peak, s.end_balance)
-                s.max_drawdown = max(s.max_drawdown, 1 - s.end_balance / peak)
+    # the trades, PnL split and drawdown: the backtests' accounting, on the live archive's records of the window
+    since = f"symbol IN ({names}) AND toUnixTimestamp64Milli(event_time) >= {start_ms}"
+    klines = run_records(store, None, "md.klines", f"{window} AND `interval` = '5m'", "symbol, open_time")
+    ledger = accounting.reconstruct(run_records(store, None, "user.events", since), klines)
+    s.metrics = metrics.compute(ledger)
     s.trading_states = [json.loads(d)["to"] for (d,) in q(
         "SELECT detail FROM risk_events FINAL WHERE kind = 'trading_state' "
         f"AND toUnixTimestamp64Milli(event_time) >= {start_ms} ORDER BY event_time")]

@@ -64,7 +64,7 @@ class UpSummary:
     worker_restarts: int = 0
 
 
-class _ReportingThread(threading.Thread):
+class ReportingThread(threading.Thread):
     """A thread that remembers the exception that ended it."""
 
     def __init__(self, name: str, target):
@@ -136,7 +136,7 @@ class _ArchiveReplayThread:
         self.replay = ArchiveReplay(bootstrap, opts.source, opts.symbols, opts.start_ms, opts.end_ms, opts.prefix,
                                     app_id_for(opts.prefix), store)
         self.result: ReplayResult | None = None
-        self.thread = _ReportingThread("archive-replay", self._run)
+        self.thread = ReportingThread("archive-replay", self._run)
         self.thread.start()
 
     def _run(self) -> None:
@@ -184,7 +184,7 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
         sink = ClickHouseSink(stack.bootstrap, stack.store, batch_rows=settings.sink_batch_rows,
                               batch_seconds=settings.sink_batch_seconds, prefix=px,
                               group=f"perpflow-sink-{px.rstrip('.')}" if px else "perpflow-sink", run_id=opts.run_id)
-        sink_thread = _ReportingThread("clickhouse-sink", sink.run)
+        sink_thread = ReportingThread("clickhouse-sink", sink.run)
         sink_thread.start()
         announce_promoted_models(stack, px, opts.models)
         calibration = CalibrationMonitor(stack.store, settings)  # the live models' calibration, from live tables
@@ -199,7 +199,7 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
 
             binance = BinanceSource(settings, stack.bootstrap, opts.symbols or settings.symbols, opts.live,
                                     opts.start_ms)
-            binance_thread = _ReportingThread("binance", binance.run)
+            binance_thread = ReportingThread("binance", binance.run)
             binance_thread.start()
         calibration.start()  # stopped in the finally below, before the store closes
         try:
@@ -294,7 +294,7 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> 
         time.sleep(0.5)
 
 
-def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: _ReportingThread, prefix: str = "") -> None:
+def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: ReportingThread, prefix: str = "") -> None:
     """Until the sink has archived and committed everything now in the archived topics."""
     topics = [prefix + t.name for t in archived()]
     while True:

@@ -161,15 +161,17 @@ def run_backtest(settings: Settings, opts: BacktestOptions, stack: Stack | None 
     return BacktestResult(run_id, out_dir, path, m, model_ids, bars, seconds, up, deleted)
 
 
-def run_records(store: Store, run_id: str, name: str, where: str = "1", order: str = "kafka_partition, "
+def run_records(store: Store, run_id: str | None, name: str, where: str = "1", order: str = "kafka_partition, "
                 "kafka_offset") -> list[dict]:
     """A run's archived records of one topic (FINAL: what the at-least-once chain wrote twice counts once), in topic
-    order by default (per partition, i.e. per symbol — what `accounting.reconstruct` wants)."""
+    order by default (per partition, i.e. per symbol — what `accounting.reconstruct` wants); run_id None: the live
+    archive's."""
     t = topic(name)
     cols = columns(t)
     fields, nested = [c.name for c in cols], [c.name for c in cols if c.nested]
-    rows = store.query_rows(f"SELECT {select_fields(t)} FROM `{table_name(t, True)}` FINAL "
-                            f"WHERE run_id = '{run_id}' AND {where} ORDER BY {order}")
+    run = f"run_id = '{run_id}' AND " if run_id is not None else ""
+    rows = store.query_rows(f"SELECT {select_fields(t)} FROM `{table_name(t, run_id is not None)}` FINAL "
+                            f"WHERE {run}{where} ORDER BY {order}")
     records = [dict(zip(fields, r, strict=True)) for r in rows]
     for rec in records:  # the archive keeps nested values as JSON text: the records as they were published
         for name in nested:
