@@ -15,6 +15,7 @@ import faust
 from faust.sensors.monitor import Monitor
 
 from schemas.catalog import SYMBOL_PARTITIONS
+from streams import input_offsets
 from streams.broker import end_offsets
 
 
@@ -125,11 +126,34 @@ def _only_agents_commit() -> None:
     Consumer.commit = commit
 
 
+def _recover_changelogs_from_their_start() -> None:
+    """Faust starts reading an active table's changelog partition after the offset it read last in this process,
+    kept in a Counter: a partition it never read counts as read up to offset 0, so a changelog partition holding a
+    single record is never restored (a risk book saved once would be forgotten by a restart), and a partition read
+    once, revoked (the in-memory store then drops its keys) and assigned back is restored only from where it was
+    left. The in-memory store has nothing of its own: every recovery reads the changelog from its start."""
+    from faust.tables.recovery import Recovery
+
+    build = Recovery._build_offsets
+    if getattr(build, "_perpflow", False):
+        return
+
+    async def _build_offsets(self, consumer, tps, destination, title):
+        if title == "active":
+            for tp in tps:
+                destination[tp] = None
+        await build(self, consumer, tps, destination, title)
+
+    _build_offsets._perpflow = True
+    Recovery._build_offsets = _build_offsets
+
+
 def create_app(bootstrap: str, app_id: str | None = None, web_port: int | None = None,
                datadir: str | None = None, prefix: str = "") -> faust.App:
     _use_fetch_highwaters(bootstrap)
     _short_fetch_wait()
     _only_agents_commit()
+    _recover_changelogs_from_their_start()
     app_id = app_id or app_id_for(prefix)
     app = faust.App(
         app_id,
@@ -152,4 +176,5 @@ def create_app(bootstrap: str, app_id: str | None = None, web_port: int | None =
         producer_linger_ms=5,  # agents send a micro-batch at a time: a few ms fill a request instead of one each
     )
     app.perpflow_topic_prefix = prefix
+    input_offsets.install(app)  # each agent's inputs handed from the committed offsets, in order, once
     return app

@@ -22,6 +22,7 @@ from schemas.catalog import topic
 from schemas.codec import DecodeError, dead_letter_record, default_codec
 from streams import metrics
 from streams.app import catalog_name, kafka_name, raw_topic
+from streams.input_offsets import ContiguousInput
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class BatchAgent:
         self.last_commit = 0.0
         self.committed: dict[TP, int] = {}
         self.lock = asyncio.Lock()  # batches and the commit timer take turns
+        self.input = ContiguousInput(app, self.name)
         app.agent(raw_topic(app, *self.input_topics), name=self.name)(self.run)
         reads(app, self.name, self.input_topics)
         app.timer(COMMIT_SECONDS)(self.tick)
@@ -135,6 +137,7 @@ class BatchAgent:
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         self.processed.clear()
         self.committed.clear()
+        self.input.reset()
         forget(self.app, self.name)
 
     async def run(self, stream: faust.StreamT) -> None:
@@ -151,6 +154,8 @@ class BatchAgent:
         offsets: dict[TP, int] = {}
         for event in events:
             msg = event.message
+            if not self.input.admit(msg):
+                continue
             offsets[msg.tp] = msg.offset
             source = catalog_name(self.app, msg.topic)  # handlers dispatch on catalog names, whatever the prefix
             try:
@@ -162,6 +167,7 @@ class BatchAgent:
                     pending.append(send_dead_letter(self.dead_letters, self.codec, msg, exc))
                 continue
             inputs.append((source, msg.partition, msg.key, record))
+        await self.input.settle()
         if inputs:
             pending.extend(self.send(await self.handle(inputs)))
         if pending:

@@ -45,6 +45,11 @@ FEATURES_LAST_CLOSE = Gauge("perpflow_features_last_close_seconds", "close_time 
                             ["symbol"])
 AGENT_BUSY = Counter("perpflow_agent_busy_seconds", "Time an agent spent handling its micro-batches (its share of the "
                      "worker's core)", ["agent"])
+AGENT_INPUT_SKIPPED = Counter("perpflow_agent_input_skipped", "Input messages an agent did not handle when handed: "
+                              "before its start position, redelivered, or past a gap (handed again later)",
+                              ["agent", "reason"])
+AGENT_INPUT_LOST = Counter("perpflow_agent_input_lost", "Input offsets that never came back after a seek (gone from "
+                           "the broker); the agent went on without them", ["agent", "topic"])
 WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")
 
 # Metrics named before whoever exports them exists: the alert rules (deploy/prometheus/rules) and the dashboards

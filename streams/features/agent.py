@@ -42,6 +42,7 @@ from streams.app import catalog_name, kafka_name, raw_topic
 from streams.batch_agent import commit_handled, forget, reads, send_dead_letter
 from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
+from streams.input_offsets import ContiguousInput
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class FeaturesAgent:
         self.saved: dict[TP, int] = {}  # ... whose effects (outputs, state) are saved: what may be committed
         self.btc_waiting_since: dict[tuple[str, int], float] = {}
         self.lock = asyncio.Lock()  # the agent's batches and the timer's ticks take turns
+        self.input = ContiguousInput(app, "features")
         self.last_commit = 0.0
         self.committed: dict[TP, int] = {}  # self.saved when last committed
         app.agent(self.inputs, name="features")(self.run)
@@ -99,6 +101,7 @@ class FeaturesAgent:
         self.processed.clear()
         self.saved.clear()
         self.committed.clear()
+        self.input.reset()
         forget(self.app, "features")
 
     async def _on_recovered(self) -> None:
@@ -125,6 +128,7 @@ class FeaturesAgent:
             async with self.lock:
                 started = time.perf_counter()
                 pending, touched, new_btc = self._intake(events)
+                await self.input.settle()
                 await self._release(pending, touched, new_btc)
                 busy.inc(time.perf_counter() - started)
 
@@ -150,6 +154,8 @@ class FeaturesAgent:
         new_btc: dict[int, list[int]] = {}
         for event in events:
             msg = event.message
+            if not self.input.admit(msg):
+                continue
             self.processed[msg.tp] = msg.offset
             source = catalog_name(self.app, msg.topic)
             try:
