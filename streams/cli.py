@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -328,6 +329,17 @@ def features_build(
     if empty:
         out.print(f"[yellow]no md_klines rows in the window for {', '.join(empty)}[/]: archive them first "
                   "(`perpflow up --source replay --symbols ... --until-drained`)")
+
+
+DURATION_UNITS_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000}
+
+
+def parse_duration(value: str, option: str) -> int:
+    """'7d', '12h', '30m' → milliseconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", value or "")
+    if not match or int(match.group(1)) == 0:
+        raise PerpflowError(f"{option} {value!r}: a positive whole number of days, hours or minutes, e.g. 7d, 12h, 30m")
+    return int(match.group(1)) * DURATION_UNITS_MS[match.group(2)]
 
 
 def _window_options(start: str, end: str) -> tuple[int, int]:
@@ -722,6 +734,12 @@ def backtest(
     out_dir: Path = typer.Option(None, "--out", help="Where report.html and metrics.json go (default "
                                  "$PERPFLOW_HOME/backtests/<run>)."),
     keep_topics: bool = typer.Option(False, "--keep-topics", help="Keep the run's bt.<run>.* topics."),
+    walk_forward: bool = typer.Option(False, "--walk-forward", help="Retrain both sides before each step on the "
+                                      "trailing window (the pinned models' label spec and training config) and "
+                                      "trade each step only with its own models."),
+    retrain_every: str = typer.Option("7d", help="Walk-forward step: a duration such as 7d, 12h."),
+    train_window: str = typer.Option("180d", help="Walk-forward training window, ending a label horizon plus the "
+                                     "embargo before each step."),
 ) -> None:
     """Replay archived market data through the live chain (features → predict → policy → risk → paper exchange) on
     topics of the run's own, with the models pinned; archive every row with its run id (bt_* tables), record the
@@ -734,7 +752,8 @@ def backtest(
         raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'}: archive market data first (`perpflow "
                             "up --source replay ... --until-drained`) and train a model")
     opts = BacktestOptions(_symbols(symbols, settings), start_ms, end_ms, model, source.value, fee, slippage_bps,
-                           out_dir, keep_topics)
+                           out_dir, keep_topics, walk_forward, parse_duration(retrain_every, "--retrain-every"),
+                           parse_duration(train_window, "--train-window"))
     _stop_on_signals()
     result = run_backtest(settings, opts, say=lambda line: print(line, file=sys.stderr))
     m = result.metrics
@@ -743,7 +762,8 @@ def backtest(
     table.add_column("", justify="right")
     signals = m.get("signals", {})
     for label_, value in (
-            ("models", ", ".join(result.models)),
+            ("models", ", ".join(result.models) if not walk_forward else
+             f"{len(result.models)}, {len(result.models) // 2} walk-forward steps (see the report's parameters)"),
             ("bars through the chain", f"{result.bars:,} in {result.seconds:.1f} s ({result.bars_per_second:,.0f}/s)"),
             ("signals", " · ".join(f"{k} {v:,}" for k, v in sorted(signals.items())) or "none"),
             ("trades closed (open)", f"{m['trades']:,} ({m['open_trades']:,})"),

@@ -256,19 +256,21 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
 def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] | None = None) -> None:
     """The registry's promoted models on `control`, where the worker's predict agent learns them (it cannot open
     an embedded store, and the embedded broker starts empty). Same entity and event_id as the promotion's own
-    record: announcing again changes nothing. A backtest pins its `models` (registry rows, one per side) on its own
-    `control` topic (`prefix`): its predict agent sees no other promotion."""
+    record: announcing again changes nothing. A backtest pins its `models` (registry rows: one per side, or a
+    walk-forward schedule of rows with `valid_from`) on its own `control` topic (`prefix`): its predict agent sees no
+    other promotion."""
     from streams.control import publish
     from training import registry
 
-    pinned = {row["side"]: row for row in models or []}
     for side in ("long", "short"):
-        row = pinned[side] if side in pinned else registry.promoted(stack.store, side)
-        if row is None:
+        rows = [row for row in models or [] if row["side"] == side] or [registry.promoted(stack.store, side)]
+        if rows[0] is None:
             log.warning("no promoted model for the %s side: the worker will not predict (see `perpflow models`)", side)
             continue
-        publish(stack.bootstrap, f"model:{side}", "model_promoted", registry.control_value(row, None),
-                row["actor"], row["promoted_at"] or row["created_at"], prefix=prefix)
+        for row in rows:
+            entity = f"model:{side}" if row.get("valid_from") is None else f"model:{side}@{row['valid_from']}"
+            publish(stack.bootstrap, entity, "model_promoted", registry.control_value(row, None),
+                    row["actor"], row["promoted_at"] or row["created_at"], prefix=prefix)
 
 
 def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> None:

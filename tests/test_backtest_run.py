@@ -198,3 +198,47 @@ def test_two_backtests_and_a_live_replay_at_once_stay_apart(home):
         for r in (results["a"], results["b"]):
             assert delete_run_topics(stack.bootstrap, r.run_id, settings) >= len(archived())
             assert not [k for k in end_offsets(stack.bootstrap, [run_prefix(r.run_id) + "md.klines"])]
+
+
+def test_walk_forward_trades_each_step_with_models_trained_before_it(home):
+    """Steps of 2 days over the archive: the steps without enough labeled history before them train nothing and
+    trade nothing; every later bar is predicted by the models of its own step, whose training labels all end
+    before that step starts."""
+    wrong = run_cli(home, "backtest", "--symbols", SYMBOLS, "--start", ARCHIVE[1], "--end", ARCHIVE[3],
+                    "--walk-forward", "--retrain-every", "3 weeks")
+    assert wrong.returncode != 0
+    assert wrong.stderr.strip().splitlines() == ["perpflow: --retrain-every '3 weeks': a positive whole number of "
+                                                 "days, hours or minutes, e.g. 7d, 12h, 30m"]
+    result = run_cli(home, "backtest", "--symbols", SYMBOLS, "--start", ARCHIVE[1], "--end", ARCHIVE[3],
+                     "--walk-forward", "--retrain-every", "2d", "--train-window", "14d", timeout=900, **LOOSE)
+    assert result.returncode == 0, result.stderr
+    assert "not trained" in result.stderr  # the first step has no history at all
+    run_id = re.search(r"backtest (\d{8}T\d{6}-[0-9a-f]{6}):", result.stderr).group(1)
+
+    from connectors.clickhouse_store import Store
+    from training import registry
+    from training.backtest import runs
+
+    store = Store(_settings(home))
+    try:
+        run = {r["run_id"]: r for r in runs.rows(store)}[run_id]
+        steps = run["parameters"]["walk_forward"]["steps"]
+        models = {s["model"]: {**registry.get(store, s["model"]), "valid_from": _ms(s["valid_from"])} for s in steps}
+        predictions = _rows_of(store, "predictions", run_id)
+    finally:
+        store.close()
+    starts = sorted({m["valid_from"] for m in models.values()})
+    assert len(starts) >= 2 and len(models) == 2 * len(starts)  # both sides at each trained step
+    assert sorted(run["model_ids"]) == sorted(models)
+    for m in models.values():  # no label the model learned from reaches into the step it trades
+        horizon_ms = json.loads(m["label_spec"])["horizon"] * 300_000
+        assert m["train_end"] + horizon_ms <= m["valid_from"], m["id"]
+    assert predictions
+    for p in predictions:
+        for side in ("long", "short"):
+            m = models[p[f"model_id_{side}"]]
+            assert m["side"] == side
+            assert m["valid_from"] == max(s for s in starts if s <= p["open_time"]), (p["open_time"], m["id"])
+    used = {p["model_id_long"] for p in predictions}
+    assert len(used) >= 2  # the chain switched models at a step boundary
+    assert min(p["open_time"] for p in predictions) >= starts[0]

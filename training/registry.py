@@ -141,7 +141,9 @@ def control_value(row: dict, previous: dict | None) -> dict:
     return {"model_id": row["id"], "side": row["side"], "artifact_path": row["artifact_path"],
             "sha256": row["sha256"], "schema_version": row["schema_version"], "label_spec_id": row["label_spec_id"],
             "previous": previous["id"] if previous else None, "reason": row["reason"],
-            "train_end": row["train_end"]}  # epoch ms, exclusive: the model's age (perpflow_model_age_seconds)
+            "train_end": row["train_end"],  # epoch ms, exclusive: the model's age (perpflow_model_age_seconds)
+            # a walk-forward step's model: used for the bars opening from then on (event time, ms); none live
+            **({"valid_from": row["valid_from"]} if row.get("valid_from") is not None else {})}
 
 
 def metrics_of(row: dict) -> tuple[dict, list[dict]]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import lightgbm as lgb
 import numpy as np
 
+from streams.errors import PerpflowError
 from training.dataset import MODEL_FEATURES, Dataset
 from training.folds import walk_forward
 from training.labels import BAR_MS, TIMEOUT, TP
@@ -93,7 +94,9 @@ def walk_forward_oof(ds: Dataset, horizon: int, cfg: TrainConfig, say: Callable[
     for f in folds:
         tr, te = f.train, f.test
         if len(tr) < 1000 or len(te) == 0:
-            raise ValueError(f"fold {f.k}: {len(tr)} training and {len(te)} test rows; label a longer window")
+            # the user's window is too short for the folds asked for: a one-line answer, not a traceback
+            raise PerpflowError(f"fold {f.k}: {len(tr)} training and {len(te)} test rows; label a longer window "
+                                "or ask for fewer --folds")
         booster = _fit_early(cfg.params(**OUTCOME), ds.X[tr], ds.outcome[tr], ds.open_time[tr], purge_ms, cfg)
         rounds.append(booster.best_iteration or cfg.max_rounds)
         raw[te] = booster.predict(ds.X[te], num_iteration=booster.best_iteration or None)

@@ -16,6 +16,11 @@ by a record older than that field, has no series.
 worker needs every promotion, whatever partitions of `features` it owns. Before the first batch it reads
 `control` to its end; afterwards a timer polls it, so a promotion switches the model without a restart. Until both
 sides have a model, ready features are skipped (counted, and logged once per change): no predictions, no crash.
+
+Walk-forward backtests pin a schedule: promotions carrying `valid_from` (event time, ms; entity
+`model:<side>@<valid_from>`), each model used for the bars that open at or after its `valid_from` and before the
+next one's — in event time, so the switch happens at the same bar at any replay speed. A live promotion has no
+`valid_from` and replaces the side's model for every bar from then on.
 """
 
 from __future__ import annotations
@@ -45,13 +50,14 @@ TOP_FEATURES = 5
 CONTROL_POLL_SECONDS = 1.0
 
 
-def promotions(records: list[dict]) -> dict[str, dict]:
-    """The newest model promotion per side among `control` records."""
-    found: dict[str, dict] = {}
+def promotions(records: list[dict]) -> dict[tuple[str, int], dict]:
+    """The newest model promotion per side and start (`valid_from`, 0 for a live promotion) among `control`
+    records."""
+    found: dict[tuple[str, int], dict] = {}
     for record in records:
         if record["kind"] == "model_promoted" and record["entity"].startswith("model:"):
             value = json.loads(record["value"])
-            found[value["side"]] = value
+            found[(value["side"], int(value.get("valid_from") or 0))] = value
     return found
 
 
@@ -63,7 +69,8 @@ class PredictAgent(BatchAgent):
         super().__init__(app)
         self.settings = settings
         self.bootstrap = settings.kafka_bootstrap or app.conf.broker[0].netloc
-        self.models: dict[str, tuple[str, Predictor]] = {}  # side → (model id, predictor)
+        # side → its schedule, by valid_from: (valid_from, model id, predictor); live, one entry from 0
+        self.models: dict[str, list[tuple[int, str, Predictor]]] = {}
         self.control: ControlReader | None = None
         self.status = ""
         for side in SIDES:
@@ -71,9 +78,11 @@ class PredictAgent(BatchAgent):
             metrics.PREDICTION_P_TP.labels(side)
         app.timer(CONTROL_POLL_SECONDS)(self.poll_control)
 
-    def _apply(self, promotions: dict[str, dict]) -> None:
-        for side, value in promotions.items():
-            if side not in SIDES or (side in self.models and self.models[side][0] == value["model_id"]):
+    def _apply(self, promotions: dict[tuple[str, int], dict]) -> None:
+        for (side, valid_from), value in sorted(promotions.items()):
+            schedule = self.models.get(side, [])
+            current = next((e for e in schedule if e[0] == valid_from), None)
+            if side not in SIDES or (current is not None and current[1] == value["model_id"]):
                 continue
             if value.get("schema_version") != SCHEMA_VERSION:
                 log.error("model %s was trained on feature schema %s, this code computes %s: not loaded",
@@ -87,13 +96,16 @@ class PredictAgent(BatchAgent):
             except Exception as exc:  # a missing or corrupt artifact: keep serving the previous model
                 log.error("cannot load model %s for the %s side from %s: %s", value["model_id"], side, path, exc)
                 continue
-            previous = self.models.get(side)
-            metrics.MODEL_INFO.labels(side, previous[0] if previous else "none").set(0)
-            metrics.MODEL_INFO.labels(side, value["model_id"]).set(1)
-            self.models[side] = (value["model_id"], predictor)
-            track_model_age(side, value.get("train_end"))
-            log.info("%s side: predicting with model %s%s", side, value["model_id"],
-                     f" (was {previous[0]})" if previous else "")
+            newest = schedule[-1] if schedule else None
+            self.models[side] = sorted([e for e in schedule if e[0] != valid_from] +
+                                       [(valid_from, value["model_id"], predictor)], key=lambda e: e[0])
+            if self.models[side][-1][0] == valid_from:  # the side's newest model: the one the metrics describe
+                metrics.MODEL_INFO.labels(side, newest[1] if newest else "none").set(0)
+                metrics.MODEL_INFO.labels(side, value["model_id"]).set(1)
+                track_model_age(side, value.get("train_end"))
+            log.info("%s side: predicting with model %s%s%s", side, value["model_id"],
+                     f" from {valid_from}" if valid_from else "",
+                     f" (was {current[1]})" if current else "")
         missing = [s for s in SIDES if s not in self.models]
         status = f"no promoted model for the {' and '.join(missing)} side: no predictions until " \
                  "`perpflow models promote` announces one" if missing else "ready"
@@ -117,27 +129,48 @@ class PredictAgent(BatchAgent):
             metrics.PREDICT_SKIPPED.labels("not_ready").inc(len(inputs) - len(ready))
         if not ready:
             return []
-        if len(self.models) < len(SIDES):
-            metrics.PREDICT_SKIPPED.labels("no_model").inc(len(ready))
+        chosen = [(p, k, r, models) for p, k, r in ready if (models := self._models_for(r["open_time"])) is not None]
+        if len(chosen) < len(ready):
+            metrics.PREDICT_SKIPPED.labels("no_model").inc(len(ready) - len(chosen))
+        if not chosen:
             return []
-        records = [r for _, _, r in ready]
-        out = [self._base(r) for r in records]
-        for side in SIDES:
-            self._predict_side(side, records, out)
+        records = [r for _, _, r, _ in chosen]
+        out = [self._base(r, models["long"][1]) for _, _, r, models in chosen]
+        for side in SIDES:  # one call per model in use: a walk-forward batch may straddle a switch
+            groups: dict[str, list[int]] = {}
+            for i, (_, _, _, models) in enumerate(chosen):
+                groups.setdefault(models[side][0], []).append(i)
+            for rows in groups.values():
+                self._predict_side(side, chosen[rows[0]][3][side], [records[i] for i in rows],
+                                   [out[i] for i in rows])
         for r in out:
             metrics.PREDICTIONS.labels(r["symbol"]).inc()
-        return [("predictions", p, k, o) for (p, k, _), o in zip(ready, out, strict=True)]
+        return [("predictions", p, k, o) for (p, k, _, _), o in zip(chosen, out, strict=True)]
 
-    def _base(self, r: dict) -> dict:
-        spec = self.models["long"][1].doc["label_spec"]
+    def _models_for(self, open_time: int) -> dict[str, tuple[str, Predictor]] | None:
+        """Each side's model for a bar opening at `open_time` (None: a side has none yet)."""
+        found = {}
+        for side in SIDES:
+            entry = None
+            for e in self.models.get(side, ()):
+                if e[0] > open_time:
+                    break
+                entry = e
+            if entry is None:
+                return None
+            found[side] = (entry[1], entry[2])
+        return found
+
+    def _base(self, r: dict, long_model: Predictor) -> dict:
+        spec = long_model.doc["label_spec"]
         return {"event_id": event_ids.prediction(r["symbol"], r["interval"], r["open_time"]),
                 "event_time": r["event_time"], "symbol": r["symbol"], "source": r["source"],
                 "interval": r["interval"], "open_time": r["open_time"],
                 "close": _close(r), "atr_14": r["atr_14"], "funding_rate": r["funding_rate"],
                 "minutes_to_funding": r["minutes_to_funding"], "k_tp": spec["k_tp"], "k_sl": spec["k_sl"]}
 
-    def _predict_side(self, side: str, records: list[dict], out: list[dict]) -> None:
-        model_id, predictor = self.models[side]
+    def _predict_side(self, side: str, model: tuple[str, Predictor], records: list[dict], out: list[dict]) -> None:
+        model_id, predictor = model
         names = predictor.features
         X = np.array([[np.nan if r[n] is None else r[n] for n in names] for r in records], dtype=np.float64)
         pred = predictor.predict(X)

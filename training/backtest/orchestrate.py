@@ -7,6 +7,13 @@ A run is `streams.up.run_up` with a topic prefix: its id names its topics (`bt.<
 its `bt_*` archive rows (`run_id`), so live topics and runs beside each other never see each other's messages. The
 models are pinned by publishing their promotion records on the run's own `control` topic, where its predict agent
 looks for them; a live promotion meanwhile goes to the live `control` and changes nothing in the run.
+
+Walk-forward (`--walk-forward`): the window is cut into steps of `retrain_every`; before the replay, each step gets
+models trained with the recipe of the pinned models (their label spec and training config) on the trailing
+`train_window` that ends a label horizon plus the training embargo before the step starts — so no label a model
+learned from reaches into the bars it trades. The schedule is pinned (`valid_from` = the step's start) and the
+predict agent switches models in event time, within one continuous replay: indicators, positions and the account
+carry across steps as they would live. Leading steps without enough history to train trade nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from schemas.tables import columns, select_fields, table_name
 from streams.app import app_id_for
 from streams.broker import client_config
 from streams.errors import PerpflowError
+from streams.features.engine import BAR_MS
 from streams.settings import Settings
 from streams.stack import Stack
 from streams.up import UpOptions, UpSummary, run_up
@@ -38,6 +46,7 @@ from training.backtest import metrics as run_metrics
 
 log = logging.getLogger(__name__)
 SOURCES = ("clickhouse", "kafka")
+DAY_MS = 86_400_000
 
 
 @dataclass
@@ -51,6 +60,9 @@ class BacktestOptions:
     slippage_bps: float | None = None
     out: Path | None = None  # default: $PERPFLOW_HOME/backtests/<run>
     keep_topics: bool = False
+    walk_forward: bool = False
+    retrain_every_ms: int = 7 * DAY_MS
+    train_window_ms: int = 180 * DAY_MS
 
 
 @dataclass
@@ -108,6 +120,43 @@ def pinned_models(store: Store, model: str) -> list[dict]:
     return [rows["long"], rows["short"]]
 
 
+def walk_forward_models(store: Store, models_dir: Path, opts: BacktestOptions,
+                        say: Callable[[str], None]) -> list[dict]:
+    """Train both sides for every step of the window; registry rows with `valid_from`, in step order."""
+    from training.artifact import Predictor
+    from training.pipeline import label_spec, train_models
+    from training.train import TrainConfig
+
+    if opts.retrain_every_ms <= 0 or opts.train_window_ms <= 0:
+        raise PerpflowError("--retrain-every and --train-window must be positive durations")
+    recipe = pinned_models(store, opts.model)[0]  # both sides of a run share the label spec and the config
+    path = Path(recipe["artifact_path"])
+    if not path.exists():
+        path = models_dir / recipe["sha256"]
+    cfg = TrainConfig(**Predictor.load(path, recipe["sha256"]).doc["config"])
+    spec_id = recipe["label_spec_id"]
+    gap = (label_spec(store, spec_id).horizon + cfg.embargo_bars) * BAR_MS
+    rows: list[dict] = []
+    for step in range(opts.start_ms, opts.end_ms, opts.retrain_every_ms):
+        train_end = step - gap
+        say(f"walk-forward step {_iso(step)}: training on {_iso(train_end - opts.train_window_ms)} → "
+            f"{_iso(train_end)} (labels of spec {spec_id})")
+        try:
+            trained = train_models(store, models_dir, ["long", "short"], list(opts.symbols),
+                                   train_end - opts.train_window_ms, train_end, spec_id, cfg,
+                                   say=lambda line: say(f"  {line}"))
+        except PerpflowError as exc:
+            if rows:  # a later step always has more history than one that trained: something else is wrong
+                raise
+            say(f"  not trained ({exc}): the chain trades nothing before a later step's models")
+            continue
+        rows.extend({**row, "valid_from": step} for row, _ in trained)
+    if not rows:
+        raise PerpflowError("walk-forward: no step had enough labeled history before it to train; start the "
+                            "backtest later or use a shorter --train-window")
+    return rows
+
+
 def run_backtest(settings: Settings, opts: BacktestOptions, stack: Stack | None = None,
                  say: Callable[[str], None] = log.info, run_id: str | None = None) -> BacktestResult:
     """One run. `stack`: an open stack to run on (several runs in one process share it); else one is opened here
@@ -134,7 +183,10 @@ def run_backtest(settings: Settings, opts: BacktestOptions, stack: Stack | None 
     run_id = run_id or new_run_id()
     prefix = run_prefix(run_id)
     created_at = int(time.time() * 1000)
-    models = pinned_models(stack.store, opts.model)
+    if opts.walk_forward:
+        models = walk_forward_models(stack.store, settings.home_dir / "models", opts, say)
+    else:
+        models = pinned_models(stack.store, opts.model)
     model_ids = [m["id"] for m in models]
     say(f"backtest {run_id}: {','.join(opts.symbols)} {_iso(opts.start_ms)} → {_iso(opts.end_ms)} from "
         f"{opts.source}, models {', '.join(model_ids)}, topics {prefix}*")
@@ -154,6 +206,11 @@ def run_backtest(settings: Settings, opts: BacktestOptions, stack: Stack | None 
                   "end": _iso(opts.end_ms), "source": opts.source, "models": model_ids, "fee": s.paper_taker_fee,
                   "slippage_bps": s.paper_slippage_bps, "policy_fee": s.fee, "policy_slippage": s.slippage,
                   "min_ev": s.min_ev, "min_pwin": s.min_pwin, "initial_balance": s.paper_balance}
+    if opts.walk_forward:
+        parameters["walk_forward"] = {
+            "retrain_every_days": opts.retrain_every_ms / DAY_MS, "train_window_days": opts.train_window_ms / DAY_MS,
+            "steps": [{"valid_from": _iso(m["valid_from"]), "model": m["id"], "train_start": _iso(m["train_start"]),
+                       "train_end": _iso(m["train_end"])} for m in models]}
     path = report.write(out_dir, ledger, m, title=f"Backtest {run_id}", parameters=parameters)
     runs.record(stack.store, run_id, created_at=created_at, parameters=parameters, model_ids=model_ids,
                 symbols=list(opts.symbols), data_start=opts.start_ms, data_end=opts.end_ms, metrics=m,
