@@ -83,6 +83,7 @@ class FeaturesAgent:
         self.saved: dict[TP, int] = {}  # ... whose effects (outputs, state) are saved: what may be committed
         self.btc_waiting_since: dict[tuple[str, int], float] = {}
         self.lock = asyncio.Lock()  # the agent's batches and the timer's ticks take turns
+        self.generation = 0  # bumped by a revocation: a batch that awaited across one drops what it was doing
         self.input = ContiguousInput(app, "features")
         self.last_commit = 0.0
         self.committed: dict[TP, int] = {}  # self.saved when last committed
@@ -93,6 +94,7 @@ class FeaturesAgent:
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         # not under self.lock: a batch holding it may be waiting on a commit that waits for this rebalance
+        self.generation += 1
         for symbol in self.sequencers:
             metrics.FEATURES_HELD_BARS.labels(symbol).set(0)  # no longer this worker's
         self.sequencers.clear()
@@ -186,6 +188,7 @@ class FeaturesAgent:
 
     async def _release(self, pending: list[Any], touched: set[str], new_btc: dict[int, list[int]]) -> None:
         """Release what can be, send it, and once it is acknowledged save the state of what changed."""
+        generation = self.generation
         released: set[str] = set()
         # BTC first: its snapshots reach this worker's other symbols in the same batch (the copies arriving later
         # through features.btc change nothing); other workers get them from the topic
@@ -216,6 +219,10 @@ class FeaturesAgent:
             metrics.FEATURES_LAST_CLOSE.labels(symbol).set(records[-1]["close_time"] / 1000)
         if pending:
             await asyncio.gather(*pending)  # outputs acknowledged before the state says they were made
+        if generation != self.generation:
+            # revoked meanwhile: the symbols' state is the next owner's, restored from the changelog, and these
+            # inputs are handled again from the committed offsets (the records just sent come again, same ids)
+            return
         saves: list[Any] = []
         for symbol in touched | released:
             seq, partition = self.sequencers[symbol]
