@@ -41,9 +41,11 @@ def fake():
 
 
 def intent(intent_id: str, symbol: str = "BTCUSDT", side: str = "BUY", qty: float = 0.0123456,
-           sl: float | None = 43_000.04, tp: float | None = 47_000.06, action: str = "OPEN") -> dict:
+           sl: float | None = 43_000.04, tp: float | None = 47_000.06, action: str = "OPEN",
+           leverage: int | None = None) -> dict:
     return {"event_id": f"order:{intent_id}", "event_time": NOW, "symbol": symbol, "intent_id": intent_id,
-            "action": action, "side": side, "quantity": qty, "stop_loss": sl, "take_profit": tp, "source": "test"}
+            "action": action, "side": side, "quantity": qty, "stop_loss": sl, "take_profit": tp, "source": "test",
+            "leverage": leverage}
 
 
 def run(fake: FakeBinance, bootstrap: str, body, timeout_s: float = 5.0):
@@ -163,6 +165,21 @@ def test_when_one_protective_order_fires_its_sibling_is_cancelled(fake, bootstra
     status = {a["clientAlgoId"]: a["algoStatus"] for a in fake.account.algo_orders.values()}
     assert status == {ids["sl"]: "FINISHED", ids["tp"]: "CANCELED"}
     assert fake.account.positions["BTCUSDT"].amount == 0
+
+
+def test_each_entry_trades_at_the_leverage_the_risk_guard_sized_it_with(fake, bootstrap):
+    """The intent's leverage, set on the exchange before its entry (the configured one only when it names none)."""
+    async def body(ex: Executor):
+        assert await ex.execute(intent("lev-5", leverage=5)) == "filled"
+        assert fake.account.positions["BTCUSDT"].leverage == 5
+        assert await ex.execute(intent("lev-eth", symbol="ETHUSDT", qty=0.5, sl=2_000.0, tp=2_600.0)) == "filled"
+        assert fake.account.positions["ETHUSDT"].leverage == 3
+        assert await ex.execute(intent("lev-5-again", leverage=5, action="CLOSE")) == "closed"
+        assert await ex.execute(intent("lev-5-next", leverage=5)) == "filled"
+
+    run(fake, bootstrap, body)
+    leverage_calls = [p for _, m, path, p in fake.requests if path == "/fapi/v1/leverage" and m == "POST"]
+    assert [(p["symbol"], str(p["leverage"])) for p in leverage_calls] == [("BTCUSDT", "5"), ("ETHUSDT", "3")]
 
 
 @pytest.mark.timeout(60)

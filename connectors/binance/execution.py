@@ -62,7 +62,7 @@ class Executor:
         self.symbols = symbols
         self.leverage = leverage
         self.rules: dict[str, SymbolRules] = {}
-        self._prepared: set[str] = set()
+        self._prepared: dict[str, int] = {}  # symbol → the leverage set on the exchange
         self.protection: dict[str, dict] = {}  # symbol → the open intent: its ids and trigger prices
 
     async def start(self) -> None:
@@ -92,7 +92,8 @@ class Executor:
         if problem:
             self.report_risk("order_rejected", "warning", symbol, order, {"reason": problem})
             return "rejected"
-        await self._prepare(symbol)
+        # the leverage the risk guard sized the position and its liquidation distance with
+        await self._prepare(symbol, int(order.get("leverage") or self.leverage))
         try:
             entry = await self._place_order(symbol, {
                 "symbol": symbol, "side": order["side"], "type": "MARKET", "quantity": plain(qty),
@@ -193,17 +194,17 @@ class Executor:
         return summary
 
     # -- exchange calls --------------------------------------------------------------------
-    async def _prepare(self, symbol: str) -> None:
-        """Isolated margin and the configured leverage, once per symbol, before its first order."""
-        if symbol in self._prepared:
-            return
-        try:
-            await self.rest.signed("POST", "/fapi/v1/marginType", {"symbol": symbol, "marginType": "ISOLATED"})
-        except BinanceError as exc:
-            if exc.code != NO_NEED_TO_CHANGE_MARGIN_TYPE:
-                raise
-        await self.rest.signed("POST", "/fapi/v1/leverage", {"symbol": symbol, "leverage": self.leverage})
-        self._prepared.add(symbol)
+    async def _prepare(self, symbol: str, leverage: int) -> None:
+        """Isolated margin once per symbol, and the entry's leverage whenever it differs from the one set."""
+        if symbol not in self._prepared:
+            try:
+                await self.rest.signed("POST", "/fapi/v1/marginType", {"symbol": symbol, "marginType": "ISOLATED"})
+            except BinanceError as exc:
+                if exc.code != NO_NEED_TO_CHANGE_MARGIN_TYPE:
+                    raise
+        if self._prepared.get(symbol) != leverage:
+            await self.rest.signed("POST", "/fapi/v1/leverage", {"symbol": symbol, "leverage": leverage})
+            self._prepared[symbol] = leverage
 
     async def close_position(self, symbol: str, client_id: str, why: str) -> None:
         risk = await self.rest.get("/fapi/v2/positionRisk", {"symbol": symbol}, signed=True)
