@@ -33,6 +33,22 @@ log = logging.getLogger(__name__)
 
 PARTS = ("market", "user", "execution")
 LIVE_PARTS = ("user", "execution")  # these need the account's API key
+STREAM_OF_PART = {"market": "binance-market", "user": "binance-user", "execution": "binance-execution"}
+
+
+def readiness(part: str):
+    """GET /ready of a connector process: 200 while its Binance stream is connected, else 503 — what a Kubernetes
+    readiness probe and an operator want to know; /health stays liveness (the process answers)."""
+    from prometheus_client import REGISTRY
+
+    stream = STREAM_OF_PART[part]
+
+    def ready(path: str, body: dict | None) -> tuple[int, object]:
+        connected = REGISTRY.get_sample_value("perpflow_connector_connected", {"connector": stream}) == 1
+        return (200 if connected else 503), {"status": "ready" if connected else "stream down", "stream": stream,
+                                             "connected": connected}
+
+    return ready
 
 
 def build(settings: Settings, bootstrap: str, part: str, symbols: list[str], start_ms: int | None = None):
@@ -51,9 +67,9 @@ def run_connector(settings: Settings, bootstrap: str, part: str, symbols: list[s
     except Exception as exc:  # a KafkaException naming the broker problem
         raise PerpflowError(f"cannot reach Kafka at {bootstrap} to check the topics ({exc}); is "
                             "PERPFLOW_KAFKA_BOOTSTRAP right and the broker up?") from None
-    api = ControlApi(settings.metrics_host, settings.metrics_port).start()
-    log.info("%s connector: Kafka %s, symbols %s, /metrics and /health at %s", part, bootstrap, ",".join(symbols),
-             api.url)
+    api = ControlApi(settings.metrics_host, settings.metrics_port, routes={("GET", "/ready"): readiness(part)}).start()
+    log.info("%s connector: Kafka %s, symbols %s, /metrics, /health and /ready at %s", part, bootstrap,
+             ",".join(symbols), api.url)
     connector = build(settings, bootstrap, part, symbols, start_ms)
     thread = ReportingThread(f"connector-{part}", connector.run)
     thread.start()

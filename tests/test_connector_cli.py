@@ -6,9 +6,11 @@ there is no paper connector (the worker's risk agent is the paper exchange)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -34,6 +36,14 @@ def free_port() -> int:
 def get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.read().decode()
+
+
+def status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def wait_for(what: str, predicate, procs: list[subprocess.Popen], timeout: float = 60) -> None:
@@ -120,6 +130,11 @@ def test_market_connector_alone_puts_closed_klines_on_md_klines(tmp_path, broker
         text = get(url + "/metrics")
         assert 'perpflow_connector_connected{connector="binance-market"} 1.0' in text
         assert 'perpflow_last_closed_bar_seconds{interval="5m",symbol="BTCUSDT"}' in text
+        assert json.loads(get(url + "/ready")) == {"status": "ready", "stream": "binance-market", "connected": True}
+        fake.drop_market_streams(refuse_s=4.0)  # the stream is down: not ready, still alive
+        wait_for("/ready says the stream is down", lambda: status(url + "/ready") == 503, [proc], timeout=4.0)
+        assert '"ok"' in get(url + "/health")
+        wait_for("/ready again after the reconnect", lambda: status(url + "/ready") == 200, [proc])
     finally:
         stderr = stop(proc)
         fake.stop()
