@@ -13,6 +13,7 @@ at most MAX_HELD bars are held: beyond that the oldest are applied (deterministi
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
 
@@ -25,7 +26,9 @@ MAX_HELD = 4032  # two weeks of 5m bars per symbol
 
 @dataclass
 class Held:
-    bars: list[dict] = field(default_factory=list)  # klines of INTERVAL, in arrival order
+    # klines of INTERVAL by open time (arrival order among equal ones): a symbol without signals holds up to
+    # MAX_HELD of them, and every bar then releases the oldest, so no step may scan the whole list
+    bars: list[dict] = field(default_factory=list)
     funding: list[dict] = field(default_factory=list)
 
 
@@ -33,7 +36,9 @@ class PaperDesk:
     def __init__(self, config: PaperConfig, state: str | None = None):
         raw = json.loads(state) if state else None
         self.exchange = PaperExchange.loads(raw["exchange"], config) if raw else PaperExchange(config)
-        self.held: dict[str, Held] = {s: Held(**h) for s, h in raw["held"].items()} if raw else {}
+        self.held: dict[str, Held] = {}
+        for symbol, h in (raw["held"].items() if raw else ()):
+            self.held[symbol] = Held(sorted(h["bars"], key=_open_time), h["funding"])
 
     def dumps(self) -> str:
         return json.dumps({"exchange": self.exchange.dumps(),
@@ -43,7 +48,7 @@ class PaperDesk:
         if k["interval"] != INTERVAL:
             return []
         held = self.held.setdefault(k["symbol"], Held())
-        held.bars.append(k)
+        bisect.insort_right(held.bars, k, key=_open_time)
         if len(held.bars) > MAX_HELD:
             return self.release(k["symbol"], held.bars[len(held.bars) - MAX_HELD - 1]["open_time"])
         return []
@@ -56,7 +61,7 @@ class PaperDesk:
         held = self.held.get(symbol)
         newest = self.exchange.state.last_bar.get(symbol, -1)
         if held is not None and held.bars:
-            newest = max(newest, max(b["open_time"] for b in held.bars))
+            newest = max(newest, held.bars[-1]["open_time"])
         return newest >= open_time
 
     def release(self, symbol: str, through_open_time: int) -> list[dict]:
@@ -65,7 +70,8 @@ class PaperDesk:
         held = self.held.get(symbol)
         if held is None:
             return []
-        due = sorted((b for b in held.bars if b["open_time"] <= through_open_time), key=lambda b: b["open_time"])
+        cut = bisect.bisect_right(held.bars, through_open_time, key=_open_time)
+        due = held.bars[:cut]
         if not due:
             return []
         close = due[-1]["open_time"] + BAR_MS
@@ -75,8 +81,12 @@ class PaperDesk:
         held.funding = [f for f in held.funding if f["funding_time"] >= close]
         for bar in due:
             out += self.exchange.bar(bar)
-        held.bars = [b for b in held.bars if b["open_time"] > through_open_time]
+        del held.bars[:cut]
         return out
 
     def order(self, order: dict) -> None:
         self.exchange.order(order)  # fills at the next bar applied: events come with it
+
+
+def _open_time(bar: dict) -> int:
+    return bar["open_time"]
