@@ -9,7 +9,7 @@ from __future__ import annotations
 from connectors.binance.execution import client_ids
 from connectors.paper.engine import PaperConfig
 from schemas import records
-from streams.risk.paper_desk import PaperDesk
+from streams.risk.paper_desk import MAX_HELD, PaperDesk
 
 T0 = 1_704_067_200_000 - 300_000  # bar 1 opens 2024-01-01 00:00 UTC, a funding settlement time
 CONFIG = PaperConfig(taker_fee=0.0004, slippage_bps=10, leverage=5, initial_balance=10_000)
@@ -64,3 +64,16 @@ def test_order_fill_funding_take_profit_and_restart_in_event_time():
     assert events[8]["last_filled_price"] == 104 * 0.999
     assert len({e["event_id"] for e in events}) == len(events)
     assert {e["source"] for e in events} == {"paper"}
+
+
+def test_bars_held_past_max_held_are_applied_and_their_late_signals_are_told_so():
+    """A chain lagging the market data by more than MAX_HELD bars: the oldest bars go to the engine without their
+    signals; `passed` says how far the engine is past a signal's bar (0 when the bar was applied for it)."""
+    desk = PaperDesk(CONFIG)
+    for i in range(MAX_HELD + 10):
+        desk.kline(bar(i, 100, 101, 99, 100))
+    assert desk.exchange.state.last_bar["BTCUSDT"] == T0 + 9 * 300_000  # the 10 oldest applied
+    assert desk.passed("BTCUSDT", T0) == 9 * 300_000
+    desk.release("BTCUSDT", T0 + 20 * 300_000)
+    assert desk.passed("BTCUSDT", T0 + 20 * 300_000) == 0
+    assert desk.passed("BTCUSDT", T0 + 19 * 300_000) == 300_000

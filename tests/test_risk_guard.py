@@ -91,6 +91,18 @@ def test_approved_entry_becomes_one_open_order_with_both_protections():
     assert len(desk.orders) == 1
 
 
+def test_an_entry_whose_bar_the_paper_exchange_has_passed_is_rejected():
+    """Its fill would come bars later, at a price the signal never saw (the paper desk applied the bars without it)."""
+    desk = Desk()
+    desk.guard.signal(sig("BTCUSDT", 0), 0, T0 + BAR, bar_passed_ms=6 * BAR)
+    desk._route()
+    v = desk.verdicts[-1]
+    assert (v["verdict"], v["violations"], v["action"]) == (REJECTED, ["bar_passed"], "NONE")
+    assert json.loads(v["detail"]) == {"bar_passed": {"exchange_ahead_ms": 6 * BAR}}
+    assert desk.orders == []
+    assert desk.signal(sig("BTCUSDT", 1))["verdict"] == APPROVED  # the next signal, on time, trades
+
+
 def test_a_rejection_names_every_violated_rule():
     desk = Desk()
     # 2 BTC at 50,000 and 2x = 50,000 of margin on 10,000 of equity; liquidation 1.5 ATR away; a long paying 2 %

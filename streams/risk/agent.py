@@ -174,9 +174,13 @@ class RiskAgent(BatchAgent):
         held = self.waiting.get(symbol)
         while held and (self.desk is None or self.desk.ready_for(symbol, held[0][1]["open_time"])):
             partition, signal = held.pop(0)
+            passed = 0
             if self.desk is not None:
                 self._paper(self.desk.release(symbol, signal["open_time"]))
-            self.guard.signal(signal, partition, now)
+                # the chain lagged the market data by more than the desk holds: those bars were applied without
+                # their signals, and an entry now would fill bars later than its signal's
+                passed = self.desk.passed(symbol, signal["open_time"])
+            self.guard.signal(signal, partition, now, passed)
             self._feed()
             if signal["source"] in ("binance",):
                 metrics.E2E_LATENCY.observe(max(now - signal["event_time"], 0) / 1000)

@@ -125,6 +125,7 @@ class RiskGuard:
         self.book = book or Book()
         self.brackets = brackets if brackets is not None else bundled_brackets()
         self.out = Outputs()
+        self._bar_passed_ms = 0  # of the signal being decided (see `signal`)
 
     def take_outputs(self) -> Outputs:
         out, self.out = self.out, Outputs()
@@ -169,8 +170,11 @@ class RiskGuard:
         return abs(mark.close - lp) / mark.atr
 
     # -- inputs ------------------------------------------------------------------------------------------------------
-    def signal(self, sig: dict, partition: int, now_ms: int) -> None:
-        """One signal: mark its symbol, run the monitors, then give it its verdict."""
+    def signal(self, sig: dict, partition: int, now_ms: int, bar_passed_ms: int = 0) -> None:
+        """One signal: mark its symbol, run the monitors, then give it its verdict. `bar_passed_ms`: how far past the
+        signal's bar the (paper) exchange has already gone — an entry would fill that much later, at a price the
+        signal never saw, so it is rejected (`bar_passed`)."""
+        self._bar_passed_ms = bar_passed_ms
         b, t, symbol = self.book, sig["event_time"], sig["symbol"]
         again = next((v for v in b.recent.get(symbol, []) if v["signal_id"] == sig["event_id"]), None)
         if again is not None:  # at-least-once: its effects are in the book already
@@ -270,6 +274,8 @@ class RiskGuard:
             v["halted"] = b.state_reason
         elif b.state == REDUCE_ONLY:
             v["reduce_only"] = b.state_reason
+        if self._bar_passed_ms > 0:
+            v["bar_passed"] = {"exchange_ahead_ms": self._bar_passed_ms}
         if sig["source"] in LIVE_SOURCES:  # replayed data is old by definition: staleness is a live question
             if now_ms - t > lim.live_stale_ms:
                 v["stale_data"] = {"age_ms": now_ms - t}

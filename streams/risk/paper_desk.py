@@ -84,6 +84,11 @@ class PaperDesk:
         del held.bars[:cut]
         return out
 
+    def passed(self, symbol: str, open_time: int) -> int:
+        """How far (ms) the engine has gone past the bar opened at `open_time`: 0 normally, as a signal's bar is
+        applied just before its verdict; more when bars were applied without their signals (MAX_HELD)."""
+        return max(self.exchange.state.last_bar.get(symbol, open_time) - open_time, 0)
+
     def order(self, order: dict) -> None:
         self.exchange.order(order)  # fills at the next bar applied: events come with it
 
