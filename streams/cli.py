@@ -497,8 +497,7 @@ def models_show(model: str = typer.Argument(..., help="Model id (see `perpflow m
     """One model: registry row, walk-forward metrics per fold, reliability table and top features."""
     import json as json_
 
-    from training import registry
-    from training.artifact import Predictor
+    from training import artifact, registry
 
     settings = _settings()
     store = _registry_store(settings, "perpflow models show")
@@ -506,7 +505,8 @@ def models_show(model: str = typer.Argument(..., help="Model id (see `perpflow m
         row = registry.get(store, model)
     finally:
         store.close()
-    doc = Predictor.load(Path(row["artifact_path"]), row["sha256"]).doc
+    doc = artifact.manifest(artifact.locate(row["artifact_path"], row["sha256"], settings.home_dir / "models"),
+                            row["sha256"])
     for key in ("id", "side", "status", "schema_version", "label_spec_id", "label_spec", "symbols", "artifact_path",
                 "sha256", "actor", "reason"):
         report.print(f"{key:>15}: {row[key]}")

@@ -33,45 +33,33 @@ log = logging.getLogger(__name__)
 GAP_PATIENCE_SECONDS = 10.0
 
 
-def _starts(app: faust.App) -> dict[TP, int]:
-    if not hasattr(app, "_perpflow_starts"):
-        app._perpflow_starts = {}
-    return app._perpflow_starts
-
-
 async def seek_to_start(app: faust.App) -> None:
     """Seek the assigned stream partitions (not the tables' changelogs) to their committed offsets, or to their
     first offset when the group has none there, and record those as the agents' start positions."""
-    consumer = app.consumer
-    starts = _starts(app)
+    consumer, starts = app.consumer, app._perpflow_starts
     starts.clear()
     changelogs = set(app.tables.changelog_topics)
     assigned = {tp for tp in consumer.assignment() if tp.topic not in changelogs}
     if not assigned:
         return
-    await consumer.perform_seek()  # committed offsets (Faust records them in _committed_offset)
-    fresh = [tp for tp in assigned if not consumer._committed_offset.get(tp)]
+    await consumer.perform_seek()  # to the committed offsets, which Faust records in _committed_offset
+    committed = {tp: consumer._committed_offset.get(tp) for tp in assigned}
+    fresh = [tp for tp, offset in committed.items() if not offset]
     earliest = await consumer.earliest_offsets(*fresh) if fresh else {}
-    for tp in assigned:
-        committed = consumer._committed_offset.get(tp)
-        if committed:
-            starts[tp] = committed
-        else:
-            starts[tp] = earliest.get(tp) or 0
+    for tp, offset in committed.items():
+        starts[tp] = offset or earliest.get(tp) or 0
+        if not offset:
             await consumer.seek(tp, starts[tp])
 
 
-def forget_starts(app: faust.App) -> None:
-    """On revocation: until the next seek, no start position is known (nothing is admitted)."""
-    _starts(app).clear()
-
-
 def install(app: faust.App) -> None:
+    app._perpflow_starts = {}  # partition → the offset its agents start from; empty: not known yet
+
     async def _on_rebalance_complete(sender: Any, **kwargs: Any) -> None:
         await seek_to_start(app)
 
     async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
-        forget_starts(app)
+        app._perpflow_starts.clear()  # until the next seek nothing is admitted
 
     app.on_rebalance_complete.connect(_on_rebalance_complete)
     app.on_partitions_revoked.connect(_on_revoked)
@@ -100,7 +88,7 @@ class ContiguousInput:
         tp, offset = msg.tp, msg.offset
         expected = self.next.get(tp)
         if expected is None:
-            expected = _starts(self.app).get(tp)
+            expected = self.app._perpflow_starts.get(tp)
             if expected is None:
                 self.skipped["before_start"].inc()
                 return False

@@ -57,6 +57,19 @@ def save(models: SideModels, root: Path, manifest: dict) -> tuple[Path, str]:
     return final, sha
 
 
+def locate(artifact_path: str, sha256: str, models_dir: Path) -> Path:
+    """Where a registered artifact is here: its recorded path, or (another machine, a moved home) its
+    content-addressed place `models_dir/<sha256>`."""
+    path = Path(artifact_path)
+    return path if path.exists() else models_dir / sha256
+
+
+def manifest(path: Path, sha256: str) -> dict:
+    """The artifact's document, hash-checked (features, label spec, training config, boosters as text) without
+    building its models."""
+    return _verified(path, sha256)
+
+
 def _verified(path: Path, sha256: str) -> dict:
     model = path / "model.json"
     if not model.is_file():

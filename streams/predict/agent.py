@@ -29,7 +29,6 @@ import asyncio
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +40,7 @@ from streams.batch_agent import BatchAgent
 from streams.control import ControlReader
 from streams.features.registry import SCHEMA_VERSION
 from streams.settings import Settings
-from training.artifact import Predictor
+from training.artifact import Predictor, locate
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +87,7 @@ class PredictAgent(BatchAgent):
                 log.error("model %s was trained on feature schema %s, this code computes %s: not loaded",
                           value["model_id"], value.get("schema_version"), SCHEMA_VERSION)
                 continue
-            path = Path(value["artifact_path"])
-            if not path.exists():
-                path = self.settings.home_dir / "models" / value["sha256"]
+            path = locate(value["artifact_path"], value["sha256"], self.settings.home_dir / "models")
             try:
                 predictor = Predictor.load(path, value["sha256"])
             except Exception as exc:  # a missing or corrupt artifact: keep serving the previous model

@@ -125,7 +125,6 @@ class RiskGuard:
         self.book = book or Book()
         self.brackets = brackets if brackets is not None else bundled_brackets()
         self.out = Outputs()
-        self._bar_passed_ms = 0  # of the signal being decided (see `signal`)
 
     def take_outputs(self) -> Outputs:
         out, self.out = self.out, Outputs()
@@ -174,7 +173,6 @@ class RiskGuard:
         """One signal: mark its symbol, run the monitors, then give it its verdict. `bar_passed_ms`: how far past the
         signal's bar the (paper) exchange has already gone — an entry would fill that much later, at a price the
         signal never saw, so it is rejected (`bar_passed`)."""
-        self._bar_passed_ms = bar_passed_ms
         b, t, symbol = self.book, sig["event_time"], sig["symbol"]
         again = next((v for v in b.recent.get(symbol, []) if v["signal_id"] == sig["event_id"]), None)
         if again is not None:  # at-least-once: its effects are in the book already
@@ -188,7 +186,7 @@ class RiskGuard:
         self._roll_day(t)
         self._account_limits(t)
         self._liq_monitor(symbol, t)
-        self._verdict(sig, partition, now_ms)
+        self._verdict(sig, partition, now_ms, bar_passed_ms)
 
     def user_event(self, ev: dict) -> None:
         kind = ev["event_type"]
@@ -224,7 +222,7 @@ class RiskGuard:
         return True
 
     # -- verdicts ----------------------------------------------------------------------------------------------------
-    def _verdict(self, sig: dict, partition: int, now_ms: int) -> None:
+    def _verdict(self, sig: dict, partition: int, now_ms: int, bar_passed_ms: int) -> None:
         b, symbol, t = self.book, sig["symbol"], sig["event_time"]
         verdict = {"event_id": event_ids.verdict(symbol, sig["interval"], sig["open_time"]), "event_time": t,
                    "symbol": symbol, "source": sig["source"], "interval": sig["interval"],
@@ -238,7 +236,7 @@ class RiskGuard:
             return
         margin = (sig["notional"] or 0.0) / max(sig["leverage"] or 1, 1)
         verdict["margin_usage"] = self._usage(margin)
-        detail = self._violations(sig, margin, now_ms)
+        detail = self._violations(sig, margin, now_ms, bar_passed_ms)
         if detail:
             verdict.update(verdict=REJECTED, violations=sorted(detail), detail=json.dumps(detail, sort_keys=True))
         else:
@@ -266,7 +264,7 @@ class RiskGuard:
         equity = self.equity()
         return (self.margin_used() + new_margin) / equity if equity > 0 else float("inf")
 
-    def _violations(self, sig: dict, margin: float, now_ms: int) -> dict[str, Any]:
+    def _violations(self, sig: dict, margin: float, now_ms: int, bar_passed_ms: int) -> dict[str, Any]:
         """Every rule the entry breaks, with the figures that break it."""
         b, lim, symbol, t = self.book, self.limits, sig["symbol"], sig["event_time"]
         v: dict[str, Any] = {}
@@ -274,8 +272,8 @@ class RiskGuard:
             v["halted"] = b.state_reason
         elif b.state == REDUCE_ONLY:
             v["reduce_only"] = b.state_reason
-        if self._bar_passed_ms > 0:
-            v["bar_passed"] = {"exchange_ahead_ms": self._bar_passed_ms}
+        if bar_passed_ms > 0:
+            v["bar_passed"] = {"exchange_ahead_ms": bar_passed_ms}
         if sig["source"] in LIVE_SOURCES:  # replayed data is old by definition: staleness is a live question
             if now_ms - t > lim.live_stale_ms:
                 v["stale_data"] = {"age_ms": now_ms - t}

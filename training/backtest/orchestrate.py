@@ -36,7 +36,7 @@ from schemas.tables import columns, select_fields, table_name
 from streams.app import app_id_for
 from streams.broker import client_config
 from streams.errors import PerpflowError
-from streams.features.engine import BAR_MS
+from streams.features.engine import BAR_MS, DAY_MS
 from streams.settings import Settings
 from streams.stack import Stack
 from streams.up import UpOptions, UpSummary, run_up
@@ -46,7 +46,6 @@ from training.backtest import metrics as run_metrics
 
 log = logging.getLogger(__name__)
 SOURCES = ("clickhouse", "kafka")
-DAY_MS = 86_400_000
 
 
 @dataclass
@@ -123,17 +122,15 @@ def pinned_models(store: Store, model: str) -> list[dict]:
 def walk_forward_models(store: Store, models_dir: Path, opts: BacktestOptions,
                         say: Callable[[str], None]) -> list[dict]:
     """Train both sides for every step of the window; registry rows with `valid_from`, in step order."""
-    from training.artifact import Predictor
+    from training import artifact
     from training.pipeline import label_spec, train_models
     from training.train import TrainConfig
 
     if opts.retrain_every_ms <= 0 or opts.train_window_ms <= 0:
         raise PerpflowError("--retrain-every and --train-window must be positive durations")
     recipe = pinned_models(store, opts.model)[0]  # both sides of a run share the label spec and the config
-    path = Path(recipe["artifact_path"])
-    if not path.exists():
-        path = models_dir / recipe["sha256"]
-    cfg = TrainConfig(**Predictor.load(path, recipe["sha256"]).doc["config"])
+    path = artifact.locate(recipe["artifact_path"], recipe["sha256"], models_dir)
+    cfg = TrainConfig(**artifact.manifest(path, recipe["sha256"])["config"])
     spec_id = recipe["label_spec_id"]
     gap = (label_spec(store, spec_id).horizon + cfg.embargo_bars) * BAR_MS
     rows: list[dict] = []
