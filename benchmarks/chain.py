@@ -119,8 +119,10 @@ def run(quick: bool = False) -> bool:
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         worker = WorkerProcess(settings, broker.bootstrap, _data.SYMBOLS)
         try:
+            cpu = worker.metric("process_cpu_seconds_total") or 0.0
             run_up(settings, UpOptions("replay", str(data), _data.SYMBOLS, p.train_end_ms, paced_start, None, True))
             wait_for_agents(broker.bootstrap, worker)
+            cpu = (worker.metric("process_cpu_seconds_total") or 0.0) - cpu
             busy = {a: worker.metric("perpflow_agent_busy_seconds_total", agent=a) or 0.0 for a in AGENTS}
             stamps = {t: _timestamps(broker.bootstrap, t) for t in HOPS}
             new = [k for k in stamps["md.klines"] if k not in before["md.klines"]]
@@ -148,6 +150,9 @@ def run(quick: bool = False) -> bool:
           f"{rate:,.0f} bars/s (target ≥ {TARGET_BARS_PER_S:,}: {rate / TARGET_BARS_PER_S:.2f}× of it)")
     print("  busy time per agent: " + ", ".join(
         f"{a} {busy[a]:.1f} s ({busy[a] / total_busy:.0%})" for a in AGENTS))
+    if bars and cpu:
+        print(f"  worker CPU: {cpu:.1f} s = {cpu / bars * 1e6:,.0f} µs per bar ({cpu / seconds:.0%} of one core over "
+              f"the run; a core fully busy at that cost would do {bars / cpu:,.0f} bars/s)")
     if e2e:
         print(f"  live pacing ({PACED_SPEED:g}× real time, {len(e2e):,} bars): kline published → verdict (and order) "
               f"p50 {_pct(e2e, 50):.0f} ms, p99 {_pct(e2e, 99):.0f} ms (target p99 ≤ {TARGET_P99_MS} ms: "

@@ -23,6 +23,7 @@ from schemas.codec import DecodeError, dead_letter_record, default_codec
 from streams import metrics
 from streams.app import catalog_name, kafka_name, raw_topic
 from streams.input_offsets import ContiguousInput
+from streams.output import AgentOutput, agent_output
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,14 @@ async def commit_handled(app: faust.App, agent: str, processed: dict[TP, int]) -
     """Commit the offsets after the last messages handled; for a topic other agents read too, the lowest offset any
     of them handled (none handled yet: not committed).
 
-    The caller must have awaited the delivery of every effect of those messages (outputs, changelog records):
-    `app.producer.flush()` is no guarantee, as Faust's send buffer stops flushing when no record left it for 0.1 s
-    and does not wait for the record being handed to the client.
+    The caller must have awaited the delivery of every effect of those messages (outputs and changelog records,
+    all sent through `streams.output`, whose `delivered()` waits for the broker's acknowledgements).
 
     Faust's own ack-based commits can stall after a restart (messages handed before its seek to the committed
     offsets leave holes in its acked lists: seen on Tansu, a restarted worker processed everything and kept
     committing the old offset). Every message of a batch is handled in order before this runs, so the offsets to
     commit are simply the last ones handled."""
-    await app.producer.flush()  # what else was sent on its way (best effort, see above)
+    await agent_output(app).delivered()  # what else was sent on its way (the dead letters of a batch, ...)
     shared = _handled(app)
     shared.offsets[agent] = dict(processed)
     offsets = {}
@@ -87,11 +87,11 @@ async def commit_handled(app: faust.App, agent: str, processed: dict[TP, int]) -
     return True
 
 
-def send_dead_letter(topic: Any, codec: Any, msg: Any, exc: DecodeError) -> Any:
+def send_dead_letter(output: AgentOutput, topic: str, codec: Any, msg: Any, exc: DecodeError) -> None:
     record = dead_letter_record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc)
     metrics.DEAD_LETTERS.labels(msg.topic, exc.reason).inc()
     log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
-    return topic.send_soon(key=msg.topic.encode(), value=codec.encode("dead_letter", record))
+    output.send(topic, msg.topic.encode(), codec.encode("dead_letter", record))
 
 
 class BatchAgent:
@@ -107,8 +107,9 @@ class BatchAgent:
         self.app = app
         self.codec = default_codec()
         self.input_names = {t: self.codec.full_name(topic(t).schema) for t in self.input_topics}
-        self.outputs = {t: (raw_topic(app, t), topic(t).schema) for t in self.output_topics}
-        self.dead_letters = raw_topic(app, "deadletter")
+        self.outputs = {t: (kafka_name(app, t), topic(t).schema) for t in self.output_topics}
+        self.output = agent_output(app)
+        self.dead_letters = kafka_name(app, "deadletter")
         self.processed: dict[TP, int] = {}
         self.last_commit = 0.0
         self.committed: dict[TP, int] = {}
@@ -127,9 +128,8 @@ class BatchAgent:
 
     async def _commit(self) -> None:
         self.last_commit = time.monotonic()
-        saving = self.save()  # the state of every batch handled so far, before their offsets are committed
-        if saving is not None:
-            await saving  # acknowledged: Faust's producer.flush() alone does not wait for a changelog record
+        self.save()  # the state of every batch handled so far, before their offsets are committed
+        await self.output.delivered()
         snapshot = dict(self.processed)
         if await commit_handled(self.app, self.name, snapshot):
             self.committed = snapshot
@@ -149,7 +149,6 @@ class BatchAgent:
                 busy.inc(time.perf_counter() - started)
 
     async def batch(self, events: list[faust.EventT]) -> None:
-        pending: list[Any] = []
         inputs: list[tuple[str, int, bytes, dict]] = []
         offsets: dict[TP, int] = {}
         for event in events:
@@ -164,30 +163,27 @@ class BatchAgent:
                     raise DecodeError("wrong_schema", f"{name} on a topic of {self.input_names[source]}")
             except DecodeError as exc:
                 if source not in self.read_along:  # a topic another agent owns dead-letters its bad input
-                    pending.append(send_dead_letter(self.dead_letters, self.codec, msg, exc))
+                    send_dead_letter(self.output, self.dead_letters, self.codec, msg, exc)
                 continue
             inputs.append((source, msg.partition, msg.key, record))
         await self.input.settle()
         if inputs:
-            pending.extend(self.send(await self.handle(inputs)))
-        if pending:
-            await asyncio.gather(*pending)
+            self.send(await self.handle(inputs))
+        await self.output.delivered()
         self.processed.update(offsets)  # only once the outputs are acknowledged: a cancelled batch is not committed
         if time.monotonic() - self.last_commit >= COMMIT_SECONDS:
             await self._commit()
 
-    def send(self, outputs: list[tuple[str, int | None, bytes, dict]]) -> list[Any]:
-        """Encode and send; the delivery futures."""
-        futures = []
+    def send(self, outputs: list[tuple[str, int | None, bytes, dict]]) -> None:
+        """Encode and send (acknowledged by `self.output.delivered()`)."""
+        send, encode = self.output.send, self.codec.encode
         for name, partition, key, record in outputs:
             out, schema = self.outputs[name]
-            futures.append(out.send_soon(key=key, value=self.codec.encode(schema, record), partition=partition))
-        return futures
+            send(out, key, encode(schema, record), partition)
 
-    def save(self) -> Any:
-        """State to write before offsets are committed, once the batches' outputs are acknowledged: the delivery
-        future of what was written, or None (a stateless agent, nothing new)."""
-        return None
+    def save(self) -> None:
+        """Write the state (`self.output.save`) before offsets are committed, once the batches' outputs are
+        acknowledged; a stateless agent writes nothing."""
 
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         raise NotImplementedError

@@ -48,6 +48,9 @@ def run_worker(settings: Settings, bootstrap: str) -> None:
     info.write_text(json.dumps({"pid": os.getpid(), "metrics_url": api.url + "/metrics", "api_url": api.url}))
     try:
         worker = faust.Worker(app, loglevel=settings.log_level.lower(), redirect_stdouts=False, quiet=True)
+        # no progress spinner: its log handler puts the root logger at DEBUG, and every debug() call of Faust and
+        # aiokafka on the hot path (one per message sent) would then format a record only to drop it
+        worker.spinner = None
         worker.execute_from_commandline()
     finally:
         info.unlink(missing_ok=True)

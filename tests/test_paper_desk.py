@@ -77,3 +77,26 @@ def test_bars_held_past_max_held_are_applied_and_their_late_signals_are_told_so(
     desk.release("BTCUSDT", T0 + 20 * 300_000)
     assert desk.passed("BTCUSDT", T0 + 20 * 300_000) == 0
     assert desk.passed("BTCUSDT", T0 + 19 * 300_000) == 300_000
+
+
+def test_saved_state_is_the_held_bars_in_order_and_loads_back_the_same():
+    """The desk's JSON is assembled from each held bar's own JSON (made once on arrival): it must say what encoding
+    the whole state at once would, and load back to the same desk."""
+    import json
+
+    desk = PaperDesk(CONFIG)
+    desk.kline(bar(0, 100, 100, 100, 100))
+    desk.release("BTCUSDT", T0)
+    desk.order(intent("i1"))
+    for i in (3, 1, 2):  # out of order: held by open time
+        desk.kline(bar(i, 100 + i, 101 + i, 99 + i, 100.5 + i))
+    desk.funding(records.funding("BTCUSDT", T0 + 2 * 300_000, 0.0001, 100.0, "test"))
+    state = json.loads(desk.dumps())
+    assert state == {"exchange": desk.exchange.dumps(), "held": {"BTCUSDT": {
+        "bars": [bar(i, 100 + i, 101 + i, 99 + i, 100.5 + i) for i in (1, 2, 3)],
+        "funding": [records.funding("BTCUSDT", T0 + 2 * 300_000, 0.0001, 100.0, "test")]}}}
+    again = PaperDesk(CONFIG, desk.dumps())
+    assert again.dumps() == desk.dumps()
+    assert [e["event_type"] for e in again.release("BTCUSDT", T0 + 300_000)][:2] == ["ORDER_TRADE_UPDATE"] * 2
+    assert json.loads(again.dumps())["held"]["BTCUSDT"]["bars"] == [bar(i, 100 + i, 101 + i, 99 + i, 100.5 + i)
+                                                                    for i in (2, 3)]

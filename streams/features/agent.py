@@ -43,6 +43,7 @@ from streams.batch_agent import commit_handled, forget, reads, send_dead_letter
 from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
 from streams.input_offsets import ContiguousInput
+from streams.output import agent_output
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,10 @@ class FeaturesAgent:
                                on_recover=self._on_recovered)
         self.reload = False
         self.inputs = raw_topic(app, *INPUT_TOPICS, BTC_TOPIC)
-        self.output = raw_topic(app, OUTPUT_TOPIC)
-        self.btc_output = raw_topic(app, BTC_TOPIC)
-        self.dead_letters = raw_topic(app, "deadletter")
+        self.output = agent_output(app)
+        self.features_topic = kafka_name(app, OUTPUT_TOPIC)
+        self.btc_topic = kafka_name(app, BTC_TOPIC)
+        self.dead_letters = kafka_name(app, "deadletter")
         self.expect_btc = BTC_SYMBOL in settings.symbols
         # caches of the table, rebuilt after a rebalance
         self.sequencers: dict[str, tuple[FeatureSequencer, int]] = {}  # symbol → (sequencer, partition)
@@ -129,9 +131,9 @@ class FeaturesAgent:
         async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
             async with self.lock:
                 started = time.perf_counter()
-                pending, touched, new_btc = self._intake(events)
+                touched, new_btc = self._intake(events)
                 await self.input.settle()
-                await self._release(pending, touched, new_btc)
+                await self._release(touched, new_btc)
                 busy.inc(time.perf_counter() - started)
 
     async def tick(self) -> None:
@@ -144,14 +146,13 @@ class FeaturesAgent:
                 self.reload = False
                 self._load_owned()
             if any(seq.pending() for seq, _ in self.sequencers.values()):
-                await self._release([], set(), {})
+                await self._release(set(), {})
             else:
                 await self._commit()  # the last batch's offsets, when no batch follows it
 
     # -- one micro-batch --------------------------------------------------------------------------------------------
-    def _intake(self, events: list[faust.EventT]) -> tuple[list[Any], set[str], dict[int, list[int]]]:
-        """Decode and hold the batch's events; bad ones go to the dead-letter topic (their futures returned)."""
-        pending: list[Any] = []  # delivery futures of this batch
+    def _intake(self, events: list[faust.EventT]) -> tuple[set[str], dict[int, list[int]]]:
+        """Decode and hold the batch's events; bad ones go to the dead-letter topic."""
         touched: set[str] = set()
         new_btc: dict[int, list[int]] = {}
         for event in events:
@@ -179,14 +180,14 @@ class FeaturesAgent:
             except (DecodeError, ValueError) as exc:
                 if not isinstance(exc, DecodeError):
                     exc = DecodeError("invalid_value", str(exc))
-                pending.append(self._dead_letter(msg, exc))
+                send_dead_letter(self.output, self.dead_letters, self.codec, msg, exc)
                 continue
             symbol = record["symbol"]
             self._sequencer(symbol, msg.partition).add(kind, record)
             touched.add(symbol)
-        return pending, touched, new_btc
+        return touched, new_btc
 
-    async def _release(self, pending: list[Any], touched: set[str], new_btc: dict[int, list[int]]) -> None:
+    async def _release(self, touched: set[str], new_btc: dict[int, list[int]]) -> None:
         """Release what can be, send it, and once it is acknowledged save the state of what changed."""
         generation = self.generation
         released: set[str] = set()
@@ -204,12 +205,11 @@ class FeaturesAgent:
             if not records:
                 continue
             released.add(symbol)
-            key = symbol.encode()
-            send = self.output.send_soon
-            encode = self.codec.encode
-            pending.extend(send(key=key, value=encode("features", r), partition=partition) for r in records)
+            key, send, encode = symbol.encode(), self.output.send, self.codec.encode
+            for r in records:
+                send(self.features_topic, key, encode("features", r), partition)
             if seq.engine.is_btc:
-                pending.extend(self._broadcast_btc(records))
+                self._broadcast_btc(records)
                 for p in {p for _, p in self.sequencers.values()}:
                     snaps = self._btc(p)
                     snaps.update((r["open_time"], BtcSnapshot(r["open_time"], r["ema_50"], r["ema_200"], r["r_1"]))
@@ -217,24 +217,20 @@ class FeaturesAgent:
             metrics.FEATURES_EMITTED.labels(symbol).inc(len(records))
             metrics.FEATURES_GAP_BARS.labels(symbol).inc(sum(r["gap_bars"] for r in records))
             metrics.FEATURES_LAST_CLOSE.labels(symbol).set(records[-1]["close_time"] / 1000)
-        if pending:
-            await asyncio.gather(*pending)  # outputs acknowledged before the state says they were made
+        await self.output.delivered()  # outputs acknowledged before the state says they were made
         if generation != self.generation:
             # revoked meanwhile: the symbols' state is the next owner's, restored from the changelog, and these
             # inputs are handled again from the committed offsets (the records just sent come again, same ids)
             return
-        saves: list[Any] = []
         for symbol in touched | released:
             seq, partition = self.sequencers[symbol]
             state = {"partition": partition, "sequencer": seq.to_state()}
-            saves.append(self._save(partition, symbol.encode(), json.dumps(state).encode()))
+            self.output.save(self.table, partition, symbol.encode(), json.dumps(state).encode())
         for partition, open_times in new_btc.items():
-            saves.extend(self._save_btc(partition, open_times))
-        # the changelog acknowledged before any commit can cover this batch's inputs: Faust's producer.flush() does
-        # not wait for them (its send buffer's flush gives up after 0.1 s without progress and never covers the
-        # record being handed to the client), and a commit that overtook them lost the state a SIGKILL came before
-        if saves:
-            await asyncio.gather(*saves)
+            self._save_btc(partition, open_times)
+        # the changelog acknowledged before any commit can cover this batch's inputs: a commit that overtook them
+        # lost the state a SIGKILL came before
+        await self.output.delivered()
         # only now are this batch's inputs covered by saved state: a batch cancelled midway (a rebalance) must
         # not have its offsets committed by a later tick
         self.saved.update(self.processed)
@@ -311,30 +307,17 @@ class FeaturesAgent:
                     BTC_WAIT_SECONDS)
         return True, None
 
-    def _dead_letter(self, msg: Any, exc: DecodeError) -> Any:
-        return send_dead_letter(self.dead_letters, self.codec, msg, exc)
-
     # -- outputs and state -------------------------------------------------------------------------------------------
-    def _broadcast_btc(self, records: list[dict]) -> list[Any]:
+    def _broadcast_btc(self, records: list[dict]) -> None:
         value = self.codec.encode("btc_snapshot", {"event_time": records[-1]["event_time"], "bars": [
             {"open_time": r["open_time"], "ema_50": r["ema_50"], "ema_200": r["ema_200"], "r_1": r["r_1"]}
             for r in records]})
         key = BTC_SYMBOL.encode()
-        return [self.btc_output.send_soon(key=key, value=value, partition=p) for p in range(SYMBOL_PARTITIONS)]
+        for p in range(SYMBOL_PARTITIONS):
+            self.output.send(self.btc_topic, key, value, p)
 
-    def _save(self, partition: int, key: bytes, value: bytes | None) -> Any:
-        """Write a table key to the changelog partition of the data it belongs to (not the batch's last event);
-        returns the changelog record's delivery future."""
-        if value is None:
-            self.table.data.pop(key, None)
-        else:
-            self.table.data[key] = value
-        return self.table.send_changelog(partition, key, value)
-
-    def _save_btc(self, partition: int, open_times: list[int]) -> list[Any]:
-        """Keep the snapshots that arrived in the table, unless every symbol of the partition is past them (the
-        changelog records' delivery futures returned)."""
-        futures: list[Any] = []
+    def _save_btc(self, partition: int, open_times: list[int]) -> None:
+        """Keep the snapshots that arrived in the table, unless every symbol of the partition is past them."""
         snaps = self._btc(partition)
         saved = self.btc_saved.setdefault(partition, set())
         starts = [seq.engine.last_open_time for seq, p in self.sequencers.values()
@@ -345,15 +328,14 @@ class FeaturesAgent:
             past = sorted(snaps)[-KEEP_BTC_SNAPSHOTS - 1] if len(snaps) > KEEP_BTC_SNAPSHOTS else -1
         for ot in open_times:
             if ot > past and ot in snaps and ot not in saved:
-                futures.append(self._save(partition, f"btc:{partition}:{ot}".encode(),
-                                          json.dumps(list(snaps[ot])).encode()))
+                self.output.save(self.table, partition, f"btc:{partition}:{ot}".encode(),
+                                 json.dumps(list(snaps[ot])).encode())
                 saved.add(ot)
         for ot in [ot for ot in snaps if ot <= past]:
             del snaps[ot]
             if ot in saved:
                 saved.discard(ot)
-                futures.append(self._save(partition, f"btc:{partition}:{ot}".encode(), None))
-        return futures
+                self.output.save(self.table, partition, f"btc:{partition}:{ot}".encode(), None)
 
 
 def register(app: faust.App, settings: Settings) -> FeaturesAgent:

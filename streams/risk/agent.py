@@ -142,9 +142,10 @@ class RiskAgent(BatchAgent):
             return
         async with self.lock:
             if self._apply_control(records):
-                await asyncio.gather(*self.send(self._outputs()))
+                self.send(self._outputs())
                 self.dirty = 0 if self.dirty is None else self.dirty
-                await self.save()
+                self.save()
+                await self.output.delivered()
 
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         await self._ready()
@@ -233,17 +234,15 @@ class RiskAgent(BatchAgent):
         mark = self.guard.book.marks.get(symbol)
         return mark.partition if mark else None
 
-    def save(self) -> Any:
+    def save(self) -> None:
         if self.dirty is None:
-            return None
+            return
         self.seq += 1
         key = f"book:{self.dirty}".encode()
         value = json.dumps({"seq": self.seq, "book": self.guard.book.dumps(), "waiting": self.waiting,
                             "desk": self.desk.dumps() if self.desk is not None else None}).encode()
-        self.table.data[key] = value
-        future = self.table.send_changelog(self.dirty, key, value)
+        self.output.save(self.table, self.dirty, key, value)
         self.dirty = None
-        return future
 
     def _export(self) -> None:
         g, b = self.guard, self.guard.book
