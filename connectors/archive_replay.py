@@ -9,9 +9,13 @@ not have), so a row read back is the record that was published, byte for byte on
 Order: (event_time, klines → marks → funding → open interest, symbol, event_id) — the file replay's order, so a
 backtest's features agent sees what `perpflow up --source replay` showed it.
 
-Back-pressure: the replay stays at most MAX_AHEAD messages ahead of what the run's agents have committed on
-md.* (their consumer group's offsets), so neither the broker nor a producer queue holds a whole backtest; ClickHouse
-is read a day at a time for the same reason.
+Back-pressure, at every hop of the chain: the replay waits while the run's agents (their consumer group's committed
+offsets) have more than AHEAD_BARS_PER_SYMBOL bars per symbol still to take on md.klines, or records on `features`,
+`predictions` or `signals`. Bounding only the first hop let the later agents fall weeks behind the market data on a
+long run (the features agent is the fastest), and the risk agent's paper desk, which takes md.klines itself, then
+had to apply bars before their signals came (rejected as bar_passed): a backtest that a live account, never that
+far behind, would not have matched. The bound also keeps the broker and the producer queue from holding a whole
+backtest; ClickHouse is read a day at a time for the same reason.
 """
 
 from __future__ import annotations
@@ -39,8 +43,12 @@ INTERVAL = "5m"
 # catalog topic → its rank among events of the same time (the file replay's order, open interest last)
 MARKET_TOPICS = {"md.klines": 0, "md.markprice": 1, "md.funding": 2, "md.openinterest": 3}
 CHUNK_MS = 86_400_000
-MAX_AHEAD = 20_000  # messages the run's agents may lag behind the replay on md.*
-CHECK_EVERY = 2_000
+# bars per symbol an agent may have still to take, at each hop: well under the paper desk's MAX_HELD (two weeks)
+# even summed over the four hops, and seconds of work for the chain
+AHEAD_BARS_PER_SYMBOL = 400
+CHAIN_TOPICS = ("features", "predictions", "signals")  # the later hops' inputs, produced by the agents
+CHECK_EVERY = 500
+ENDS_EVERY_S = 0.5  # the chain topics' end offsets cost a probe consumer: read at most this often
 
 
 def _order_key(item: tuple[str, dict]) -> tuple:
@@ -64,6 +72,8 @@ class ArchiveReplay:
         self.codec = default_codec()
         self.stop_event = threading.Event()
         self.waited_seconds = 0.0  # time spent held back by the agents (back-pressure)
+        self.chain_ends: dict[tuple[str, int], int] = {}
+        self.ends_read = 0.0
 
     # -- reading ------------------------------------------------------------------------------------------------
     def _where(self, name: str, lo: int, hi: int) -> str:
@@ -150,7 +160,7 @@ class ArchiveReplay:
                     break
                 if sent % CHECK_EVERY == 0:
                     producer.poll(0)
-                    self._hold_back(admin, producer, sent)
+                    self._hold_back(admin, producer, published[self.prefix + "md.klines"])
                     progress.update(sent)
                 value = self.codec.encode(schemas[name], rec)
                 kafka_topic = self.prefix + name
@@ -169,14 +179,31 @@ class ArchiveReplay:
         progress.done(sent)
         return ReplayResult(dict(published), dict(nbytes), LoadReport(), time.monotonic() - started)
 
-    def _hold_back(self, admin: AdminClient, producer: Producer, sent: int) -> None:
-        """Wait while the agents are more than MAX_AHEAD messages behind on the run's md.* topics."""
-        names = {self.prefix + n for n in MARKET_TOPICS}
+    def _hold_back(self, admin: AdminClient, producer: Producer, klines_sent: int) -> None:
+        """Wait while an agent of the run has more than AHEAD_BARS_PER_SYMBOL bars per symbol still to take at its
+        hop (see the module's docstring)."""
+        limit = AHEAD_BARS_PER_SYMBOL * len(self.symbols)
         t0 = time.monotonic()
         while not self.stop_event.is_set():
             producer.flush(10)  # what was sent is in the broker: the agents' lag is measurable against it
-            done = sum(o for (t, _), o in committed_offsets(admin, self.group).items() if t in names)
-            if sent - done <= MAX_AHEAD:
+            lags = self.lags(committed_offsets(admin, self.group), klines_sent)
+            if max(lags.values()) <= limit:
                 break
             self.stop_event.wait(0.1)
         self.waited_seconds += time.monotonic() - t0
+
+    def lags(self, committed: dict[tuple[str, int], int], klines_sent: int) -> dict[str, int]:
+        """Records each hop's agent has still to take: md.klines against what was published, the chain topics
+        against their end offsets (read at most every ENDS_EVERY_S)."""
+        if time.monotonic() - self.ends_read >= ENDS_EVERY_S:
+            self.chain_ends = end_offsets(self.bootstrap, [self.prefix + t for t in CHAIN_TOPICS])
+            self.ends_read = time.monotonic()
+
+        def taken(name: str) -> int:
+            return sum(o for (t, _), o in committed.items() if t == name)
+
+        lags = {"md.klines": klines_sent - taken(self.prefix + "md.klines")}
+        for name in CHAIN_TOPICS:
+            kafka_topic = self.prefix + name
+            lags[name] = sum(o for (t, _), o in self.chain_ends.items() if t == kafka_topic) - taken(kafka_topic)
+        return lags

@@ -110,7 +110,7 @@ def _short_fetch_wait() -> None:
 
 def _only_agents_commit() -> None:
     """Faust commits on its own (every broker_commit_interval, on a rebalance, on stop) the offsets its streams
-    acked — and `take_events` acks a micro-batch as soon as the agent's loop body returns, before a stateful agent
+    acked — and a stream acks its events as the agent takes them, long before a stateful agent
     has saved what the batch changed (the risk agent saves its book once a second, before its own commit). Every
     perpflow agent commits what it handled and saved itself (`streams.batch_agent.commit_handled`, which calls the
     consumer's low-level `_commit`), so Faust's high-level commit is switched off: at worst a restart handles again

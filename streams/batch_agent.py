@@ -1,5 +1,5 @@
 """The shape shared by the decision-chain agents after features (predict, policy, risk): micro-batches
-(`take_events`) of one or more input topics, Avro decoding with dead letters (each topic's schema from the
+(`micro_batches`) of one or more input topics, Avro decoding with dead letters (each topic's schema from the
 catalog), one call per batch, outputs sent to the input's partition (same key, so per-symbol order holds down the
 chain), offsets committed by the agent itself after the outputs are acknowledged (see `commit_handled`).
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import faust
@@ -28,8 +28,27 @@ from streams.output import AgentOutput, agent_output
 log = logging.getLogger(__name__)
 
 BATCH_EVENTS = 2000
-BATCH_SECONDS = 0.05  # a hop's added latency live: the batch closes after this (or BATCH_EVENTS)
 COMMIT_SECONDS = 1.0
+BACKLOG_EVENTS = 16  # a batch this big when the stream runs dry is a backlog arriving fetch by fetch...
+REFILL_SECONDS = 0.03  # ... whose next fetch lands within this
+
+
+async def micro_batches(stream: faust.StreamT, max_events: int) -> AsyncIterator[list[faust.EventT]]:
+    """The stream's events in batches of what has arrived: a batch closes when the stream has nothing more
+    buffered (or at `max_events`). Live, a bar's record is handled as soon as it comes, not after a batch window
+    (Faust's `take_events` holds every batch for its `within` when it is not full: it was most of the chain's
+    latency). On a backlog, what piles up while a batch is handled makes the next batch, and a big batch that runs
+    dry waits a moment for the next fetch, so batches grow with the load and per-batch costs (a model call, a
+    flush, a state save) are shared by many records."""
+    queue = stream.channel.queue  # where Faust's fetcher puts this agent's events
+    batch: list[faust.EventT] = []
+    async for event in stream.events():
+        batch.append(event)
+        if len(batch) >= BACKLOG_EVENTS and len(batch) < max_events and queue.empty():
+            await asyncio.sleep(REFILL_SECONDS)
+        if len(batch) >= max_events or queue.empty():
+            yield batch
+            batch = []
 
 
 class _Handled:
@@ -142,7 +161,7 @@ class BatchAgent:
 
     async def run(self, stream: faust.StreamT) -> None:
         busy = metrics.AGENT_BUSY.labels(self.name)
-        async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
+        async for events in micro_batches(stream, BATCH_EVENTS):
             async with self.lock:
                 started = time.perf_counter()
                 await self.batch(events)  # includes waiting for the broker's acks: an upper bound of its CPU

@@ -2,8 +2,9 @@
 and closed 5m bar, computed by the same SymbolFeatures as the offline build.
 
 Shape of the hot path (Faust costs ~50–80 µs per message in its stream layer): one agent reads the market-data
-topics and `features.btc` in micro-batches (`take_events`); each symbol's FeatureSequencer puts its events back
-in event-time order and releases the bars whose context is complete; outputs of a batch are sent together.
+topics and `features.btc` in micro-batches (`streams.batch_agent.micro_batches`); each symbol's FeatureSequencer
+puts its events back in event-time order and releases the bars whose context is complete; outputs of a batch are
+sent together.
 
 Exactly-once by construction on an at-least-once broker (Tansu has no transactions):
 - the state (engine + held events) of a symbol is written to the `features-state` table (changelog topic) only
@@ -39,7 +40,7 @@ from schemas.catalog import SYMBOL_PARTITIONS
 from schemas.codec import DecodeError, default_codec
 from streams import metrics
 from streams.app import catalog_name, kafka_name, raw_topic
-from streams.batch_agent import commit_handled, forget, reads, send_dead_letter
+from streams.batch_agent import commit_handled, forget, micro_batches, reads, send_dead_letter
 from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
 from streams.input_offsets import ContiguousInput
@@ -52,7 +53,6 @@ OUTPUT_TOPIC = "features"
 STATE_TABLE = "features-state"
 STREAM_SOURCE = "stream"
 BATCH_EVENTS = 2000
-BATCH_SECONDS = 0.25  # a micro-batch closes after this (or BATCH_EVENTS): the latency one hop adds live
 # live, BTC's close arrives within a second or two of the others'; "read BTC to its end" is no signal here, as a
 # live consumer always is: a bar that waited this long goes without BTC (counted), as offline would without data
 BTC_WAIT_SECONDS = 10.0
@@ -128,7 +128,7 @@ class FeaturesAgent:
 
     async def run(self, stream: faust.StreamT) -> None:
         busy = metrics.AGENT_BUSY.labels("features")
-        async for events in stream.take_events(BATCH_EVENTS, within=BATCH_SECONDS):
+        async for events in micro_batches(stream, BATCH_EVENTS):
             async with self.lock:
                 started = time.perf_counter()
                 touched, new_btc = self._intake(events)
