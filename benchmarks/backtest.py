@@ -50,16 +50,16 @@ def offline_pass(settings, data: Path, symbols: list[str], start_ms: int, end_ms
     events = _data.replay_events(data, symbols, start_ms, end_ms)
     bars = sum(1 for kind, _ in events if kind == KIND_KLINE)
     # the predict agent's own per-batch code, on one batch holding every ready row
-    agent = types.SimpleNamespace(models={m["side"]: (m["id"], Predictor.load(Path(m["artifact_path"]), m["sha256"]))
-                                          for m in models})
+    by_side = {m["side"]: (m["id"], Predictor.load(Path(m["artifact_path"]), m["sha256"])) for m in models}
+    agent = types.SimpleNamespace()
     policy = Policy(settings)
     t = time.perf_counter()
     run = FeatureRun("stream")
     rows = [r for kind, rec in events if (r := run.feed(kind, rec)) is not None]
     ready = [r for r in rows if r["ready"]]
-    preds = [PredictAgent._base(agent, r) for r in ready]
+    preds = [PredictAgent._base(agent, r, by_side["long"][1]) for r in ready]
     for side in ("long", "short"):
-        PredictAgent._predict_side(agent, side, ready, preds)
+        PredictAgent._predict_side(agent, side, by_side[side], ready, preds)
     signals = policy.signals(preds)
     seconds = time.perf_counter() - t
     return bars, seconds, Counter(s["decision"] for s in signals)
