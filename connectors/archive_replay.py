@@ -9,13 +9,9 @@ not have), so a row read back is the record that was published, byte for byte on
 Order: (event_time, klines → marks → funding → open interest, symbol, event_id) — the file replay's order, so a
 backtest's features agent sees what `perpflow up --source replay` showed it.
 
-Back-pressure, at every hop of the chain: the replay waits while the run's agents (their consumer group's committed
-offsets) have more than AHEAD_BARS_PER_SYMBOL bars per symbol still to take on md.klines, or records on `features`,
-`predictions` or `signals`. Bounding only the first hop let the later agents fall weeks behind the market data on a
-long run (the features agent is the fastest), and the risk agent's paper desk, which takes md.klines itself, then
-had to apply bars before their signals came (rejected as bar_passed): a backtest that a live account, never that
-far behind, would not have matched. The bound also keeps the broker and the producer queue from holding a whole
-backtest; ClickHouse is read a day at a time for the same reason.
+Back-pressure at every hop of the chain (`connectors.back_pressure`), so neither the broker nor a producer queue
+holds a whole backtest and the chain stays as close to the market data as live; ClickHouse is read a day at a time
+for the same reason.
 """
 
 from __future__ import annotations
@@ -26,15 +22,15 @@ import time
 from collections import Counter
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
+from connectors.back_pressure import ChainBackPressure
 from connectors.clickhouse_store import Store
 from connectors.history_files import LoadReport
 from connectors.replay import ReplayResult
 from schemas.catalog import topic
 from schemas.codec import DecodeError, default_codec
 from schemas.tables import columns, select_fields
-from streams.broker import client_config, committed_offsets, consumer_config, end_offsets, producer_config
+from streams.broker import consumer_config, end_offsets, producer_config
 from streams.console import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -43,12 +39,7 @@ INTERVAL = "5m"
 # catalog topic → its rank among events of the same time (the file replay's order, open interest last)
 MARKET_TOPICS = {"md.klines": 0, "md.markprice": 1, "md.funding": 2, "md.openinterest": 3}
 CHUNK_MS = 86_400_000
-# bars per symbol an agent may have still to take, at each hop: well under the paper desk's MAX_HELD (two weeks)
-# even summed over the four hops, and seconds of work for the chain
-AHEAD_BARS_PER_SYMBOL = 400
-CHAIN_TOPICS = ("features", "predictions", "signals")  # the later hops' inputs, produced by the agents
-CHECK_EVERY = 500
-ENDS_EVERY_S = 0.5  # the chain topics' end offsets cost a probe consumer: read at most this often
+PROGRESS_EVERY = 500
 
 
 def _order_key(item: tuple[str, dict]) -> tuple:
@@ -71,9 +62,7 @@ class ArchiveReplay:
         self.source_prefix = source_prefix  # --source kafka: the topics read (the live ones by default)
         self.codec = default_codec()
         self.stop_event = threading.Event()
-        self.waited_seconds = 0.0  # time spent held back by the agents (back-pressure)
-        self.chain_ends: dict[tuple[str, int], int] = {}
-        self.ends_read = 0.0
+        self.back_pressure = ChainBackPressure(bootstrap, prefix, group, len(symbols))
 
     # -- reading ------------------------------------------------------------------------------------------------
     def _where(self, name: str, lo: int, hi: int) -> str:
@@ -147,7 +136,6 @@ class ArchiveReplay:
     def run(self) -> ReplayResult:
         started = time.monotonic()
         producer = Producer(producer_config(self.bootstrap))
-        admin = AdminClient(client_config(self.bootstrap))
         schemas = {n: topic(n).schema for n in MARKET_TOPICS}
         published: Counter[str] = Counter()
         nbytes: Counter[str] = Counter()
@@ -158,9 +146,9 @@ class ArchiveReplay:
             for name, rec in items:
                 if self.stop_event.is_set():
                     break
-                if sent % CHECK_EVERY == 0:
+                self.back_pressure.pace(rec["event_time"], producer, self.stop_event)
+                if sent % PROGRESS_EVERY == 0:
                     producer.poll(0)
-                    self._hold_back(admin, producer, published[self.prefix + "md.klines"])
                     progress.update(sent)
                 value = self.codec.encode(schemas[name], rec)
                 kafka_topic = self.prefix + name
@@ -178,32 +166,3 @@ class ArchiveReplay:
             raise RuntimeError(f"{remaining} backtest replay messages were not delivered to the broker")
         progress.done(sent)
         return ReplayResult(dict(published), dict(nbytes), LoadReport(), time.monotonic() - started)
-
-    def _hold_back(self, admin: AdminClient, producer: Producer, klines_sent: int) -> None:
-        """Wait while an agent of the run has more than AHEAD_BARS_PER_SYMBOL bars per symbol still to take at its
-        hop (see the module's docstring)."""
-        limit = AHEAD_BARS_PER_SYMBOL * len(self.symbols)
-        t0 = time.monotonic()
-        while not self.stop_event.is_set():
-            producer.flush(10)  # what was sent is in the broker: the agents' lag is measurable against it
-            lags = self.lags(committed_offsets(admin, self.group), klines_sent)
-            if max(lags.values()) <= limit:
-                break
-            self.stop_event.wait(0.1)
-        self.waited_seconds += time.monotonic() - t0
-
-    def lags(self, committed: dict[tuple[str, int], int], klines_sent: int) -> dict[str, int]:
-        """Records each hop's agent has still to take: md.klines against what was published, the chain topics
-        against their end offsets (read at most every ENDS_EVERY_S)."""
-        if time.monotonic() - self.ends_read >= ENDS_EVERY_S:
-            self.chain_ends = end_offsets(self.bootstrap, [self.prefix + t for t in CHAIN_TOPICS])
-            self.ends_read = time.monotonic()
-
-        def taken(name: str) -> int:
-            return sum(o for (t, _), o in committed.items() if t == name)
-
-        lags = {"md.klines": klines_sent - taken(self.prefix + "md.klines")}
-        for name in CHAIN_TOPICS:
-            kafka_topic = self.prefix + name
-            lags[name] = sum(o for (t, _), o in self.chain_ends.items() if t == kafka_topic) - taken(kafka_topic)
-        return lags

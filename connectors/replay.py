@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import Producer
 
+from connectors.back_pressure import ChainBackPressure
 from connectors.history_files import LoadReport, SymbolHistory, load_history
 from schemas import records
 from schemas.codec import Codec, default_codec
@@ -128,7 +129,7 @@ class ReplayResult:
 class ReplaySource:
     def __init__(self, bootstrap: str, data_dir: str, symbols: list[str] | None, start_ms: int | None,
                  end_ms: int | None, speed: float | None = None, prefix: str = "", codec: Codec | None = None,
-                 source_name: str = "replay"):
+                 source_name: str = "replay", group: str | None = None):
         self.bootstrap = bootstrap
         self.data_dir = data_dir
         self.symbols = symbols
@@ -138,6 +139,9 @@ class ReplaySource:
         self.codec = codec or default_codec()
         self.source_name = source_name
         self.stop_event = threading.Event()
+        # the consumer group of the agents reading what is replayed: at full speed the replay keeps pace with them
+        # (`connectors.back_pressure`); None when no agent reads it (an archive-only run would wait forever)
+        self.group = group
 
     def load(self) -> tuple[list[_Prepared], LoadReport]:
         histories, report = load_history(self.data_dir, self.symbols, self.start_ms, self.end_ms)
@@ -155,6 +159,8 @@ class ReplaySource:
         nbytes = dict.fromkeys(topics.values(), 0)
         progress = ProgressLine("replay", total=len(timeline), unit="events")
         encode, produce, poll = self.codec.encode, producer.produce, producer.poll
+        back_pressure = ChainBackPressure(self.bootstrap, self.prefix, self.group, len(prepared)) \
+            if self.group and not self.speed else None
         wall0 = time.monotonic()
         t0 = int(timeline[0, 0]) if len(timeline) else 0
         for i, (event_time, kind, s, row) in enumerate(timeline.tolist()):
@@ -165,6 +171,8 @@ class ReplaySource:
                 if ahead > 0:
                     producer.poll(0)
                     self.stop_event.wait(ahead)
+            elif back_pressure is not None:
+                back_pressure.pace(event_time, producer, self.stop_event)
             p = prepared[s]
             if kind == KIND_KLINE:
                 value = encode("kline", self.kline_record(p, row))

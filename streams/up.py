@@ -79,12 +79,13 @@ class ReportingThread(threading.Thread):
             self.error = exc
 
 
-def _replay_process(bootstrap: str, opts: UpOptions, conn) -> None:
+def _replay_process(bootstrap: str, opts: UpOptions, group: str | None, conn) -> None:
     """Child-process body: the replay encodes and produces on its own core while the parent's sink
     decodes and inserts on the other (one process would share one GIL between them)."""
     die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    replay = ReplaySource(bootstrap, opts.data, opts.symbols, opts.start_ms, opts.end_ms, opts.speed, opts.prefix)
+    replay = ReplaySource(bootstrap, opts.data, opts.symbols, opts.start_ms, opts.end_ms, opts.speed, opts.prefix,
+                          group=group)
     # Ctrl-C is the parent's to handle; the parent stops the replay with SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: replay.stop_event.set())
@@ -95,10 +96,10 @@ def _replay_process(bootstrap: str, opts: UpOptions, conn) -> None:
 
 
 class _ReplayProcess:
-    def __init__(self, bootstrap: str, opts: UpOptions):
+    def __init__(self, bootstrap: str, opts: UpOptions, group: str | None):
         ctx = multiprocessing.get_context("spawn")
         self._recv, send = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_replay_process, args=(bootstrap, opts, send),
+        self.process = ctx.Process(target=_replay_process, args=(bootstrap, opts, group, send),
                                    name="perpflow-replay", daemon=True)
         self.process.start()
         self.error: BaseException | None = None
@@ -190,7 +191,9 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
         calibration = CalibrationMonitor(stack.store, settings)  # the live models' calibration, from live tables
         worker = WorkerProcess(settings, stack.bootstrap, opts.symbols, paper=opts.paper and not opts.live) \
             if settings.run_worker else None
-        replay = _ReplayProcess(stack.bootstrap, opts) if opts.source == "replay" else None
+        # at full speed the replay keeps pace with this run's worker (none here: nobody to keep pace with)
+        replay = _ReplayProcess(stack.bootstrap, opts, app_id_for(px) if worker else None) \
+            if opts.source == "replay" else None
         if opts.source in ("clickhouse", "kafka"):
             replay = _ArchiveReplayThread(stack.bootstrap, stack.store, opts)
         binance, binance_thread = None, None
