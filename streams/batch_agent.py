@@ -81,14 +81,13 @@ async def commit_handled(app: faust.App, agent: str, processed: dict[TP, int]) -
     """Commit the offsets after the last messages handled; for a topic other agents read too, the lowest offset any
     of them handled (none handled yet: not committed).
 
-    The caller must have awaited the delivery of every effect of those messages (outputs and changelog records,
-    all sent through `streams.output`, whose `delivered()` waits for the broker's acknowledgements).
+    The caller must have awaited the delivery of every effect of those messages (outputs, dead letters and changelog
+    records, all sent through `streams.output`: its `delivered()`).
 
     Faust's own ack-based commits can stall after a restart (messages handed before its seek to the committed
     offsets leave holes in its acked lists: seen on Tansu, a restarted worker processed everything and kept
     committing the old offset). Every message of a batch is handled in order before this runs, so the offsets to
     commit are simply the last ones handled."""
-    await agent_output(app).delivered()  # what else was sent on its way (the dead letters of a batch, ...)
     shared = _handled(app)
     shared.offsets[agent] = dict(processed)
     offsets = {}

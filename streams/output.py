@@ -8,20 +8,17 @@ At-least-once holds as before: an agent sends a batch's records, then awaits `de
 so far acknowledged by the broker (acks=all, idempotent) — before it saves state or commits the inputs. That waits
 for what other agents queued meanwhile too, which only errs on the safe side. Records go to the partition the
 agent names (co-partitioning), or by librdkafka's murmur2 key hash, the same as aiokafka's and the Java client's.
-Table changelogs still go through Faust, which owns its tables' recovery."""
+Table writes go the same way (`save`): Faust still restores its tables from those changelog topics."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import faust
 from confluent_kafka import KafkaException, Producer
 
 from streams.broker import producer_config
-
-log = logging.getLogger(__name__)
 
 DELIVERY_TIMEOUT_S = 60.0
 # the risk agent's book with the paper desk's held bars (up to two weeks per symbol) is one record of a few MB;
@@ -53,13 +50,14 @@ class AgentOutput:
 
     async def delivered(self) -> None:
         """Every record sent so far acknowledged by the broker; raises when one failed or the broker is gone."""
+        if not len(self.producer) and not self.failures:  # nothing in flight, no failure report left to serve
+            return
         left = await asyncio.get_running_loop().run_in_executor(self.flusher, self.producer.flush, DELIVERY_TIMEOUT_S)
         if self.failures:
             failures, self.failures = self.failures, []
             raise KafkaException(f"{len(failures)} record(s) not delivered, first: {failures[0]}")
         if left:
             raise KafkaException(f"{left} record(s) not acknowledged by the broker within {DELIVERY_TIMEOUT_S:.0f} s")
-
 
     def save(self, table: faust.types.TableT, partition: int, key: bytes, value: bytes | None) -> None:
         """A table write (None deletes): in memory now, and to the table's changelog partition with the agent's

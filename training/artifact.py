@@ -65,12 +65,8 @@ def locate(artifact_path: str, sha256: str, models_dir: Path) -> Path:
 
 
 def manifest(path: Path, sha256: str) -> dict:
-    """The artifact's document, hash-checked (features, label spec, training config, boosters as text) without
+    """The artifact's document, hash-checked (features, label spec, training config, boosters as text), without
     building its models."""
-    return _verified(path, sha256)
-
-
-def _verified(path: Path, sha256: str) -> dict:
     model = path / "model.json"
     if not model.is_file():
         raise PerpflowError(f"model artifact {model} is missing; retrain with `perpflow train`")
@@ -86,7 +82,7 @@ def _verified(path: Path, sha256: str) -> dict:
 
 
 def load_oof(path: Path, sha256: str) -> dict[str, np.ndarray]:
-    _verified(path, sha256)
+    manifest(path, sha256)
     with np.load(path / "oof.npz") as z:
         return {k: z[k] for k in z.files}
 
@@ -103,7 +99,7 @@ class Predictor:
 
     @classmethod
     def load(cls, path: Path, sha256: str) -> Predictor:
-        return cls(_verified(path, sha256))
+        return cls(manifest(path, sha256))
 
     def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
         proba = self.calibrator.apply(self.boosters["outcome"].predict(X))

@@ -40,7 +40,7 @@ from schemas.catalog import SYMBOL_PARTITIONS
 from schemas.codec import DecodeError, default_codec
 from streams import metrics
 from streams.app import catalog_name, kafka_name, raw_topic
-from streams.batch_agent import commit_handled, forget, micro_batches, reads, send_dead_letter
+from streams.batch_agent import BATCH_EVENTS, commit_handled, forget, micro_batches, reads, send_dead_letter
 from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
 from streams.input_offsets import ContiguousInput
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 OUTPUT_TOPIC = "features"
 STATE_TABLE = "features-state"
 STREAM_SOURCE = "stream"
-BATCH_EVENTS = 2000
 # live, BTC's close arrives within a second or two of the others'; "read BTC to its end" is no signal here, as a
 # live consumer always is: a bar that waited this long goes without BTC (counted), as offline would without data
 BTC_WAIT_SECONDS = 10.0

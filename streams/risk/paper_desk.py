@@ -34,11 +34,10 @@ class Held:
     # re-encoding thousands of held bars each time was a tenth of the worker's CPU on a fast replay
     encoded: list[str] = field(default_factory=list)
 
-    def add(self, bar: dict) -> int:
+    def add(self, bar: dict) -> None:
         at = bisect.bisect_right(self.bars, bar["open_time"], key=_open_time)
         self.bars.insert(at, bar)
         self.encoded.insert(at, json.dumps(bar))
-        return at
 
     def take(self, cut: int) -> list[dict]:
         due = self.bars[:cut]
