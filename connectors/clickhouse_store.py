@@ -18,7 +18,7 @@ import clickhouse_connect
 import pyarrow as pa
 
 from schemas.catalog import Topic
-from schemas.tables import create_table_sql, table_columns, table_name
+from schemas.tables import columns, create_table_sql, table_columns, table_name
 from streams.errors import PerpflowError
 from streams.settings import Settings
 
@@ -69,16 +69,26 @@ class Store:
         self._lock_file = fh
 
     def ensure_tables(self, topics: list[Topic], backtest: bool = False) -> None:
-        """Create missing tables (with `backtest`: the topics' `bt_` tables). A table whose columns differ from its
-        schema is recreated while empty (e.g. a placeholder from an older version) and refused with a clear message
-        once it holds rows."""
+        """Create missing tables (with `backtest`: the topics' `bt_` tables). A table from an older version gets the
+        columns its schema gained since (Avro fields added with a default: old rows read the type's default). A
+        table whose columns differ otherwise is recreated while empty (e.g. a placeholder) and refused with a clear
+        message once it holds rows."""
         with self._lock:
             for t in topics:
                 name = table_name(t, backtest)
                 have = [r[0] for r in self.client.query(
                     "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = "
                     f"'{name}' ORDER BY position").result_rows]
-                if have and have != table_columns(t, backtest):
+                want = table_columns(t, backtest)
+                if have and have != want and [c for c in want if c in have] == have:
+                    types = {c.name: c.ch_type for c in columns(t)}
+                    for at, column in enumerate(want):
+                        if at and column not in have and column in types:
+                            log.info("adding the column %s to the table %s", column, name)
+                            self.client.command(f"ALTER TABLE `{name}` ADD COLUMN IF NOT EXISTS `{column}` "
+                                                f"{types[column]} AFTER `{want[at - 1]}`")
+                            have.insert(at, column)
+                if have and have != want:
                     rows = self.client.query(f"SELECT count() FROM `{name}`").result_rows[0][0]
                     if rows:
                         raise PerpflowError(

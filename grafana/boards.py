@@ -207,6 +207,9 @@ TRADING = Dashboard(
                 ("event_time", "symbol", "decision", "violations", "trading_state", "margin_usage",
                  "daily_pnl_ratio", "drawdown_ratio", "detail")),), kind="table"),
             Panel("End-to-end latency, kline to order", _quantiles("perpflow_e2e_latency_seconds"), unit="s"),
+            Panel("Signals held for the other symbols", (PromQuery("perpflow_risk_held_signals", "held"),),
+                  description="The risk agent decides every symbol's bars in event-time order: a signal waits "
+                              "until every symbol has passed its time. Growing = one symbol's chain is behind."),
             Panel("Chain balance per symbol: signals, verdicts, orders", (SqlQuery(
                 "SELECT symbol, countIf(kind = 'signal') AS signals, countIf(kind = 'verdict') AS verdicts,\n"
                 "  countIf(kind = 'order') AS orders\nFROM (\n"

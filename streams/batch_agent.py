@@ -105,6 +105,23 @@ async def commit_handled(app: faust.App, agent: str, processed: dict[TP, int]) -
     return True
 
 
+def read_to_end(app: faust.App, tp: TP, done: int | None) -> bool:
+    """True when an input partition has nothing more to give now: handled (`done`: the last offset an agent
+    handled of it, None or -1 for none) up to the high-watermark of the consumer's last fetch."""
+    consumer = app.consumer
+    try:
+        high = consumer.highwater(tp)
+    except Exception:  # not assigned (yet): unknown
+        return False
+    if high is None:
+        return False
+    handed = consumer._read_offset.get(tp)  # last offset the consumer handed to streams (a seek sets next)
+    if done is not None and done >= 0:
+        return done + 1 >= high and (handed is None or handed <= done)
+    # nothing of it handled in this process: complete when a seek put it at its end, or it is empty
+    return (handed is None and high == 0) or (handed is not None and handed >= high)
+
+
 def send_dead_letter(output: AgentOutput, topic: str, codec: Any, msg: Any, exc: DecodeError) -> None:
     record = dead_letter_record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc)
     metrics.DEAD_LETTERS.labels(msg.topic, exc.reason).inc()
@@ -129,6 +146,7 @@ class BatchAgent:
         self.output = agent_output(app)
         self.dead_letters = kafka_name(app, "deadletter")
         self.processed: dict[TP, int] = {}
+        self.handing: dict[TP, int] = {}  # the last offsets of the batch being handled
         self.last_commit = 0.0
         self.committed: dict[TP, int] = {}
         self.lock = asyncio.Lock()  # batches and the commit timer take turns
@@ -185,6 +203,7 @@ class BatchAgent:
                 continue
             inputs.append((source, msg.partition, msg.key, record))
         await self.input.settle()
+        self.handing = offsets
         if inputs:
             self.send(await self.handle(inputs))
         await self.output.delivered()

@@ -90,6 +90,8 @@ MODEL_CALIBRATION_ERROR = Gauge("perpflow_model_calibration_error", "|mean predi
                                 ["side"])
 MODEL_CALIBRATION_PREDICTIONS = Gauge("perpflow_model_calibration_predictions", "Predictions with a known outcome "
                                       "that perpflow_model_calibration_error is computed over", ["side"])
+RISK_HELD_SIGNALS = Gauge("perpflow_risk_held_signals", "Signals the risk agent holds until every symbol has passed "
+                          "their time")
 PREDICT_SKIPPED = Counter("perpflow_predict_skipped", "features records not predicted (not_ready, no_model)",
                           ["reason"])
 

@@ -11,6 +11,8 @@ from typing import Annotated
 from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+AGENTS = ("features", "predict", "policy", "risk")  # the decision chain, in order: streams/<name>/agent.py
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PERPFLOW_", env_file=".env", extra="ignore")
@@ -129,6 +131,10 @@ class Settings(BaseSettings):
     paper_balance: float = 10_000.0
     """Starting USDT wallet balance."""
 
+    agents: Annotated[list[str], NoDecode] = list(AGENTS)
+    """Comma-separated agents a `perpflow worker` runs: the whole chain by default. Fewer drive one agent on its
+    own, its inputs published by hand (the risk agent's tests act as the policy agent)."""
+
     @field_validator("symbols", mode="before")
     @classmethod
     def _split_symbols(cls, value):
@@ -141,6 +147,16 @@ class Settings(BaseSettings):
     def _split_intervals(cls, value):
         if isinstance(value, str):
             value = [s for s in value.replace(" ", "").split(",") if s]
+        return value
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _split_agents(cls, value):
+        if isinstance(value, str):
+            value = [s for s in value.replace(" ", "").split(",") if s]
+        unknown = [a for a in value if a not in AGENTS]
+        if unknown:
+            raise ValueError(f"unknown agent {', '.join(unknown)} (the agents: {', '.join(AGENTS)})")
         return value
 
     @field_validator("log_level")

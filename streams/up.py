@@ -277,11 +277,11 @@ def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] 
 
 
 def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> None:
-    """Until the agents' consumer group has committed everything now in its input topics and holds no bar back
-    (twice in a row: the agents write to some of their own inputs, e.g. user.events). `prefix`: a run's.
+    """Until the agents' consumer group has committed everything now in its input topics and holds nothing back
+    (bars, signals; twice in a row: the agents write to some of their own inputs, e.g. user.events). `prefix`: a run's.
 
     Not features.btc: its copies carry nothing new to up's one worker (BTC's snapshots are handed over in memory;
-    a bar still waiting for one counts in held_bars), and its Faust consumer was seen to stop fetching it midway
+    a bar still waiting for one counts in held_back), and its Faust consumer was seen to stop fetching it midway
     (committed 2 of 10 per partition, records readable by any other consumer), which left this waiting forever."""
     # inputs of features, predict, policy and risk (user.events: the risk agent's paper fills come back to it)
     topics = list(INPUT_TOPICS) + ["features", "predictions", "signals", "user.events", "risk.events"]
@@ -292,7 +292,7 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> 
         worker.check()
         targets = end_offsets(bootstrap, topics)
         committed = committed_offsets(admin, app_id_for(prefix))
-        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0) and worker.held_bars() == 0:
+        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0) and worker.held_back() == 0:
             if targets == previous:
                 return
             previous = targets

@@ -1,7 +1,7 @@
 """`perpflow worker`: one Faust worker process running the decision-chain agents.
 
-Agent modules are imported here so that they register on the app; the decision-chain issues add
-them to AGENT_MODULES. The worker serves its own /metrics."""
+Agent modules (`streams/<agent>/agent.py`, those of `settings.agents`: every one by default) are imported here so
+that they register on the app. The worker serves its own /metrics."""
 
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ from streams.control import control_token
 from streams.control_api import ControlApi
 from streams.settings import Settings
 
-AGENT_MODULES: list[str] = ["streams.features.agent", "streams.predict.agent", "streams.policy.agent",
-                             "streams.risk.agent"]
 log = logging.getLogger(__name__)
 DECISION_SETTINGS = ("min_ev", "min_pwin", "risk_per_trade_usdt", "fee", "slippage", "paper_taker_fee",
                      "paper_slippage_bps", "paper_balance")
@@ -35,7 +33,8 @@ DECISION_SETTINGS = ("min_ev", "min_pwin", "risk_per_trade_usdt", "fee", "slippa
 def run_worker(settings: Settings, bootstrap: str) -> None:
     app = create_app(bootstrap, datadir=str(settings.run_dir / f"faust{_suffix(settings.topic_prefix)}"),
                      prefix=settings.topic_prefix)
-    agents = {module: importlib.import_module(module).register(app, settings) for module in AGENT_MODULES}
+    agents = {module: importlib.import_module(module).register(app, settings)
+              for module in (f"streams.{name}.agent" for name in settings.agents)}
     routes = {}
     if "streams.risk.agent" in agents:  # the trading views and commands (GET /status, POST /trading/kill, ...)
         from streams.risk.views import routes as trading_routes
@@ -110,9 +109,11 @@ class WorkerProcess:
         self.restarts += 1
         self._start()
 
-    def held_bars(self) -> float | None:
-        """Bars the worker's agents hold back for their context now (from its /metrics); None until it answers."""
-        return self.metric("perpflow_features_held_bars")
+    def held_back(self) -> float | None:
+        """Bars the features agent holds for their context and signals the risk agent holds for the other symbols
+        now (from the worker's /metrics); None until it answers."""
+        bars, signals = self.metric("perpflow_features_held_bars"), self.metric("perpflow_risk_held_signals")
+        return None if bars is None or signals is None else bars + signals
 
     def metric(self, name: str, **labels: str) -> float | None:
         """Sum of the worker's samples of `name` with these labels (from its /metrics); None until it answers."""

@@ -1,9 +1,10 @@
 """features → predictions → signals through the real broker, worker and store, on the bundled real sample.
 
-First `perpflow up` with no promoted model (the chain must run and predict nothing), then label, train and promote
-on what it archived, then `perpflow up` again over the same window: every ready features row gets exactly one
-prediction, from the promoted models, one signal and one risk verdict; approved entries become orders that the
-paper exchange fills with both protective orders.
+First `perpflow up` with no promoted model (the chain must run and predict nothing: every bar is carried on as a
+`no_model` or `not_ready` marker and a FLAT signal), then label, train and promote on what it archived, then
+`perpflow up` again over the same window: every ready features row gets exactly one prediction, from the promoted
+models, one signal and one risk verdict; approved entries become orders that the paper exchange fills with both
+protective orders.
 
 The second run lowers the entry thresholds (MIN_PWIN 0.30, MIN_EV −1 %): with the defaults these models, which
 have no edge after costs on this sample, never enter, and the path from an entry to its fills would go unchecked."""
@@ -45,7 +46,12 @@ def chain(tmp_path_factory):
     first = run_cli(home, *UP, timeout=600)
     assert first.returncode == 0, first.stderr
     ready_first = count(home, "features FINAL WHERE ready")
-    predicted_first = count(home, "predictions FINAL")
+    predicted_first = sql(home, "SELECT skip_reason, count() AS n FROM predictions FINAL GROUP BY skip_reason")
+    predicted_first = dict(zip(predicted_first.skip_reason.fillna(""), predicted_first.n, strict=True))
+    predicted_first["features"] = count(home, "features FINAL")
+    predicted_first["flat_signals"] = sql(
+        home, "SELECT flat_reason, count() AS n FROM signals FINAL WHERE decision = 'FLAT' GROUP BY flat_reason"
+    ).set_index("flat_reason").n.to_dict()
     for args in (["label", "--symbols", SYMBOLS, *WINDOW],
                  ["train", "--symbols", SYMBOLS, *WINDOW, "--folds", "2", "--embargo-bars", "48",
                   "--max-rounds", "20", "--threads", "1"]):
@@ -62,25 +68,31 @@ def chain(tmp_path_factory):
 
 
 def test_no_promoted_model_means_no_predictions_and_no_crash(chain):
-    _, _, ready_first, predicted_first = chain
+    _, _, ready_first, first = chain
     assert ready_first > 3000  # the features agent ran and archived ready rows
-    assert predicted_first == 0
+    assert "" not in first  # no prediction: every bar was carried on as a marker of why not
+    assert first["no_model"] == ready_first and first["not_ready"] == first["features"] - ready_first > 0
+    assert first["flat_signals"] == {"no_model": first["no_model"], "not_ready": first["not_ready"]}
 
 
 def test_every_ready_features_row_has_one_prediction_and_one_signal(chain):
     home, ids, ready_first, _ = chain
     ready = count(home, "features FINAL WHERE ready")
     assert ready == ready_first  # same window, same bars
-    assert count(home, "predictions FINAL") == ready
-    assert count(home, "signals FINAL") == ready
+    rows = count(home, "features FINAL")
+    assert count(home, "predictions FINAL WHERE skip_reason = ''") == ready
+    assert count(home, "predictions FINAL WHERE skip_reason = 'not_ready'") == rows - ready  # one per features row
+    assert count(home, "signals FINAL") == rows
+    assert count(home, "signals FINAL WHERE model_id_long != ''") == ready
     # the archive's FINAL hides duplicates: the raw tables must not hold a second id for one bar
-    assert count(home, "(SELECT DISTINCT event_id FROM predictions)") == ready
-    orphans = count(home, "features AS f FINAL LEFT ANTI JOIN predictions AS p FINAL "
-                          "ON p.symbol = f.symbol AND p.open_time = f.open_time WHERE f.ready")
+    assert count(home, "(SELECT DISTINCT event_id FROM predictions)") == rows
+    orphans = count(home, "features AS f FINAL LEFT ANTI JOIN (SELECT symbol, open_time FROM predictions FINAL "
+                          "WHERE skip_reason = '') AS p ON p.symbol = f.symbol AND p.open_time = f.open_time "
+                          "WHERE f.ready")
     assert orphans == 0
     unmatched = count(home, "signals AS s FINAL LEFT ANTI JOIN predictions AS p FINAL ON s.prediction_id = p.event_id")
     assert unmatched == 0
-    models = sql(home, "SELECT DISTINCT model_id_long, model_id_short FROM predictions FINAL")
+    models = sql(home, "SELECT DISTINCT model_id_long, model_id_short FROM predictions FINAL WHERE skip_reason = ''")
     assert len(models) == 1
     assert sorted([models.model_id_long[0], models.model_id_short[0]]) == sorted(ids)
 
@@ -89,7 +101,7 @@ def test_predictions_are_calibrated_probabilities_with_contributions(chain):
     home, _, _, _ = chain
     p = sql(home, "SELECT p_tp_long + p_sl_long + p_timeout_long AS s_long, p_tp_short + p_sl_short + "
                   "p_timeout_short AS s_short, hold_bars_long, top_features_long, close, atr_14, k_tp "
-                  "FROM predictions FINAL LIMIT 200")
+                  "FROM predictions FINAL WHERE skip_reason = '' LIMIT 200")
     assert ((p.s_long - 1).abs() < 1e-6).all() and ((p.s_short - 1).abs() < 1e-6).all()
     assert (p.hold_bars_long > 0).all() and (p.k_tp == 2.0).all() and (p.close > 0).all()
     top = json.loads(p.top_features_long[0])
@@ -99,7 +111,8 @@ def test_predictions_are_calibrated_probabilities_with_contributions(chain):
 def test_signals_follow_the_ev_rule_and_are_sized_to_the_exchange_rules(chain):
     home, _, _, _ = chain
     s = sql(home, "SELECT symbol, decision, side, ev_long, ev_short, p_win_long, p_win_short, entry_price, stop_loss, "
-                  "take_profit, quantity, notional, leverage, liq_distance_atr, flat_reason FROM signals FINAL")
+                  "take_profit, quantity, notional, leverage, liq_distance_atr, flat_reason FROM signals FINAL "
+                  "WHERE model_id_long != ''")  # the bars that were predicted
     longs = s[s.decision == "LONG"]
     assert len(longs) > 0
     assert ((longs.ev_long > MIN_EV) & (longs.p_win_long >= MIN_PWIN) & (longs.side == "BUY")).all()

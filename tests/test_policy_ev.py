@@ -134,7 +134,8 @@ def test_size_respects_min_notional_and_small_ticks():
 def prediction(symbol="ETHUSDT", long=(0.6, 0.3, 0.1), short=(0.2, 0.7, 0.1), **extra) -> dict:
     p = {"event_id": f"prediction:{symbol}:5m:1", "event_time": 2, "symbol": symbol, "source": "stream",
          "interval": "5m", "open_time": 1, "model_id_long": "long-a", "model_id_short": "short-b", "close": 2000.0,
-         "atr_14": 10.0, "funding_rate": 0.0, "minutes_to_funding": 100.0, "k_tp": 2.0, "k_sl": 1.0}
+         "atr_14": 10.0, "funding_rate": 0.0, "minutes_to_funding": 100.0, "k_tp": 2.0, "k_sl": 1.0,
+         "skip_reason": ""}
     for side, (tp, sl, timeout) in (("long", long), ("short", short)):
         p.update({f"p_tp_{side}": tp, f"p_sl_{side}": sl, f"p_timeout_{side}": timeout, f"hold_bars_{side}": 10.0,
                   f"mae_{side}": -0.004, f"timeout_return_{side}": 0.0,
@@ -170,3 +171,26 @@ def test_policy_turns_each_prediction_into_one_sized_signal():
         assert codec.decode(codec.encode("signal", signal))[1] == signal
     tiny = Policy(Settings(risk_per_trade_usdt=0.09)).signals([prediction()])[0]
     assert (tiny["decision"], tiny["flat_reason"]) == ("FLAT", "below_min_notional")
+
+
+def test_a_bar_that_was_not_predicted_is_flat_for_its_reason_in_its_place():
+    from schemas.codec import default_codec
+    from streams.policy.agent import Policy
+    from streams.predict.agent import skipped
+    from streams.settings import Settings
+
+    features = {"event_id": "features:ETHUSDT:5m:0000000000001", "event_time": 2, "symbol": "ETHUSDT",
+                "source": "stream", "interval": "5m", "open_time": 1, "atr_14": None, "atr_pct": None,
+                "funding_rate": 0.0001, "minutes_to_funding": 100.0}
+    marker = skipped(features, "not_ready")
+    codec = default_codec()
+    assert codec.decode(codec.encode("prediction", marker))[1] == marker  # a valid `predictions` record
+    assert (marker["skip_reason"], marker["model_id_long"], marker["p_tp_short"], marker["close"]) == \
+        ("not_ready", "", 0.0, 0.0)
+    later = prediction()
+    early, made = Policy(Settings(risk_per_trade_usdt=50)).signals([marker, later])
+    assert (early["decision"], early["flat_reason"], early["close"], early["prediction_id"]) == \
+        ("FLAT", "not_ready", None, marker["event_id"])
+    assert early["event_id"] == "signal:ETHUSDT:5m:0000000000001" and early["model_id_long"] == ""
+    assert codec.decode(codec.encode("signal", early))[1] == early
+    assert made["decision"] == "LONG"  # the predicted one after it is decided as if alone

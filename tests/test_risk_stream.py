@@ -70,6 +70,13 @@ def verdicts(bootstrap: str) -> dict[str, dict]:
     return {v["signal_id"]: v for v in read_topic(bootstrap, "risk.verdicts")}
 
 
+@pytest.fixture(autouse=True)
+def risk_agent_alone(monkeypatch):
+    """The worker runs the risk agent only: these tests play the policy agent, and the chain would make its own
+    signal of every bar published here (FLAT, not ready), the risk agent's input like any other."""
+    monkeypatch.setenv("PERPFLOW_AGENTS", "risk")
+
+
 def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
     bootstrap = broker.bootstrap
     ensure_topics(bootstrap)
@@ -129,10 +136,12 @@ def test_verdicts_orders_kill_switch_and_restart(broker, tmp_path: Path):
             e["client_order_id"] == closing and e["order_status"] == "FILLED"
             for e in read_topic(bootstrap, "user.events")), worker=worker)
 
-        # SIGKILL the worker: the restarted one is still HALTED
+        # SIGKILL the worker: the restarted one is still HALTED (ETH's bar 3 is decided once BTC's is: every symbol
+        # in event-time order)
         worker.process.kill()
         eth = signal("ETHUSDT", 3, "LONG", 2_300.0, 1.0)
-        publish(bootstrap, [("md.klines", kline("ETHUSDT", 3, 2_300.0)), ("signals", eth)])
+        publish(bootstrap, [("md.klines", kline("ETHUSDT", 3, 2_300.0)), ("signals", eth),
+                            ("signals", signal("BTCUSDT", 3, "FLAT", 42_020.0, 0))])
         v = wait("the verdict after the restart", lambda: verdicts(bootstrap).get(eth["event_id"]), timeout=120,
                  worker=worker)
         assert worker.restarts == 1
@@ -194,5 +203,40 @@ def test_daily_loss_flattens_and_halts_within_one_bar(broker, tmp_path: Path):
         fills = [e for e in read_topic(bootstrap, "user.events")
                  if e["client_order_id"] == closing and e["order_status"] == "FILLED"]
         assert len(fills) == 1 and fills[0]["event_time"] == T0 + 2 * BAR  # at the open of the next bar
+    finally:
+        worker.stop()
+
+
+def test_symbols_are_decided_in_event_time_order_whatever_order_they_arrive_in(broker, tmp_path: Path, monkeypatch):
+    """The account couples the symbols: here only one more entry fits under the margin limit (30 %). ETH's entry of
+    bar 1 reaches the risk agent after BTC's entry of bar 2; decided on arrival, BTC would take the room. Decided in
+    event-time order, BTC's signals wait for ETH to pass bar 1, and ETH's earlier entry gets the room."""
+    monkeypatch.setenv("PERPFLOW_RISK_MAX_MARGIN_USAGE", "0.3")
+    monkeypatch.setenv("PERPFLOW_RISK_MAX_SYMBOL_EXPOSURE", "1.0")
+    bootstrap = broker.bootstrap
+    ensure_topics(bootstrap)
+    settings = Settings(home=tmp_path / "home", kafka_bootstrap=bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["BTCUSDT", "ETHUSDT"])
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(settings, bootstrap)
+    try:
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 0, 42_000.0)), ("md.klines", kline("ETHUSDT", 0, 2_300.0)),
+                            ("signals", signal("BTCUSDT", 0, "FLAT", 42_000.0, 0)),
+                            ("signals", signal("ETHUSDT", 0, "FLAT", 2_300.0, 0))])
+        wait("the first two verdicts", lambda: len(verdicts(bootstrap)) == 2, worker=worker)
+        publish(bootstrap, [("md.klines", kline("ETHUSDT", 1, 2_300.0))])  # its signal is still down the chain
+        btc = signal("BTCUSDT", 2, "LONG", 42_000.0, 0.1)  # 4,200 at 5×: 8.4 % of the account
+        publish(bootstrap, [("md.klines", kline("BTCUSDT", 1, 42_000.0)), ("md.klines", kline("BTCUSDT", 2, 42_000.0)),
+                            ("signals", signal("BTCUSDT", 1, "FLAT", 42_000.0, 0)), ("signals", btc)])
+        wait("BTC's signals held", lambda: worker.metric("perpflow_risk_held_signals") == 2, worker=worker)
+        assert len(verdicts(bootstrap)) == 2
+        eth = signal("ETHUSDT", 1, "LONG", 2_300.0, 5.0)  # 11,500 at 5×: 23 %
+        publish(bootstrap, [("signals", eth), ("md.klines", kline("ETHUSDT", 2, 2_300.0)),
+                            ("signals", signal("ETHUSDT", 2, "FLAT", 2_300.0, 0))])
+        got = wait("six verdicts", lambda: len(verdicts(bootstrap)) == 6 and verdicts(bootstrap), worker=worker)
+        assert (got[eth["event_id"]]["verdict"], got[eth["event_id"]]["action"]) == ("APPROVED", "OPEN")
+        assert got[btc["event_id"]]["verdict"] == "REJECTED"
+        assert got[btc["event_id"]]["violations"] == ["margin_usage"]
+        assert worker.metric("perpflow_risk_held_signals") == 0
     finally:
         worker.stop()

@@ -40,7 +40,15 @@ from schemas.catalog import SYMBOL_PARTITIONS
 from schemas.codec import DecodeError, default_codec
 from streams import metrics
 from streams.app import catalog_name, kafka_name, raw_topic
-from streams.batch_agent import BATCH_EVENTS, commit_handled, forget, micro_batches, reads, send_dead_letter
+from streams.batch_agent import (
+    BATCH_EVENTS,
+    commit_handled,
+    forget,
+    micro_batches,
+    read_to_end,
+    reads,
+    send_dead_letter,
+)
 from streams.features.engine import BTC_SYMBOL, INTERVAL, BtcSnapshot, SymbolFeatures
 from streams.features.sequencer import BTC_TOPIC, INPUT_TOPICS, KIND_KLINE, TOPIC_OF_KIND, FeatureSequencer
 from streams.input_offsets import ContiguousInput
@@ -261,20 +269,7 @@ class FeaturesAgent:
         return self._read_to_end(TP(kafka_name(self.app, TOPIC_OF_KIND[kind]), partition))
 
     def _read_to_end(self, tp: TP) -> bool:
-        """True when this input partition has nothing more to give now: handled up to its high-watermark."""
-        consumer = self.app.consumer
-        try:
-            high = consumer.highwater(tp)
-        except Exception:  # not assigned (yet): unknown
-            return False
-        if high is None:
-            return False
-        handed = consumer._read_offset.get(tp)  # last offset the consumer handed to streams (a seek sets next)
-        done = self.processed.get(tp)
-        if done is not None:
-            return done + 1 >= high and (handed is None or handed <= done)
-        # nothing of it handled in this process: complete when a seek put it at its end, or it is empty
-        return (handed is None and high == 0) or (handed is not None and handed >= high)
+        return read_to_end(self.app, tp, self.processed.get(tp))
 
     def _btc(self, partition: int) -> dict[int, BtcSnapshot]:
         snaps = self.btc.get(partition)

@@ -1,4 +1,5 @@
-"""The policy agent: `predictions` → `signals`, exactly one per prediction (FLAT included).
+"""The policy agent: `predictions` → `signals`, exactly one per prediction (FLAT included; a bar that was not
+predicted, `skip_reason`, is FLAT with that reason).
 
 The EV, the decision and the sizing are `streams.policy.ev`, vectorized over the micro-batch; the prediction
 carries what they need from its features record (close, ATR, funding rate, minutes to funding) and the barriers
@@ -41,6 +42,16 @@ class Policy:
             metrics.SIGNAL_EV.labels(side)
 
     def signals(self, preds: list[dict]) -> list[dict]:
+        """One signal per prediction, in order; a bar that was not predicted (`skip_reason`) is FLAT for it."""
+        made = iter(self._decide([p for p in preds if not p["skip_reason"]]))
+        out = [_not_predicted(p) if p["skip_reason"] else next(made) for p in preds]
+        for signal in out:
+            metrics.SIGNALS.labels(signal["decision"]).inc()
+        return out
+
+    def _decide(self, preds: list[dict]) -> list[dict]:
+        if not preds:
+            return []
         close, atr, rate, mtf = (_col(preds, n) for n in ("close", "atr_14", "funding_rate", "minutes_to_funding"))
         # one batch may straddle a promotion to a model of another label spec: barriers per row
         cost = ev.CostModel(_col(preds, "k_tp"), _col(preds, "k_sl"), self.fee, self.slippage)
@@ -73,7 +84,6 @@ class Policy:
                 signal["flat_reason"] = "thresholds"
             else:
                 self._size(signal, decision, p, float(close[i]), float(atr[i]), int(lev[i]), cost, i)
-            metrics.SIGNALS.labels(signal["decision"]).inc()
             for s in ("long", "short"):
                 if np.isfinite(evs[s]["ev"][i]):
                     metrics.SIGNAL_EV.labels(s).observe(evs[s]["ev"][i])
@@ -108,6 +118,17 @@ class Policy:
         top = ", ".join(f"{c['feature']} {c['value']:+.3f}" for c in p[f"top_features_{side}"][:3])
         out.append(f"top features ({side}): {top}")
         return out
+
+
+def _not_predicted(p: dict) -> dict:
+    return {"event_id": event_ids.signal(p["symbol"], p["interval"], p["open_time"]),
+            "event_time": p["event_time"], "symbol": p["symbol"], "source": p["source"], "interval": p["interval"],
+            "open_time": p["open_time"], "prediction_id": p["event_id"], "model_id_long": "", "model_id_short": "",
+            "ev_long": 0.0, "ev_short": 0.0, "p_win_long": 0.0, "p_win_short": 0.0, "confidence": 0.0,
+            "close": p["close"] or None, "atr_14": p["atr_14"], "funding_rate": p["funding_rate"],
+            "decision": ev.FLAT, "side": None, "flat_reason": p["skip_reason"], "entry_price": None,
+            "stop_loss": None, "take_profit": None, "quantity": None, "notional": None, "leverage": None,
+            "liq_price": None, "liq_distance_atr": None, "reasons": [f"not predicted: {p['skip_reason']}"]}
 
 
 class PolicyAgent(BatchAgent):

@@ -1,4 +1,7 @@
-"""The predict agent: ready `features` → `predictions`, with the promoted model of each side.
+"""The predict agent: `features` → `predictions`, one each, in order: ready records are predicted with the promoted
+model of each side; the others (not ready, or no model for their time) become markers with `skip_reason` set and
+no probabilities, so every bar of every symbol reaches the risk agent, which decides all symbols in event-time
+order and must know when a symbol has passed a time.
 
 Where the models come from: the worker cannot open the registry (in embedded mode `perpflow up` owns the chDB
 store, one process per data path), so it reads the promotions from the compacted `control` topic — entity
@@ -15,7 +18,7 @@ by a record older than that field, has no series.
 `control` is read by a plain consumer of this worker (every partition, from the beginning, no group): every
 worker needs every promotion, whatever partitions of `features` it owns. Before the first batch it reads
 `control` to its end; afterwards a timer polls it, so a promotion switches the model without a restart. Until both
-sides have a model, ready features are skipped (counted, and logged once per change): no predictions, no crash.
+sides have a model, ready features get `no_model` markers (counted, and logged once per change): no crash.
 
 Walk-forward backtests pin a schedule: promotions carrying `valid_from` (event time, ms; entity
 `model:<side>@<valid_from>`), each model used for the bars that open at or after its `valid_from` and before the
@@ -121,28 +124,27 @@ class PredictAgent(BatchAgent):
         if self.control is None:
             self.control = ControlReader(self.bootstrap, "perpflow-predict-control", topic_prefix(self.app))
             self._apply(promotions(await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)))
-        ready = [(p, k, r) for _, p, k, r in inputs if r["ready"]]
-        if len(ready) < len(inputs):
-            metrics.PREDICT_SKIPPED.labels("not_ready").inc(len(inputs) - len(ready))
-        if not ready:
-            return []
-        chosen = [(p, k, r, models) for p, k, r in ready if (models := self._models_for(r["open_time"])) is not None]
-        if len(chosen) < len(ready):
-            metrics.PREDICT_SKIPPED.labels("no_model").inc(len(ready) - len(chosen))
-        if not chosen:
-            return []
-        records = [r for _, _, r, _ in chosen]
-        out = [self._base(r, models["long"][1]) for _, _, r, models in chosen]
+        out: list[dict] = []
+        chosen: list[tuple[dict, dict, dict]] = []  # (features record, its prediction, the models) to predict
+        for _, _, _, r in inputs:
+            models = self._models_for(r["open_time"]) if r["ready"] else None
+            if models is None:
+                reason = "no_model" if r["ready"] else "not_ready"
+                metrics.PREDICT_SKIPPED.labels(reason).inc()
+                out.append(skipped(r, reason))
+            else:
+                out.append(self._base(r, models["long"][1]))
+                chosen.append((r, out[-1], models))
         for side in SIDES:  # one call per model in use: a walk-forward batch may straddle a switch
             groups: dict[str, list[int]] = {}
-            for i, (_, _, _, models) in enumerate(chosen):
+            for i, (_, _, models) in enumerate(chosen):
                 groups.setdefault(models[side][0], []).append(i)
             for rows in groups.values():
-                self._predict_side(side, chosen[rows[0]][3][side], [records[i] for i in rows],
-                                   [out[i] for i in rows])
-        for r in out:
-            metrics.PREDICTIONS.labels(r["symbol"]).inc()
-        return [("predictions", p, k, o) for (p, k, _, _), o in zip(chosen, out, strict=True)]
+                self._predict_side(side, chosen[rows[0]][2][side], [chosen[i][0] for i in rows],
+                                   [chosen[i][1] for i in rows])
+        for _, o, _ in chosen:
+            metrics.PREDICTIONS.labels(o["symbol"]).inc()
+        return [("predictions", p, k, o) for (_, p, k, _), o in zip(inputs, out, strict=True)]
 
     def _models_for(self, open_time: int) -> dict[str, tuple[str, Predictor]] | None:
         """Each side's model for a bar opening at `open_time` (None: a side has none yet)."""
@@ -160,11 +162,7 @@ class PredictAgent(BatchAgent):
 
     def _base(self, r: dict, long_model: Predictor) -> dict:
         spec = long_model.doc["label_spec"]
-        return {"event_id": event_ids.prediction(r["symbol"], r["interval"], r["open_time"]),
-                "event_time": r["event_time"], "symbol": r["symbol"], "source": r["source"],
-                "interval": r["interval"], "open_time": r["open_time"],
-                "close": _close(r), "atr_14": r["atr_14"], "funding_rate": r["funding_rate"],
-                "minutes_to_funding": r["minutes_to_funding"], "k_tp": spec["k_tp"], "k_sl": spec["k_sl"]}
+        return {**_bar(r), "close": _close(r), "k_tp": spec["k_tp"], "k_sl": spec["k_sl"], "skip_reason": ""}
 
     def _predict_side(self, side: str, model: tuple[str, Predictor], records: list[dict], out: list[dict]) -> None:
         model_id, predictor = model
@@ -195,6 +193,23 @@ def track_model_age(side: str, train_end_ms: int | None) -> None:
         return
     end_s = int(train_end_ms) / 1000
     metrics.MODEL_AGE.labels(side).set_function(lambda: time.time() - end_s)
+
+
+def _bar(r: dict) -> dict:
+    """What a prediction repeats of its features record."""
+    return {"event_id": event_ids.prediction(r["symbol"], r["interval"], r["open_time"]),
+            "event_time": r["event_time"], "symbol": r["symbol"], "source": r["source"], "interval": r["interval"],
+            "open_time": r["open_time"], "atr_14": r["atr_14"], "funding_rate": r["funding_rate"],
+            "minutes_to_funding": r["minutes_to_funding"]}
+
+
+def skipped(r: dict, reason: str) -> dict:
+    """The marker of a bar that was not predicted: no model ids, no probabilities (0), `skip_reason` says why."""
+    sides = {f"{name}_{side}": value for side in SIDES for name, value in (
+        ("model_id", ""), ("p_tp", 0.0), ("p_sl", 0.0), ("p_timeout", 0.0), ("hold_bars", 0.0), ("mae", 0.0),
+        ("timeout_return", None), ("top_features", []))}
+    close = _close(r) if r["atr_14"] and r["atr_pct"] else 0.0
+    return {**_bar(r), **sides, "close": close, "k_tp": 0.0, "k_sl": 0.0, "skip_reason": reason}
 
 
 def _close(r: dict) -> float:

@@ -3,10 +3,12 @@ exactly one `risk.verdicts` record per signal, `orders` for approved entries and
 `risk.events`, and its trading-state changes on `control`. The rules are `streams.risk.guard`; this is the wiring.
 
 Paper trading (the default; `PERPFLOW_PAPER_TRADING=false` when an execution connector trades an account) runs the
-paper exchange's engine here (`streams.risk.paper_desk`): the agent also reads `md.klines` and `md.funding`, holds
-each signal until its bar has arrived, applies the bar to the engine (fills of the previous signal's orders,
-stops, targets, funding), then decides the signal and hands its orders to the engine — the event-time order a live
-account has, whatever the replay speed, so a backtest fills as live. The engine's events go to `user.events`.
+paper exchange's engine here (`streams.risk.paper_desk`): the agent also reads `md.klines` and `md.funding` and
+holds the signals until every symbol has passed their time (`streams.risk.event_order`); then, time by time, it
+applies every symbol's bars of that time to the engine (fills of earlier orders, stops, targets, funding), decides
+that time's signals in symbol order and hands their orders to the engine — the event-time order a live account
+has, whatever the replay speed and however the symbols' messages interleave, so a backtest fills as live and the
+same backtest gives the same verdicts every time. The engine's events go to `user.events`.
 
 State: the guard's whole book (account, positions, trading state), the paper engine and the held signals are
 saved before every offset commit, in the `risk-state` table (changelog topic), under the key of the last partition
@@ -25,16 +27,19 @@ import time
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from connectors.paper.engine import PaperConfig
 from schemas import event_ids
 from schemas.catalog import SYMBOL_PARTITIONS
 from streams import metrics
-from streams.app import topic_prefix
-from streams.batch_agent import BatchAgent
+from streams.app import kafka_name, topic_prefix
+from streams.batch_agent import BatchAgent, read_to_end
 from streams.control import ControlReader
+from streams.features.engine import SymbolFeatures
+from streams.risk.event_order import EventTimeOrder
 from streams.risk.guard import STATES, TRADING_ENTITY, Book, Limits, RiskGuard
-from streams.risk.paper_desk import PaperDesk
+from streams.risk.paper_desk import INTERVAL, PaperDesk
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,8 @@ class RiskAgent(BatchAgent):
             self.read_along = frozenset({"md.klines", "md.funding"})  # the features agent's inputs
         self.paper_config = paper_config(settings)
         self.desk: PaperDesk | None = PaperDesk(self.paper_config) if self.paper else None
-        self.waiting: dict[str, list[tuple[int, dict]]] = {}  # symbol → signals held until their bar arrived
+        self.waiting: dict[str, list[tuple[int, dict]]] = {}  # symbol → signals held until their time is decided
+        self.order = EventTimeOrder()
         self.partition_of: dict[str, int] = {}
         self.paper_events: list[dict] = []
         self.fed = 0  # orders of the guard's current outputs already handed to the paper engine
@@ -113,6 +119,7 @@ class RiskAgent(BatchAgent):
             if self.paper:
                 self.desk = PaperDesk(self.paper_config, newest.get("desk"))
             self.waiting = {s: [(p, r) for p, r in held] for s, held in newest.get("waiting", {}).items()}
+            self.order = EventTimeOrder(newest.get("order"))
             self.fed = 0
             log.info("risk: book restored (trading %s, %d positions)", self.guard.book.state,
                      len(self.guard.book.positions))
@@ -135,13 +142,15 @@ class RiskAgent(BatchAgent):
         return applied
 
     async def poll_control(self) -> None:
+        """Operator commands; and held signals that a symbol's feed going quiet now lets through."""
         if self.control is None or self.app.in_recovery:
             return
         records = self.control.poll()
-        if not records:
+        if not records and not any(self.waiting.values()):
             return
         async with self.lock:
-            if self._apply_control(records):
+            decided = self._decide(int(time.time() * 1000))
+            if self._apply_control(records) or decided:
                 self.send(self._outputs())
                 self.dirty = 0 if self.dirty is None else self.dirty
                 self.save()
@@ -157,34 +166,65 @@ class RiskAgent(BatchAgent):
                 self.partition_of[symbol] = partition
                 if name == "signals":
                     self.waiting.setdefault(symbol, []).append((partition, record))
+                    self.order.signal(symbol, record["open_time"])
                 elif name == "md.klines":
+                    if record["interval"] == INTERVAL and _answered(record):
+                        self.order.bar(symbol, record["open_time"])
                     self._paper(self.desk.kline(record))
                 else:
                     self.desk.funding(record)
-                self._decide(symbol, now)
             elif name == "user.events":
                 if self.desk is None or record["source"] != "paper":  # the paper engine's are handled already
                     guard.user_event(record)
             elif record["source"] != "risk":  # risk.events: the connectors' (our own come back too)
                 guard.connector_event(record)
+        self._decide(now)
         return self._outputs()
 
-    def _decide(self, symbol: str, now: int) -> None:
-        """The symbol's held signals whose bar has arrived, in order: the bar to the paper engine, then the
-        verdict, then its orders to the engine."""
-        held = self.waiting.get(symbol)
-        while held and (self.desk is None or self.desk.ready_for(symbol, held[0][1]["open_time"])):
-            partition, signal = held.pop(0)
-            passed = 0
-            if self.desk is not None:
-                self._paper(self.desk.release(symbol, signal["open_time"]))
-                # the chain lagged the market data by more than the desk holds: those bars were applied without
-                # their signals, and an entry now would fill bars later than its signal's
-                passed = self.desk.passed(symbol, signal["open_time"])
-            self.guard.signal(signal, partition, now, passed)
-            self._feed()
-            if signal["source"] in ("binance",):
-                metrics.E2E_LATENCY.observe(max(now - signal["event_time"], 0) / 1000)
+    def _decide(self, now: int) -> int:
+        """Give the held signals their verdicts; how many. Live (no paper desk) each as it comes. Paper: those up
+        to the time every symbol has passed, time by time: every symbol's bars up to that time to the paper engine,
+        then that time's signals in symbol order, each verdict's orders to the engine before the next verdict."""
+        decided = 0
+        if self.desk is None:
+            for symbol, held in self.waiting.items():
+                while held:
+                    decided += self._verdict(symbol, now)
+            return decided
+        cursor = self.order.cursor(self._idle)
+        times = sorted({s["open_time"] for held in self.waiting.values() for _, s in held if s["open_time"] <= cursor})
+        for t in times:
+            # (a signal older than t is one delivered again after a restart: its verdict is repeated at once)
+            due = sorted(symbol for symbol, held in self.waiting.items() if held and held[0][1]["open_time"] <= t)
+            if not all(self.desk.ready_for(symbol, t) for symbol in due):
+                break  # a bar its symbol's signal answers is still on its way: nothing from this time on yet
+            for symbol in sorted(self.desk.held):
+                self._paper(self.desk.release(symbol, t))
+            for symbol in due:
+                while self.waiting[symbol] and self.waiting[symbol][0][1]["open_time"] <= t:
+                    decided += self._verdict(symbol, now)
+        metrics.RISK_HELD_SIGNALS.set(sum(len(held) for held in self.waiting.values()))
+        return decided
+
+    def _verdict(self, symbol: str, now: int) -> int:
+        """The symbol's oldest held signal gets its verdict, its orders go to the paper engine."""
+        partition, signal = self.waiting[symbol].pop(0)
+        # the chain lagged the market data by more than the desk holds: those bars were applied without their
+        # signals, and an entry now would fill bars later than its signal's
+        passed = self.desk.passed(symbol, signal["open_time"]) if self.desk is not None else 0
+        self.guard.signal(signal, partition, now, passed)
+        self._feed()
+        if signal["source"] in ("binance",):
+            metrics.E2E_LATENCY.observe(max(now - signal["event_time"], 0) / 1000)
+        return 1
+
+    def _idle(self, symbol: str) -> bool:
+        """Whether the symbol's market data is handled to the end of its partition now (its feed is quiet)."""
+        partition = self.partition_of.get(symbol)
+        if partition is None or self.waiting.get(symbol):
+            return False
+        tp = TP(kafka_name(self.app, "md.klines"), partition)
+        return read_to_end(self.app, tp, max(self.processed.get(tp, -1), self.handing.get(tp, -1)))
 
     def _paper(self, events: list[dict]) -> None:
         """The paper engine's events: to the guard now, to `user.events` with the batch."""
@@ -240,6 +280,7 @@ class RiskAgent(BatchAgent):
         self.seq += 1
         key = f"book:{self.dirty}".encode()
         value = json.dumps({"seq": self.seq, "book": self.guard.book.dumps(), "waiting": self.waiting,
+                            "order": self.order.to_state(),
                             "desk": self.desk.dumps() if self.desk is not None else None}).encode()
         self.output.save(self.table, self.dirty, key, value)
         self.dirty = None
@@ -269,6 +310,15 @@ class RiskAgent(BatchAgent):
                               "entry": p.entry, "leverage": p.leverage, "margin": p.margin, "closing": p.closing,
                               "liq_price": g.liq_price(s), "liq_distance_atr": g.liq_distance_atr(s)}
                           for s, p in b.positions.items()}}
+
+
+def _answered(bar: dict) -> bool:
+    """Whether the chain makes a signal of this bar: the features agent dead-letters an invalid one."""
+    try:
+        SymbolFeatures.check_bar(bar)
+    except ValueError:
+        return False
+    return True
 
 
 def register(app: faust.App, settings: Settings) -> RiskAgent:
