@@ -44,7 +44,7 @@ def offline_pass(settings, data: Path, symbols: list[str], start_ms: int, end_ms
     from connectors.replay import KIND_KLINE
     from streams.features.offline import FeatureRun
     from streams.policy.agent import Policy
-    from streams.predict.agent import PredictAgent
+    from streams.predict.agent import PredictAgent, skipped
     from training.artifact import Predictor
 
     events = _data.replay_events(data, symbols, start_ms, end_ms)
@@ -56,10 +56,12 @@ def offline_pass(settings, data: Path, symbols: list[str], start_ms: int, end_ms
     t = time.perf_counter()
     run = FeatureRun("stream")
     rows = [r for kind, rec in events if (r := run.feed(kind, rec)) is not None]
-    ready = [r for r in rows if r["ready"]]
-    preds = [PredictAgent._base(agent, r, by_side["long"][1]) for r in ready]
+    # every row gets a prediction (a not_ready marker for those still warming up), as in the chain
+    preds = [PredictAgent._base(agent, r, by_side["long"][1]) if r["ready"] else skipped(r, "not_ready")
+             for r in rows]
+    ready = [i for i, r in enumerate(rows) if r["ready"]]
     for side in ("long", "short"):
-        PredictAgent._predict_side(agent, side, by_side[side], ready, preds)
+        PredictAgent._predict_side(agent, side, by_side[side], [rows[i] for i in ready], [preds[i] for i in ready])
     signals = policy.signals(preds)
     seconds = time.perf_counter() - t
     return bars, seconds, Counter(s["decision"] for s in signals)

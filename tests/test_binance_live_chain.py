@@ -122,8 +122,11 @@ def test_live_path_with_a_promoted_model_trades_end_to_end(home):
                  == 2 * bars, 300, alive)
         ready = scalar(home, f"SELECT count() FROM features FINAL WHERE ready AND {live}")
         assert ready > 288 * len(SYMBOLS)  # at least the streamed day, warmed up by the backfilled days
-        wait_for("a signal and a verdict per ready bar", lambda: scalar(home, "SELECT count() FROM signals FINAL")
-                 == ready and scalar(home, "SELECT count() FROM risk_verdicts FINAL") == ready, 300, alive)
+        # one signal and one verdict per bar: a prediction's for a ready one, FLAT `not_ready` for the others
+        wait_for("a signal and a verdict per bar", lambda: scalar(home, "SELECT count() FROM signals FINAL")
+                 == 2 * bars and scalar(home, "SELECT count() FROM risk_verdicts FINAL") == 2 * bars, 300, alive)
+        predicted = scalar(home, "SELECT count() FROM signals FINAL WHERE model_id_long != ''")
+        not_ready = scalar(home, "SELECT count() FROM signals FINAL WHERE flat_reason = 'not_ready'")
 
         def settled() -> bool:
             n = len(fake.user_events)
@@ -158,7 +161,8 @@ def test_live_path_with_a_promoted_model_trades_end_to_end(home):
     assert API_SECRET not in stderr and API_KEY not in stderr
 
     # signals → exactly one verdict each
-    assert distinct_verdicts == ready and unmatched == 0
+    assert distinct_verdicts == 2 * bars and unmatched == 0
+    assert predicted == ready and not_ready == 2 * bars - ready
     decided = {decision: int(n) for decision, n in signals}
     assert decided.get("LONG", 0) + decided.get("SHORT", 0) > 0, decided
     approved = [v for v in verdicts if v[3] == "OPEN"]

@@ -97,6 +97,7 @@ def test_saved_state_is_the_held_bars_in_order_and_loads_back_the_same():
         "funding": [records.funding("BTCUSDT", T0 + 2 * 300_000, 0.0001, 100.0, "test")]}}}
     again = PaperDesk(CONFIG, desk.dumps())
     assert again.dumps() == desk.dumps()
+    assert PaperDesk(CONFIG, state).dumps() == desk.dumps()  # as the risk agent's snapshot holds it: parsed
     assert [e["event_type"] for e in again.release("BTCUSDT", T0 + 300_000)][:2] == ["ORDER_TRADE_UPDATE"] * 2
     assert json.loads(again.dumps())["held"]["BTCUSDT"]["bars"] == [bar(i, 100 + i, 101 + i, 99 + i, 100.5 + i)
                                                                     for i in (2, 3)]

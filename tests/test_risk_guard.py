@@ -225,6 +225,8 @@ def test_the_book_survives_a_restart():
                         "value": json.dumps({"state": REDUCE_ONLY})})
     restored = RiskGuard(Limits(), Book.loads(desk.guard.book.dumps()))
     assert restored.book == desk.guard.book
+    # the risk agent's snapshot holds the book as JSON inside JSON (older ones as a string): both load the same
+    assert Book.loads(json.loads(desk.guard.book.dumps())) == desk.guard.book
     assert restored.equity() == pytest.approx(desk.guard.equity())
     restored.signal(sig("ETHUSDT", 2, close=2_000.0, quantity=1.0, notional=2_000.0), 0, 0)
     assert restored.take_outputs().verdicts[-1]["violations"] == ["reduce_only"]

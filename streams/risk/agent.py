@@ -279,9 +279,11 @@ class RiskAgent(BatchAgent):
             return
         self.seq += 1
         key = f"book:{self.dirty}".encode()
-        value = json.dumps({"seq": self.seq, "book": self.guard.book.dumps(), "waiting": self.waiting,
-                            "order": self.order.to_state(),
-                            "desk": self.desk.dumps() if self.desk is not None else None}).encode()
+        # the book's and the desk's JSON are put in as they are, not as strings escaped once more (the desk's held
+        # bars make it the bulk of each save); a snapshot of an older version holds them as strings, read alike
+        desk = self.desk.dumps() if self.desk is not None else "null"
+        value = (f'{{"seq": {self.seq}, "book": {self.guard.book.dumps()}, "waiting": {json.dumps(self.waiting)}, '
+                 f'"order": {json.dumps(self.order.to_state())}, "desk": {desk}}}').encode()
         self.output.save(self.table, self.dirty, key, value)
         self.dirty = None
 

@@ -103,8 +103,8 @@ class Book:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def loads(cls, text: str) -> Book:
-        raw = json.loads(text)
+    def loads(cls, text: str | dict) -> Book:
+        raw = json.loads(text) if isinstance(text, str) else dict(text)
         raw["positions"] = {s: Position(**p) for s, p in raw["positions"].items()}
         raw["marks"] = {s: Mark(**m) for s, m in raw["marks"].items()}
         return cls(**raw)

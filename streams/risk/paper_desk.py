@@ -49,8 +49,8 @@ class Held:
 
 
 class PaperDesk:
-    def __init__(self, config: PaperConfig, state: str | None = None):
-        raw = json.loads(state) if state else None
+    def __init__(self, config: PaperConfig, state: str | dict | None = None):
+        raw = json.loads(state) if isinstance(state, str) else state
         self.exchange = PaperExchange.loads(raw["exchange"], config) if raw else PaperExchange(config)
         self.held: dict[str, Held] = {}
         for symbol, h in (raw["held"].items() if raw else ()):
