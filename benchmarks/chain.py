@@ -31,6 +31,9 @@ from streams.worker import WorkerProcess
 
 PACED_SPEED = 1200.0  # 5m bars at 1,200× real time: one per symbol every 0.25 s, ~2 % of the chain's capacity
 PACED_HOURS = 12  # 432 bars: enough for a p99 that is not just the slowest one or two
+# paced bars before those measured: the first ones meet a replay, sink and store still starting beside the worker
+# on the two cores (the first three bar times took 0.2-0.7 s), which a live feed running for hours does not
+PACED_LEAD_HOURS = 1
 TARGET_BARS_PER_S = 2000
 TARGET_P99_MS = 50
 HOPS = ("md.klines", "features", "predictions", "signals", "risk.verdicts")
@@ -58,52 +61,61 @@ def _timestamps(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
 
 
 def _broker_floor(bootstrap: str, n: int = 200) -> list[float]:
-    """One plain hop on the same broker: a confluent-kafka producer (flushed per message) to a consumer polling
-    with a 10 ms fetch wait, ms per message — what each of the chain's four hops costs before any agent work.
-    Timed once the consumer has received a first message: the first one after the group join waits for the
-    consumer's first fetch (~0.5 s), which with few samples made the whole p99 (an earlier version reported
-    ~800 ms from it)."""
+    """One plain hop on the same broker, with the worker's clients: the agents' producer settings (linger 1 ms) to
+    an aiokafka consumer with the worker's fetch wait (`streams.app.FETCH_MAX_WAIT_MS`), ms per message — what each
+    of the chain's four hops costs before any agent work. Timed once the consumer has received a first message
+    (the first one waits for the group join and the first fetch: with few samples it made the whole p99)."""
+    import asyncio
     import threading
 
+    from aiokafka import AIOKafkaConsumer, TopicPartition
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    from streams.app import FETCH_MAX_WAIT_MS
     from streams.broker import producer_config
 
     admin = AdminClient(client_config(bootstrap))
     admin.create_topics([NewTopic("bench.floor", 1, 1)])["bench.floor"].result()
-    consumer = Consumer(client_config(bootstrap, **{"group.id": "bench-floor", "auto.offset.reset": "earliest",
-                                                    "fetch.wait.max.ms": 10, "session.timeout.ms": 6000}))
-    consumer.subscribe(["bench.floor"])
     latencies: list[float] = []
-    done = threading.Event()
+    warm, done = threading.Event(), threading.Event()
 
-    warm = threading.Event()
-
-    def consume() -> None:
-        while not done.is_set():
-            for m in consumer.consume(100, 0.05):
-                if m.error() is None and m.value() == b"warm-up":
-                    warm.set()
-                elif m.error() is None:
-                    latencies.append(time.time() * 1000 - float(m.value()))
-
-    reader = threading.Thread(target=consume, daemon=True)
-    reader.start()
-    producer = Producer(producer_config(bootstrap, **{"linger.ms": 0}))
-    deadline = time.monotonic() + 30
-    while not warm.is_set() and time.monotonic() < deadline:  # the group join and the first fetch
-        producer.produce("bench.floor", b"warm-up")
+    def produce() -> None:
+        producer = Producer(producer_config(bootstrap, **{"linger.ms": 1}))
+        deadline = time.monotonic() + 30
+        while not warm.is_set() and time.monotonic() < deadline:
+            producer.produce("bench.floor", b"warm-up")
+            producer.flush()
+            warm.wait(0.2)
+        for _ in range(n):
+            producer.produce("bench.floor", str(time.time() * 1000).encode())
+            producer.poll(0)
+            time.sleep(0.02)
         producer.flush()
-        warm.wait(0.2)
-    for _ in range(n):
-        producer.produce("bench.floor", str(time.time() * 1000).encode())
-        producer.flush()
-        time.sleep(0.02)
-    time.sleep(1)
-    done.set()
-    reader.join(5)
-    consumer.close()
+        time.sleep(1)
+        done.set()
+
+    async def consume() -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition("bench.floor", 0)])
+            await consumer.seek_to_beginning()
+            while not done.is_set():
+                for messages in (await consumer.getmany(timeout_ms=50)).values():
+                    for m in messages:
+                        if m.value == b"warm-up":
+                            warm.set()
+                        else:
+                            latencies.append(time.time() * 1000 - float(m.value))
+        finally:
+            await consumer.stop()
+
+    writer = threading.Thread(target=produce, daemon=True)
+    writer.start()
+    asyncio.run(consume())
+    writer.join(5)
     return latencies
 
 
@@ -138,13 +150,14 @@ def run(quick: bool = False) -> bool:
         # replayed from here on are measured (and the agents' state carries over, warm)
         before = {t: set(_timestamps(broker.bootstrap, t)) for t in ("md.klines",)}
         paced_start = p.end_ms - PACED_HOURS * 3_600_000
+        lead_start = paced_start - PACED_LEAD_HOURS * 3_600_000
         settings.run_worker = False  # this benchmark's own worker: its /metrics outlive the replays
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         worker = WorkerProcess(settings, broker.bootstrap, _data.SYMBOLS)
         try:
             cpu = worker.metric("process_cpu_seconds_total") or 0.0
             broker_cpu, machine_cpu = _process_cpu(broker.process.pid), _machine_cpu()
-            run_up(settings, UpOptions("replay", str(data), _data.SYMBOLS, p.train_end_ms, paced_start, None, True))
+            run_up(settings, UpOptions("replay", str(data), _data.SYMBOLS, p.train_end_ms, lead_start, None, True))
             wait_for_agents(broker.bootstrap, worker)
             broker_cpu, machine_cpu = _process_cpu(broker.process.pid) - broker_cpu, _machine_cpu() - machine_cpu
             cpu = (worker.metric("process_cpu_seconds_total") or 0.0) - cpu
@@ -155,7 +168,7 @@ def run(quick: bool = False) -> bool:
             first = min(stamps["md.klines"][k] for k in new)
             last = max(stamps["risk.verdicts"][k] for k in new if k in stamps["risk.verdicts"])
             seconds = (last - first) / 1000
-            run_up(settings, UpOptions("replay", str(data), _data.SYMBOLS, paced_start, p.end_ms, PACED_SPEED, True))
+            run_up(settings, UpOptions("replay", str(data), _data.SYMBOLS, lead_start, p.end_ms, PACED_SPEED, True))
             wait_for_agents(broker.bootstrap, worker)
             stamps = {t: _timestamps(broker.bootstrap, t) for t in HOPS}
         finally:

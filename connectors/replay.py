@@ -153,7 +153,9 @@ class ReplaySource:
         started = time.monotonic()
         prepared, report = self.load()
         timeline = build_timeline(prepared)
-        producer = Producer(producer_config(self.bootstrap))
+        # paced like a live feed, an event leaves at once (the default linger, 20 ms, was most of the first hop's
+        # latency); at full speed the linger fills the batches
+        producer = Producer(producer_config(self.bootstrap, **({"linger.ms": 1} if self.speed else {})))
         topics = {k: self.prefix + v for k, v in TOPIC_OF_KIND.items()}
         published = dict.fromkeys(topics.values(), 0)
         nbytes = dict.fromkeys(topics.values(), 0)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 class Publisher:
     def __init__(self, bootstrap: str, prefix: str = "", codec: Codec | None = None):
-        self.producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
+        self.producer = Producer(producer_config(bootstrap, **{"linger.ms": 1}))  # a closed bar leaves at once
         self.prefix = prefix
         self.codec = codec or default_codec()
         self.published: dict[str, int] = {}
