@@ -101,17 +101,21 @@ class Predictor:
     def load(cls, path: Path, sha256: str) -> Predictor:
         return cls(manifest(path, sha256))
 
-    def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
-        proba = self.calibrator.apply(self.boosters["outcome"].predict(X))
+    def predict(self, X: np.ndarray, threads: int = 0) -> dict[str, np.ndarray]:
+        """`threads`: LightGBM's num_threads (0: OpenMP's default, every core). The predict agent passes 1: its
+        batches are small, and OpenMP's threads spin after each call on the core the broker needs (measured: 0.74
+        ms of CPU per call set with two threads, 0.52 with one) and stall a call when one of them is descheduled."""
+        kw = {"num_threads": threads} if threads else {}
+        proba = self.calibrator.apply(self.boosters["outcome"].predict(X, **kw))
         out = {f"p_{name.lower()}": proba[:, i] for i, name in enumerate(OUTCOMES)}
-        out["hold_bars"] = self.boosters["hold"].predict(X)
-        out["mae_quantile"] = self.boosters["mae"].predict(X)
+        out["hold_bars"] = self.boosters["hold"].predict(X, **kw)
+        out["mae_quantile"] = self.boosters["mae"].predict(X, **kw)
         tr = self.boosters.get("timeout_return")
-        out["timeout_return"] = tr.predict(X) if tr is not None else np.full(len(X), np.nan)
+        out["timeout_return"] = tr.predict(X, **kw) if tr is not None else np.full(len(X), np.nan)
         return out
 
-    def contributions(self, X: np.ndarray) -> np.ndarray:
+    def contributions(self, X: np.ndarray, threads: int = 0) -> np.ndarray:
         """SHAP-style contributions to the raw TP score (rows × (features + 1), the last column the bias)."""
-        c = self.boosters["outcome"].predict(X, pred_contrib=True)
+        c = self.boosters["outcome"].predict(X, pred_contrib=True, **({"num_threads": threads} if threads else {}))
         width = len(self.features) + 1
         return c[:, TP * width:(TP + 1) * width]

@@ -168,8 +168,8 @@ class PredictAgent(BatchAgent):
         model_id, predictor = model
         names = predictor.features
         X = np.array([[np.nan if r[n] is None else r[n] for n in names] for r in records], dtype=np.float64)
-        pred = predictor.predict(X)
-        contrib = predictor.contributions(X)[:, :-1]
+        pred = predictor.predict(X, threads=1)
+        contrib = predictor.contributions(X, threads=1)[:, :-1]
         top = np.argsort(-np.abs(contrib), axis=1)[:, :TOP_FEATURES]
         metrics_hist = metrics.PREDICTION_P_TP.labels(side)
         for i, o in enumerate(out):
