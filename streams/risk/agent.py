@@ -153,6 +153,7 @@ class RiskAgent(BatchAgent):
             if self._apply_control(records) or decided:
                 self.send(self._outputs())
                 self.dirty = 0 if self.dirty is None else self.dirty
+                await self.output.delivered()  # the outputs before the state that made them
                 self.save()
                 await self.output.delivered()
 
