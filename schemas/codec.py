@@ -2,7 +2,8 @@
 CRC-64-AVRO fingerprint, then the Avro binary body.
 
 The decoder finds the writer schema by fingerprint among every schema it knows (current ones from
-`schemas/avro/*.avsc` plus retired versions registered with `register`), and resolves it to the
+`schemas/avro/*.avsc` plus retired versions registered with `register`, those of `schemas/avro/retired/` by
+`default_codec`), and resolves it to the
 current reader schema of the same record name, so a field added with a default still reads old
 messages.
 
@@ -146,9 +147,14 @@ def dead_letter_record(topic: str, partition: int, offset: int, key: bytes | Non
 
 @cache
 def default_codec() -> Codec:
-    """The codec with every schema shipped in schemas/avro/."""
+    """The codec with every schema shipped in schemas/avro/, and the older versions in schemas/avro/retired/
+    (`<name>-<n>.avsc`): messages written before a field was added stay readable after an upgrade."""
     codec = Codec()
-    for entry in sorted(resources.files("schemas").joinpath("avro").iterdir(), key=lambda p: p.name):
+    avro = resources.files("schemas").joinpath("avro")
+    for entry in sorted(avro.iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".avsc"):
             codec.add_current(entry.name[: -len(".avsc")], json.loads(entry.read_text()))
+    for entry in sorted(avro.joinpath("retired").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".avsc"):
+            codec.register(json.loads(entry.read_text()))
     return codec

@@ -110,3 +110,22 @@ def test_times_stay_integers_in_python():
     rec = example(codec.schema("kline"), nulls=True)
     _, back = codec.decode(codec.encode("kline", rec))
     assert isinstance(back["open_time"], int) and back["open_time"] == 1704067499999
+
+
+
+def test_messages_of_a_retired_schema_version_still_read():
+    """predictions gained `skip_reason`: a record written before (still in a topic when perpflow is upgraded) reads
+    with the field's default instead of going to the dead letters."""
+    import json
+    from importlib import resources
+
+    old = json.loads(resources.files("schemas").joinpath("avro/retired/prediction-1.avsc").read_text())
+    assert "skip_reason" not in {f["name"] for f in old["fields"]}
+    codec = default_codec()
+    record = {f["name"]: f.get("default") for f in old["fields"]}
+    record.update(event_id="prediction:BTCUSDT:5m:1", event_time=2, symbol="BTCUSDT", source="replay", interval="5m",
+                  open_time=1, close=42_000.0, k_tp=2.0, k_sl=1.0, model_id_long="l", model_id_short="s",
+                  **{f"{n}_{side}": 0.5 for n in ("p_tp", "p_sl", "p_timeout", "hold_bars", "mae")
+                     for side in ("long", "short")})
+    name, got = codec.decode(codec.encode_with(old, record))
+    assert name == "perpflow.Prediction" and got == {**record, "skip_reason": ""}
