@@ -122,11 +122,13 @@ def test_live_path_with_a_promoted_model_trades_end_to_end(home):
                  == 2 * bars, 300, alive)
         ready = scalar(home, f"SELECT count() FROM features FINAL WHERE ready AND {live}")
         assert ready > 288 * len(SYMBOLS)  # at least the streamed day, warmed up by the backfilled days
-        # one signal and one verdict per bar: a prediction's for a ready one, FLAT `not_ready` for the others
-        wait_for("a signal and a verdict per bar", lambda: scalar(home, "SELECT count() FROM signals FINAL")
-                 == 2 * bars and scalar(home, "SELECT count() FROM risk_verdicts FINAL") == 2 * bars, 300, alive)
-        predicted = scalar(home, "SELECT count() FROM signals FINAL WHERE model_id_long != ''")
-        not_ready = scalar(home, "SELECT count() FROM signals FINAL WHERE flat_reason = 'not_ready'")
+        # one signal and one verdict per bar: a prediction's for a ready one, FLAT `not_ready` for the others (the
+        # home's own replay, before TRAIN_END, made FLAT `no_model` ones: no model was promoted yet)
+        wait_for("a signal and a verdict per bar", lambda: all(
+            scalar(home, f"SELECT count() FROM {table} FINAL WHERE {live}") == 2 * bars
+            for table in ("signals", "risk_verdicts")), 300, alive)
+        predicted = scalar(home, f"SELECT count() FROM signals FINAL WHERE model_id_long != '' AND {live}")
+        not_ready = scalar(home, f"SELECT count() FROM signals FINAL WHERE flat_reason = 'not_ready' AND {live}")
 
         def settled() -> bool:
             n = len(fake.user_events)
@@ -137,16 +139,17 @@ def test_live_path_with_a_promoted_model_trades_end_to_end(home):
                 and n == len(fake.user_events) and opens == scalar(home, "SELECT count() FROM orders FINAL")
         wait_for("user.events archived as the exchange sent them", settled, 300, alive)
 
-        signals = sql_rows(home, "SELECT decision, count() FROM signals FINAL GROUP BY decision ORDER BY decision")
+        signals = sql_rows(home, f"SELECT decision, count() FROM signals FINAL WHERE {live} GROUP BY decision "
+                                 "ORDER BY decision")
         verdicts = sql_rows(home, "SELECT signal_id, decision, verdict, action, ifNull(intent_id, ''), violations, "
-                                  "toUnixTimestamp64Milli(open_time), source FROM risk_verdicts FINAL")
+                                  f"toUnixTimestamp64Milli(open_time), source FROM risk_verdicts FINAL WHERE {live}")
         orders = sql_rows(home, "SELECT intent_id, action, side, quantity, ifNull(stop_loss, 0), "
                                 "ifNull(take_profit, 0), symbol FROM orders FINAL")
         events = sql_rows(home, "SELECT event_id, event_type, ifNull(client_order_id, ''), ifNull(order_status, ''), "
                                 "ifNull(execution_type, ''), ifNull(filled_qty, 0), ifNull(avg_price, 0), "
                                 "ifNull(order_type, '') FROM user_events FINAL")
         risk = sql_rows(home, "SELECT kind, detail FROM risk_events FINAL ORDER BY event_time")
-        distinct_verdicts = scalar(home, "SELECT count(DISTINCT signal_id) FROM risk_verdicts FINAL")
+        distinct_verdicts = scalar(home, f"SELECT count(DISTINCT signal_id) FROM risk_verdicts FINAL WHERE {live}")
         unmatched = scalar(home, "SELECT count() FROM risk_verdicts AS v FINAL LEFT ANTI JOIN signals AS s FINAL "
                                  "ON v.signal_id = s.event_id")
     finally:
