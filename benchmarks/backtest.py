@@ -43,7 +43,7 @@ def offline_pass(settings, data: Path, symbols: list[str], start_ms: int, end_ms
     """The same decisions without the broker: (bars, seconds, decisions by kind)."""
     from connectors.replay import KIND_KLINE
     from streams.features.offline import FeatureRun
-    from streams.policy.agent import Policy
+    from streams.policy.signals import Policy
     from streams.predict.agent import PredictAgent, skipped
     from training.artifact import Predictor
 

@@ -1,11 +1,13 @@
-"""The decision chain end to end, on the real broker with a real worker: features → predict → policy → risk (with its
-paper exchange), models trained on the bundled sample's older part (as `make run` does, not timed).
+"""The decision chain end to end, on the real broker with a real worker: features → predict (which runs the
+policy) → risk (with its paper exchange), models trained on the bundled sample's older part (as `make run` does,
+not timed).
 
 1. Throughput at full speed: the rest of the sample replayed as fast as the broker takes it; bars/s from the first
    kline's publication to the last verdict's (Kafka timestamps), and each agent's busy time (its share of the core).
 2. Latency at live pacing: the last hours replayed at PACED_SPEED× real time (a bar per symbol every 0.25 s); per
    bar, the time from the kline's publication to its verdict — the order of an approved entry leaves in the same
-   batch — p50/p99, with the hops in between (kline → features → prediction → signal → verdict).
+   batch — p50/p99, with the broker hops in between (kline → features → signal → verdict; the predict agent
+   publishes a bar's prediction and signal together).
 
 The entry thresholds are lowered (MIN_PWIN 0.30, MIN_EV −1 %) so that orders and fills are part of the load: with
 the defaults these models never enter on this sample."""
@@ -25,7 +27,7 @@ from benchmarks import _data
 from schemas.codec import default_codec
 from streams.broker import EmbeddedBroker, client_config, end_offsets
 from streams.demo import plan, train_and_promote
-from streams.settings import Settings
+from streams.settings import AGENTS, Settings
 from streams.up import UpOptions, run_up, wait_for_agents
 from streams.worker import WorkerProcess
 
@@ -36,8 +38,7 @@ PACED_HOURS = 12  # 432 bars: enough for a p99 that is not just the slowest one 
 PACED_LEAD_HOURS = 1
 TARGET_BARS_PER_S = 2000
 TARGET_P99_MS = 50
-HOPS = ("md.klines", "features", "predictions", "signals", "risk.verdicts")
-AGENTS = ("features", "predict", "policy", "risk")
+HOPS = ("md.klines", "features", "signals", "risk.verdicts")  # the records of a bar at each broker hop
 
 
 def _timestamps(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
@@ -63,7 +64,7 @@ def _timestamps(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
 def _broker_floor(bootstrap: str, n: int = 200) -> list[float]:
     """One plain hop on the same broker, with the worker's clients: the agents' producer settings (linger 1 ms) to
     an aiokafka consumer with the worker's fetch wait (`streams.app.FETCH_MAX_WAIT_MS`), ms per message — what each
-    of the chain's four hops costs before any agent work. Timed once the consumer has received a first message
+    of the chain's hops costs before any agent work. Timed once the consumer has received a first message
     (the first one waits for the group join and the first fetch: with few samples it made the whole p99)."""
     import asyncio
     import threading
@@ -184,7 +185,7 @@ def run(quick: bool = False) -> bool:
     rate = bars / seconds if seconds > 0 else float("nan")
     print(f"chain: data {data}, {', '.join(_data.SYMBOLS)}; models trained {p.start_ms} → {p.train_end_ms} "
           "(not timed)")
-    print(f"  full speed: {bars:,} bars through features → predict → policy → risk + paper in {seconds:.1f} s = "
+    print(f"  full speed: {bars:,} bars through features → predict + policy → risk + paper in {seconds:.1f} s = "
           f"{rate:,.0f} bars/s (target ≥ {TARGET_BARS_PER_S:,}: {rate / TARGET_BARS_PER_S:.2f}× of it)")
     print("  busy time per agent: " + ", ".join(
         f"{a} {busy[a]:.1f} s ({busy[a] / total_busy:.0%})" for a in AGENTS))
@@ -206,8 +207,8 @@ def run(quick: bool = False) -> bool:
             f"{h} {_pct(v, 50):.0f} / {_pct(v, 99):.0f}" for h, v in hops.items() if v))
     if floor:
         print(f"  broker floor, same broker: one plain produce → consume hop ({len(floor)} messages) p50 "
-              f"{_pct(floor, 50):.0f} ms, p99 {_pct(floor, 99):.0f} ms; the chain has four hops: "
-              f"≥ {4 * _pct(floor, 50):.0f} ms at p50 before any agent work")
+              f"{_pct(floor, 50):.0f} ms, p99 {_pct(floor, 99):.0f} ms; the chain has {len(HOPS) - 1} hops: "
+              f"≥ {(len(HOPS) - 1) * _pct(floor, 50):.0f} ms at p50 before any agent work")
     ok = bars > 0 and len(e2e) > 0
     if not ok:
         print("FAIL chain: no bars or no verdicts measured")

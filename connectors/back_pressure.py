@@ -1,8 +1,8 @@
 """Back-pressure for a replay that runs as fast as the decision chain takes it (a backtest's archive replay, and
 `perpflow up --source replay` at full speed with its worker): the replay waits while any agent of the chain has
 more than AHEAD_BARS_PER_SYMBOL bars per symbol still to take at its hop — md.klines (features, and the risk
-agent's paper desk), `features` (predict), `predictions` (policy), `signals` (risk) — by the agents' consumer group's
-committed offsets against the topics' end offsets.
+agent's paper desk), `features` (predict, which runs the policy too), `signals` (risk) — by the agents' consumer
+group's committed offsets against the topics' end offsets.
 
 Why every hop: bounding only md.* let the later agents fall weeks behind the market data on a long run (the
 features agent is the fastest), and the risk agent's paper desk, which reads md.klines itself, then had to apply bars
@@ -22,9 +22,9 @@ from confluent_kafka.admin import AdminClient
 from streams.broker import client_config, committed_offsets, end_offsets
 
 # bars per symbol an agent may have still to take, at each hop: well under the paper desk's MAX_HELD (two weeks)
-# even summed over the four hops, and seconds of work for the chain
+# even summed over the hops, and seconds of work for the chain
 AHEAD_BARS_PER_SYMBOL = 400
-HOPS = ("md.klines", "features", "predictions", "signals")  # one record per bar and symbol on each
+HOPS = ("md.klines", "features", "signals")  # one record per bar and symbol on each
 CHECK_EVERY = 500  # replayed events between two looks at the agents' progress
 ENDS_EVERY_S = 0.5  # the end offsets cost a probe consumer: read at most this often
 

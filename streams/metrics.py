@@ -73,7 +73,7 @@ RISK_VERDICTS = Counter("perpflow_risk_verdicts", "Verdicts; a rejection counts 
 E2E_LATENCY = Histogram("perpflow_e2e_latency_seconds", "Live bars: the bar's close to its verdict (and order)",
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
-# decision chain: predict and policy agents (streams/predict, streams/policy)
+# decision chain: the predict agent and the policy it runs (streams/predict, streams/policy)
 SIGNALS = Counter("perpflow_signals", "Signals by decision (LONG / SHORT / FLAT)", ["decision"])
 SIGNAL_EV = Histogram("perpflow_signal_ev", "EV of the signals per side, net of costs (return per unit notional)",
                       ["side"], buckets=(-0.02, -0.01, -0.005, -0.002, -0.001, 0.0, 0.001, 0.002, 0.005, 0.01, 0.02))

@@ -11,7 +11,8 @@ from typing import Annotated
 from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-AGENTS = ("features", "predict", "policy", "risk")  # the decision chain, in order: streams/<name>/agent.py
+# the decision chain, in order: streams/<name>/agent.py (the predict agent runs the policy, streams/policy)
+AGENTS = ("features", "predict", "risk")
 
 
 class Settings(BaseSettings):
@@ -133,7 +134,7 @@ class Settings(BaseSettings):
 
     agents: Annotated[list[str], NoDecode] = list(AGENTS)
     """Comma-separated agents a `perpflow worker` runs: the whole chain by default. Fewer drive one agent on its
-    own, its inputs published by hand (the risk agent's tests act as the policy agent)."""
+    own, its inputs published by hand (the risk agent's tests publish the signals)."""
 
     @field_validator("symbols", mode="before")
     @classmethod

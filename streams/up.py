@@ -283,8 +283,8 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> 
     Not features.btc: its copies carry nothing new to up's one worker (BTC's snapshots are handed over in memory;
     a bar still waiting for one counts in held_back), and its Faust consumer was seen to stop fetching it midway
     (committed 2 of 10 per partition, records readable by any other consumer), which left this waiting forever."""
-    # inputs of features, predict, policy and risk (user.events: the risk agent's paper fills come back to it)
-    topics = list(INPUT_TOPICS) + ["features", "predictions", "signals", "user.events", "risk.events"]
+    # inputs of features, predict and risk (user.events: the risk agent's paper fills come back to it)
+    topics = list(INPUT_TOPICS) + ["features", "signals", "user.events", "risk.events"]
     topics = [prefix + t for t in topics]
     admin = AdminClient(client_config(bootstrap))
     previous: dict | None = None

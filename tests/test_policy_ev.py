@@ -145,7 +145,7 @@ def prediction(symbol="ETHUSDT", long=(0.6, 0.3, 0.1), short=(0.2, 0.7, 0.1), **
 
 def test_policy_turns_each_prediction_into_one_sized_signal():
     from schemas.codec import default_codec
-    from streams.policy.agent import Policy
+    from streams.policy.signals import Policy
     from streams.settings import Settings
 
     preds = [prediction(), prediction(long=(0.2, 0.7, 0.1), short=(0.6, 0.3, 0.1)),
@@ -175,7 +175,7 @@ def test_policy_turns_each_prediction_into_one_sized_signal():
 
 def test_a_bar_that_was_not_predicted_is_flat_for_its_reason_in_its_place():
     from schemas.codec import default_codec
-    from streams.policy.agent import Policy
+    from streams.policy.signals import Policy
     from streams.predict.agent import skipped
     from streams.settings import Settings
 

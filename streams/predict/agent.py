@@ -1,7 +1,9 @@
-"""The predict agent: `features` → `predictions`, one each, in order: ready records are predicted with the promoted
-model of each side; the others (not ready, or no model for their time) become markers with `skip_reason` set and
-no probabilities, so every bar of every symbol reaches the risk agent, which decides all symbols in event-time
-order and must know when a symbol has passed a time.
+"""The predict agent: `features` → `predictions` and `signals`, one each, in order: ready records are predicted
+with the promoted model of each side; the others (not ready, or no model for their time) become markers with
+`skip_reason` set and no probabilities, so every bar of every symbol reaches the risk agent, which decides all
+symbols in event-time order and must know when a symbol has passed a time. The policy (`streams.policy.signals`)
+turns the batch's prediction records into its signals before either is sent: both topics are published, the
+predictions for the archive and the model-quality views, the signals for the risk agent, one broker hop sooner.
 
 Where the models come from: the worker cannot open the registry (in embedded mode `perpflow up` owns the chDB
 store, one process per data path), so it reads the promotions from the compacted `control` topic — entity
@@ -42,6 +44,7 @@ from streams.app import topic_prefix
 from streams.batch_agent import BatchAgent
 from streams.control import ControlReader
 from streams.features.registry import SCHEMA_VERSION
+from streams.policy.signals import Policy
 from streams.settings import Settings
 from training.artifact import Predictor, locate
 
@@ -65,11 +68,12 @@ def promotions(records: list[dict]) -> dict[tuple[str, int], dict]:
 
 class PredictAgent(BatchAgent):
     name = "predict"
-    input_topics, output_topics = ("features",), ("predictions",)
+    input_topics, output_topics = ("features",), ("predictions", "signals")
 
     def __init__(self, app: Any, settings: Settings) -> None:
         super().__init__(app)
         self.settings = settings
+        self.policy = Policy(settings)
         self.bootstrap = settings.kafka_bootstrap or app.conf.broker[0].netloc
         # side → its schedule, by valid_from: (valid_from, model id, predictor); live, one entry from 0
         self.models: dict[str, list[tuple[int, str, Predictor]]] = {}
@@ -144,7 +148,9 @@ class PredictAgent(BatchAgent):
                                    [chosen[i][1] for i in rows])
         for _, o, _ in chosen:
             metrics.PREDICTIONS.labels(o["symbol"]).inc()
-        return [("predictions", p, k, o) for (_, p, k, _), o in zip(inputs, out, strict=True)]
+        signals = self.policy.signals(out)  # from the records as published: the topic's doubles lose nothing
+        return ([("predictions", p, k, o) for (_, p, k, _), o in zip(inputs, out, strict=True)] +
+                [("signals", p, k, s) for (_, p, k, _), s in zip(inputs, signals, strict=True)])
 
     def _models_for(self, open_time: int) -> dict[str, tuple[str, Predictor]] | None:
         """Each side's model for a bar opening at `open_time` (None: a side has none yet)."""

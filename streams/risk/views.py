@@ -24,7 +24,7 @@ from streams.risk.guard import HALTED, REDUCE_ONLY, RUNNING, TRADING_ENTITY
 
 COMMANDS = {"start": {"state": RUNNING, "flatten": False}, "stop": {"state": REDUCE_ONLY, "flatten": False},
             "kill": {"state": HALTED, "flatten": True}}
-LAG_TOPICS = ("md.klines", "features", "predictions", "signals", "user.events")
+LAG_TOPICS = ("md.klines", "features", "signals", "user.events")  # what the agents read
 
 
 def routes(agent: Any, bootstrap: str, models: Any = None) -> dict:
