@@ -16,7 +16,7 @@ from operator import itemgetter
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from connectors.clickhouse_store import Store
+from connectors.clickhouse_store import Store, below_the_chain
 from schemas.catalog import Topic, archived
 from schemas.codec import Codec, DecodeError, dead_letter_record, default_codec
 from schemas.tables import arrow_table, columns, table_name, to_json_if_nested
@@ -77,6 +77,7 @@ class ClickHouseSink:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
+        below_the_chain()
         self.consumer.subscribe(
             list(self.topics), on_revoke=lambda c, parts: self.flush(),
             on_assign=self._on_assign)

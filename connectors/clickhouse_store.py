@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -25,6 +26,23 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 QUERY_FORMATS = {"table": "PrettyCompactMonoBlock", "tsv": "TabSeparated", "csv": "CSVWithNames"}
+BACKGROUND_NICE = 10
+
+
+def below_the_chain() -> None:
+    """Lower the calling thread's CPU priority (Linux nice, set per thread; the threads chDB starts for its work
+    inherit it) for the store's background work: the sink's inserts, the live calibration's queries. On the
+    embedded default they share two cores with the broker and the worker, and a sink flush (an insert per topic)
+    that fell on a bar's way down the chain stretched that bar's kline → verdict latency up to 174 ms against 62
+    at this priority (chain benchmark, live pacing). The archive can wait; the decision chain cannot. Elsewhere (not
+    Linux, or not allowed) the work runs at the normal priority."""
+    if not sys.platform.startswith("linux"):  # only Linux takes a thread id where setpriority expects a pid
+        return
+    me = threading.get_native_id()
+    try:  # never above the priority it had (a niced `perpflow up` stays niced)
+        os.setpriority(os.PRIO_PROCESS, me, max(os.getpriority(os.PRIO_PROCESS, me), BACKGROUND_NICE))
+    except OSError as exc:
+        log.info("store work keeps the normal CPU priority: %s", exc)
 
 
 class StoreBusy(PerpflowError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from connectors.clickhouse_store import Store
+from connectors.clickhouse_store import Store, below_the_chain
 from streams.metrics import MODEL_CALIBRATION_ERROR, MODEL_CALIBRATION_PREDICTIONS
 from streams.settings import Settings
 from training import calibration
@@ -50,6 +50,7 @@ class CalibrationMonitor:
         return out
 
     def _run(self) -> None:
+        below_the_chain()
         while not self._stop.is_set():
             try:
                 for side, found in self.update().items():

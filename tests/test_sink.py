@@ -4,6 +4,8 @@ undecodable messages become dead letters with their reason."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -11,7 +13,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from connectors.clickhouse_sink import ClickHouseSink
-from connectors.clickhouse_store import Store
+from connectors.clickhouse_store import BACKGROUND_NICE, Store
 from schemas import event_ids
 from schemas.catalog import archived, topic
 from schemas.codec import default_codec
@@ -72,6 +74,25 @@ def test_archives_once_and_replays_are_idempotent(topics, store):
     run_until_caught_up(ClickHouseSink(topics, store), topics)
     assert store.query_rows("SELECT count() FROM md_klines FINAL")[0][0] == 1000
     assert store.query_rows("SELECT count(DISTINCT event_id) FROM md_klines")[0][0] == 1000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice per thread is Linux's")
+def test_the_sink_runs_below_the_decision_chain(topics, store):
+    """The archive's inserts yield the CPU to the broker and the agents: the sink's thread (and what chDB starts
+    from it) runs at a lower priority; the process's other threads keep theirs."""
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    sink = ClickHouseSink(topics, store)
+    t = threading.Thread(target=sink.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while os.getpriority(os.PRIO_PROCESS, t.native_id) != max(mine, BACKGROUND_NICE):
+            assert time.monotonic() < deadline, "the sink's thread kept the normal priority"
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    finally:
+        sink.stop()
+        t.join(30)
 
 
 def test_undecodable_messages_become_dead_letters(topics, store):
