@@ -24,6 +24,7 @@ from schemas.tables import table_name
 from streams.app import app_id_for
 from streams.broker import client_config, committed_offsets, die_with_parent, end_offsets, ensure_topics
 from streams.calibration import CalibrationMonitor
+from streams.errors import PerpflowError
 from streams.features.sequencer import INPUT_TOPICS
 from streams.settings import Settings
 from streams.stack import Stack
@@ -276,9 +277,13 @@ def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] 
                     row["actor"], row["promoted_at"] or row["created_at"], prefix=prefix)
 
 
+STALL_SECONDS = 180.0  # input left, yet no offset committed and nothing released for this long: stuck
+
+
 def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> None:
     """Until the agents' consumer group has committed everything now in its input topics and holds nothing back
     (bars, signals; twice in a row: the agents write to some of their own inputs, e.g. user.events). `prefix`: a run's.
+    A chain that stops moving with input left (STALL_SECONDS) is an error naming what is left, not a wait for ever.
 
     Not features.btc: its copies carry nothing new to up's one worker (BTC's snapshots are handed over in memory;
     a bar still waiting for one counts in held_back), and its Faust consumer was seen to stop fetching it midway
@@ -288,14 +293,26 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> 
     topics = [prefix + t for t in topics]
     admin = AdminClient(client_config(bootstrap))
     previous: dict | None = None
+    seen, moved = None, time.monotonic()
     while True:
         worker.check()
         targets = end_offsets(bootstrap, topics)
         committed = committed_offsets(admin, app_id_for(prefix))
-        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0) and worker.held_back() == 0:
+        held = worker.held_back()
+        if all(committed.get(k, 0) >= off for k, off in targets.items() if off > 0) and held == 0:
             if targets == previous:
                 return
             previous = targets
+        if (committed, held) != seen:
+            seen, moved = (committed, held), time.monotonic()
+        elif time.monotonic() - moved > STALL_SECONDS:
+            left = {}
+            for (t, partition), off in targets.items():
+                left[t] = left.get(t, 0) + max(off - committed.get((t, partition), 0), 0)
+            raise PerpflowError(
+                f"the agents stopped taking their input: nothing committed for {STALL_SECONDS:.0f} s with "
+                f"{', '.join(f'{n:,} records of {t}' for t, n in sorted(left.items()) if n) or 'nothing'} left and "
+                f"{held or 0:.0f} bars or signals held back; the worker's log: {worker.log_path}")
         time.sleep(0.5)
 
 

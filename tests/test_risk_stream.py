@@ -240,3 +240,29 @@ def test_symbols_are_decided_in_event_time_order_whatever_order_they_arrive_in(b
         assert worker.metric("perpflow_risk_held_signals") == 0
     finally:
         worker.stop()
+
+
+def test_a_chain_that_stops_taking_its_input_is_an_error_not_a_wait(broker, tmp_path: Path, monkeypatch):
+    """`perpflow up --until-drained` and backtests wait until the agents have taken everything: input that no agent
+    takes (`features`, here with the predict agent not running) ends the wait with an error naming what is left."""
+    from confluent_kafka import Producer
+
+    from streams import up
+    from streams.broker import producer_config
+    from streams.errors import PerpflowError
+
+    bootstrap = broker.bootstrap
+    ensure_topics(bootstrap)
+    settings = Settings(home=tmp_path / "home", kafka_bootstrap=bootstrap, clickhouse_url="", worker_metrics_port=0)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(settings, bootstrap)
+    monkeypatch.setattr(up, "STALL_SECONDS", 3.0)
+    try:
+        producer = Producer(producer_config(bootstrap))
+        for _ in range(2):
+            producer.produce("features", b"not taken", b"BTCUSDT")
+        assert producer.flush(30) == 0
+        with pytest.raises(PerpflowError, match=r"nothing committed for 3 s with 2 records of features left"):
+            up.wait_for_agents(bootstrap, worker)
+    finally:
+        worker.stop()
