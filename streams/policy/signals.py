@@ -3,8 +3,8 @@ predicted, `skip_reason`, is FLAT with that reason).
 
 It runs in the predict agent's micro-batch (`streams.predict.agent`), on the very prediction records that agent
 publishes, and the signals leave with them: a signal follows from its prediction alone, so a policy agent of its own,
-reading the predictions back from the broker, only added a hop to every bar's path (at live pacing ~9 ms at p50 of
-the chain's ~40, and a sixth of the worker's CPU per bar at full speed, measured by the chain benchmark).
+reading the predictions back from the broker, only added a hop to every bar's path (~8 ms at p50 of the chain's
+33-38 at live pacing, measured by the chain benchmark).
 
 The EV, the decision and the sizing are `streams.policy.ev`, vectorized over the micro-batch; the prediction
 carries what they need from its features record (close, ATR, funding rate, minutes to funding) and the barriers
