@@ -3,7 +3,7 @@ predicted, `skip_reason`, is FLAT with that reason).
 
 It runs in the predict agent's micro-batch (`streams.predict.agent`), on the very prediction records that agent
 publishes, and the signals leave with them: a signal follows from its prediction alone, so a policy agent of its own,
-reading the predictions back from the broker, only added a hop to every bar's path (~8 ms at p50 of the chain's
+reading the predictions back from the broker, only added a hop to every bar's path (~6 ms at p50 of the chain's
 33-38 at live pacing, measured by the chain benchmark).
 
 The EV, the decision and the sizing are `streams.policy.ev`, vectorized over the micro-batch; the prediction
