@@ -20,11 +20,12 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from streams.broker import client_config, committed_offsets, end_offsets
+from streams.settings import CHAIN_HOPS
 
 # bars per symbol an agent may have still to take, at each hop: well under the paper desk's MAX_HELD (two weeks)
 # even summed over the hops, and seconds of work for the chain
 AHEAD_BARS_PER_SYMBOL = 400
-HOPS = ("md.klines", "features", "signals")  # one record per bar and symbol on each
+HOPS = CHAIN_HOPS
 CHECK_EVERY = 500  # replayed events between two looks at the agents' progress
 ENDS_EVERY_S = 0.5  # the end offsets cost a probe consumer: read at most this often
 

@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # the decision chain, in order: streams/<name>/agent.py (the predict agent runs the policy, streams/policy)
 AGENTS = ("features", "predict", "risk")
+# the topics the agents take one record per bar and symbol from: features md.klines, predict features, risk signals
+# (and md.klines); what a replay's back-pressure, the drain wait and GET /status count as the chain's input
+CHAIN_HOPS = ("md.klines", "features", "signals")
 
 
 class Settings(BaseSettings):

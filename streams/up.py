@@ -26,7 +26,7 @@ from streams.broker import client_config, committed_offsets, die_with_parent, en
 from streams.calibration import CalibrationMonitor
 from streams.errors import PerpflowError
 from streams.features.sequencer import INPUT_TOPICS
-from streams.settings import Settings
+from streams.settings import CHAIN_HOPS, Settings
 from streams.stack import Stack
 from streams.worker import WorkerProcess
 
@@ -289,7 +289,7 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> 
     a bar still waiting for one counts in held_back), and its Faust consumer was seen to stop fetching it midway
     (committed 2 of 10 per partition, records readable by any other consumer), which left this waiting forever."""
     # inputs of features, predict and risk (user.events: the risk agent's paper fills come back to it)
-    topics = list(INPUT_TOPICS) + ["features", "signals", "user.events", "risk.events"]
+    topics = sorted({*INPUT_TOPICS, *CHAIN_HOPS, "user.events", "risk.events"})
     topics = [prefix + t for t in topics]
     admin = AdminClient(client_config(bootstrap))
     previous: dict | None = None

@@ -21,10 +21,11 @@ from streams.app import app_id_for, topic_prefix
 from streams.broker import client_config, committed_offsets, end_offsets
 from streams.control import publish
 from streams.risk.guard import HALTED, REDUCE_ONLY, RUNNING, TRADING_ENTITY
+from streams.settings import CHAIN_HOPS
 
 COMMANDS = {"start": {"state": RUNNING, "flatten": False}, "stop": {"state": REDUCE_ONLY, "flatten": False},
             "kill": {"state": HALTED, "flatten": True}}
-LAG_TOPICS = ("md.klines", "features", "signals", "user.events")  # what the agents read
+LAG_TOPICS = (*CHAIN_HOPS, "user.events")  # what the agents read
 
 
 def routes(agent: Any, bootstrap: str, models: Any = None) -> dict:
