@@ -64,7 +64,8 @@ for model_id, _ in train_and_promote(Settings(), p, lambda line: print(line, fil
 def sql_rows(home, query: str) -> list[list[str]]:
     result = run_cli(home, "sql", query, "--format", "tsv", timeout=60)
     assert result.returncode == 0, result.stderr
-    return [line.split("\t") for line in result.stdout.strip().splitlines()]
+    # strip only the newline: a trailing tab is an empty last column, not whitespace to drop
+    return [line.split("\t") for line in result.stdout.splitlines() if line]
 
 
 def scalar(home, query: str) -> int:
