@@ -60,6 +60,7 @@ class Account:
     positions: dict[str, Position] = field(default_factory=lambda: defaultdict(Position))
     orders: dict[int, dict] = field(default_factory=dict)
     algo_orders: dict[int, dict] = field(default_factory=dict)
+    trades: list[dict] = field(default_factory=list)  # every fill, as GET /fapi/v1/userTrades answers it
 
 
 class FakeBinance:
@@ -82,6 +83,7 @@ class FakeBinance:
         self.user_events: list[dict] = []  # every user-data event pushed
         self._market_ws: list[tuple[web.WebSocketResponse, set[str], float]] = []
         self._user_ws: dict[str, list[web.WebSocketResponse]] = defaultdict(list)
+        self._silent_user_ws: set[web.WebSocketResponse] = set()  # dead paths: nothing sent, pings unanswered
         self.refuse_streams_until = 0.0
         self.silent_until = 0.0
         self.rollover_after_s: float | None = None
@@ -151,6 +153,11 @@ class FakeBinance:
 
     def drop_user_streams(self) -> None:
         self.call(self._close_all, [ws for conns in self._user_ws.values() for ws in conns])
+
+    def silence_user_streams(self) -> None:
+        """The open user-stream connections go dead without closing: no event reaches them, no ping is answered
+        (events still happen and are recorded). Connections made afterwards work."""
+        self._silent_user_ws.update(ws for conns in self._user_ws.values() for ws in conns)
 
     def silence_market(self, seconds: float) -> None:
         self.silent_until = time.monotonic() + seconds
@@ -321,12 +328,15 @@ class FakeBinance:
         key = request.match_info["key"]
         if key not in self.listen_keys:
             return web.json_response({"code": -1125, "msg": "This listenKey does not exist."}, status=400)
-        ws = web.WebSocketResponse(heartbeat=5.0)
+        ws = web.WebSocketResponse(autoping=False)  # pings answered below, unless the connection is silenced
         await ws.prepare(request)
         self._user_ws[key].append(ws)
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break
+            if msg.type == WSMsgType.PING and ws not in self._silent_user_ws:
+                await ws.pong(msg.data)
+        self._silent_user_ws.discard(ws)
         conns = self._user_ws.get(key, [])
         if ws in conns:
             conns.remove(ws)
@@ -336,7 +346,7 @@ class FakeBinance:
         self.user_events.append(event)
         for conns in self._user_ws.values():
             for ws in list(conns):
-                if not ws.closed:
+                if not ws.closed and ws not in self._silent_user_ws:
                     await ws.send_str(json.dumps(event))
 
     async def send_user_raw(self, text: str) -> None:
@@ -494,9 +504,15 @@ class FakeBinance:
                 "R": order["reduceOnly"], "wt": "CONTRACT_PRICE", "ot": "MARKET", "ps": "BOTH", "cp": False,
                 "rp": "0", "pP": False, "si": 0, "ss": 0, "V": "EXPIRE_MAKER", "pm": "NONE", "gtd": 0}
         await self.push_user({"e": "ORDER_TRADE_UPDATE", "E": now, "T": now, "o": {**base, "x": "NEW", "X": "NEW"}})
+        trade_id = next(self.ids)
+        self.account.trades.append({
+            "symbol": symbol, "id": trade_id, "orderId": order["orderId"], "side": order["side"], "price": f"{price}",
+            "qty": str(qty), "realizedPnl": f"{realized:.8f}", "marginAsset": "USDT",
+            "quoteQty": f"{float(qty) * price:.8f}", "commission": f"{fee:.8f}", "commissionAsset": "USDT",
+            "time": now, "positionSide": "BOTH", "buyer": order["side"] == "BUY", "maker": False})
         await self.push_user({"e": "ORDER_TRADE_UPDATE", "E": now + 1, "T": now + 1, "o": {
             **base, "x": "TRADE", "X": "FILLED", "ap": f"{price}", "l": str(qty), "z": str(qty), "L": f"{price}",
-            "n": f"{fee:.8f}", "t": next(self.ids), "rp": f"{realized:.8f}"}})
+            "n": f"{fee:.8f}", "t": trade_id, "rp": f"{realized:.8f}"}})
         await self.push_user({"e": "ACCOUNT_UPDATE", "E": now + 2, "T": now + 1, "a": {
             "m": "ORDER",
             "B": [{"a": "USDT", "wb": f"{self.account.balance:.8f}", "cw": f"{self.account.balance:.8f}",
@@ -586,6 +602,30 @@ class FakeBinance:
                  "updateTime": now}
                 for s, pos in self.account.positions.items() if not p.get("symbol") or s == p["symbol"]]
 
+    def user_trades(self, p):
+        """As Binance: by symbol, optionally one orderId; startTime/endTime or fromId; oldest first, `limit` rows."""
+        if "fromId" in p and ("startTime" in p or "endTime" in p):
+            raise ApiError(-1128, "Combination of optional parameters invalid.")
+        start, end, from_id = _int(p.get("startTime")), _int(p.get("endTime")), _int(p.get("fromId"))
+        rows = [t for t in self.account.trades if t["symbol"] == p["symbol"]
+                and (not p.get("orderId") or str(t["orderId"]) == p["orderId"])
+                and (start is None or t["time"] >= start) and (end is None or t["time"] <= end)
+                and (from_id is None or t["id"] >= from_id)]
+        return sorted(rows, key=lambda t: t["id"])[: min(int(p.get("limit", 500)), 1000)]
+
+    def account_info(self, p):
+        """GET /fapi/v2/account: the USDT wallet and every symbol's position."""
+        balance = f"{self.account.balance:.8f}"
+        return {"totalWalletBalance": balance, "updateTime": 0,
+                "assets": [{"asset": "USDT", "walletBalance": balance, "crossWalletBalance": balance,
+                            "unrealizedProfit": "0", "marginBalance": balance, "availableBalance": balance,
+                            "updateTime": self.clock.now()}],
+                "positions": [{"symbol": s, "positionAmt": str(pos.amount), "entryPrice": f"{pos.entry}",
+                               "breakEvenPrice": f"{pos.entry}", "unrealizedProfit": "0",
+                               "isolated": pos.margin_type == "isolated", "isolatedWallet": "0",
+                               "leverage": str(pos.leverage), "positionSide": "BOTH", "updateTime": self.clock.now()}
+                              for s, pos in self.account.positions.items()]}
+
     async def trigger_algo(self, client_algo_id: str) -> None:
         """Fire a conditional order as if the mark price had crossed its trigger."""
         a = self._find_algo({"clientAlgoId": client_algo_id})
@@ -661,4 +701,6 @@ ROUTES = {
     ("DELETE", "/fapi/v1/algoOrder"): _Route(FakeBinance.cancel_algo_order, signed=True),
     ("GET", "/fapi/v1/openAlgoOrders"): _Route(FakeBinance.open_algo_orders, signed=True),
     ("GET", "/fapi/v2/positionRisk"): _Route(FakeBinance.position_risk, signed=True),
+    ("GET", "/fapi/v1/userTrades"): _Route(FakeBinance.user_trades, signed=True),
+    ("GET", "/fapi/v2/account"): _Route(FakeBinance.account_info, signed=True),
 }
