@@ -18,7 +18,8 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from connectors.clickhouse_store import Store, below_the_chain
 from schemas.catalog import Topic, archived
-from schemas.codec import Codec, DecodeError, dead_letter_record, default_codec
+from schemas.codec import Codec, DecodeError, default_codec
+from schemas.dead_letters import dead_letter
 from schemas.tables import arrow_table, columns, table_name, to_json_if_nested
 from streams import metrics
 from streams.broker import consumer_config, producer_config
@@ -149,7 +150,8 @@ class ClickHouseSink:
             metrics.BYTES_CONSUMED.labels(self.group, name).inc(nbytes)
 
     def _dead_letter(self, msg, exc: DecodeError) -> None:
-        record = dead_letter_record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), exc)
+        record = dead_letter(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), exc.reason,
+                             exc.detail)
         self.dlq.produce(self.dlq_topic, key=msg.topic().encode(), value=self.codec.encode("dead_letter", record))
         self.dlq.poll(0)
         self.dead_letters += 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -24,8 +23,6 @@ from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
-
-from schemas import event_ids
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -127,22 +124,6 @@ class Codec:
         if buf.tell() != len(data):
             raise DecodeError("trailing_bytes", f"{len(data) - buf.tell()} bytes after the record")
         return writer.full_name, record
-
-
-def dead_letter_record(topic: str, partition: int, offset: int, key: bytes | None, payload: bytes | None,
-                       exc: DecodeError) -> dict:
-    """The `deadletter` record of a message that could not be used: the reason and the original bytes."""
-    return {
-        "event_id": event_ids.dead_letter(topic, partition, offset),
-        "event_time": int(time.time() * 1000),
-        "source_topic": topic,
-        "partition": partition,
-        "offset": offset,
-        "key": key.decode("utf-8", "replace") if key else None,
-        "reason": exc.reason,
-        "error": exc.detail[:2000],
-        "payload": payload or b"",
-    }
 
 
 @cache

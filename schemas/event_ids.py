@@ -20,8 +20,10 @@ def features(symbol: str, interval: str, open_time_ms: int) -> str:
     return f"features:{symbol}:{interval}:{open_time_ms:013d}"
 
 
-def dead_letter(source_topic: str, partition: int, offset: int) -> str:
-    return f"dlq:{source_topic}:{partition}:{offset}"
+def dead_letter(source_topic: str, partition: int, offset: int, stage: str = "") -> str:
+    """A refused Kafka message. `stage` names who refused a message that decoded (`store`, `handler:<agent>`): two
+    readers refusing the same message leave two dead letters, not one that the archive merges."""
+    return f"dlq:{source_topic}:{partition}:{offset}" + (f":{stage}" if stage else "")
 
 
 def control(entity: str, event_time_ms: int) -> str:
@@ -71,10 +73,16 @@ def open_intent(symbol: str, interval: str, open_time_ms: int) -> str:
     return f"open:{symbol}:{interval}:{open_time_ms:013d}"
 
 
-def close_intent(position_intent: str, reason: str) -> str:
-    """Closing one position for one reason: asked again (a replay, a second kill), it is the same intent."""
-    return f"close:{position_intent}:{reason}"
+def close_intent(position_intent: str, reason: str, attempt: int = 1) -> str:
+    """Closing one position for one reason: asked again (a replay, a second kill), it is the same intent. A retry of
+    a close that left the position standing (`attempt` 2, 3, ...) is a new intent: the exchange side runs it again."""
+    return f"close:{position_intent}:{reason}" + (f":{attempt}" if attempt > 1 else "")
 
 
 def order(intent_id: str) -> str:
     return f"order:{intent_id}"
+
+
+def risk_book(account: str, seq: int) -> str:
+    """One snapshot of the risk agent's book: its sequence number goes on across restarts."""
+    return f"risk_book:{account}:{seq:012d}"

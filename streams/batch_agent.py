@@ -19,7 +19,8 @@ import faust
 from faust.types import TP
 
 from schemas.catalog import topic
-from schemas.codec import DecodeError, dead_letter_record, default_codec
+from schemas.codec import DecodeError, default_codec
+from schemas.dead_letters import dead_letter
 from streams import metrics
 from streams.app import catalog_name, kafka_name, raw_topic
 from streams.input_offsets import ContiguousInput
@@ -123,7 +124,7 @@ def read_to_end(app: faust.App, tp: TP, done: int | None) -> bool:
 
 
 def send_dead_letter(output: AgentOutput, topic: str, codec: Any, msg: Any, exc: DecodeError) -> None:
-    record = dead_letter_record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc)
+    record = dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc.reason, exc.detail)
     metrics.DEAD_LETTERS.labels(msg.topic, exc.reason).inc()
     log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
     output.send(topic, msg.topic.encode(), codec.encode("dead_letter", record))
