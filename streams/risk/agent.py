@@ -142,15 +142,19 @@ class RiskAgent(BatchAgent):
         return applied
 
     async def poll_control(self) -> None:
-        """Operator commands; and held signals that a symbol's feed going quiet now lets through."""
+        """Operator commands; held signals that a symbol's feed going quiet now lets through; and, trading an
+        account, the closes due again (the guard's clock is the wall clock there; paper's is event time, on signals)."""
         if self.control is None or self.app.in_recovery:
             return
         records = self.control.poll()
-        if not records and not any(self.waiting.values()):
+        closing = self.desk is None and any(p.closing for p in self.guard.book.positions.values())
+        if not records and not any(self.waiting.values()) and not closing:
             return
         async with self.lock:
-            decided = self._decide(int(time.time() * 1000))
-            if self._apply_control(records) or decided:
+            now = int(time.time() * 1000)
+            decided = self._decide(now)
+            retried = closing and self.guard.tick(now)
+            if self._apply_control(records) or decided or retried:
                 self.send(self._outputs())
                 self.dirty = 0 if self.dirty is None else self.dirty
                 await self.output.delivered()  # the outputs before the state that made them
@@ -306,7 +310,8 @@ class RiskAgent(BatchAgent):
             metrics.LIQ_DISTANCE.remove(*labels)
         self.liq_shown = shown
         self.snapshot = {
-            "trading_state": b.state, "reason": b.state_reason, "equity": g.equity(), "drawdown": g.drawdown(),
+            "trading_state": b.state, "reason": b.state_reason, "held_state": b.held_state,
+            "automatic_halts": list(b.auto_halts), "equity": g.equity(), "drawdown": g.drawdown(),
             "daily_pnl": g.daily_pnl(), "margin_used": g.margin_used(), "wallet_balance": b.balance,
             "last_bar": {s: m.event_time for s, m in b.marks.items()}, "latest": dict(self.latest),
             "positions": {s: {"side": "LONG" if p.side > 0 else "SHORT", "status": p.status, "quantity": p.quantity,

@@ -8,8 +8,13 @@ What it keeps (the `Book`, saved whole in the agent's changelog-backed table):
   equity at the start of the UTC day (event time) for the daily loss;
 - positions from the moment an entry is approved (`pending`), not from its fill: a signal of the next bar must not
   open a second position because the fill is still on its way;
-- the trading state RUNNING / REDUCE_ONLY / HALTED, changed by operators (`control`) and by the guard itself
-  (daily loss, drawdown, the user data stream down), and which operator command it applied last.
+- the trading state RUNNING / REDUCE_ONLY / HALTED: the strictest of the held state and the automatic halts. The held
+  state is set by operators (`control`) and by the guard's own loss halts (daily loss, drawdown), and only an
+  operator lifts it; an automatic halt (the user data stream down, the chain stalled) is lifted by its own all-clear
+  and by nothing else, so a user-stream roll never undoes an operator's REDUCE_ONLY;
+- the closes it asked for: a position still in the book `close_retry_ms` after its CLOSE gets the CLOSE again, under
+  a new intent id, until it is flat;
+- the exchange's word after a reconnect (`account_snapshot`): positions and balance are made to match it.
 
 Each signal gets exactly one verdict: APPROVED (a FLAT signal with action NONE, an entry with action OPEN and its
 order intent) or REJECTED with every rule it violates. Closing is never refused: a HALT or a liquidation-distance
@@ -22,6 +27,7 @@ source's staleness is measured against the wall clock.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +42,11 @@ DAY_MS = 86_400_000
 KEEP_VERDICTS = 16  # per symbol: a signal delivered again after a crash gets the verdict it got the first time
 LIVE_SOURCES = ("binance",)  # sources whose data must be fresh by the wall clock
 TRADING_ENTITY = "trading"  # the `control` entity of the trading state
+# automatic halts (connectors' risk.events kinds) and the all-clear that lifts each
+AUTO_HALTS = {"user_stream_down": "user_stream_restored", "chain_stalled": "chain_resumed"}
+LOSS_HALTS = ("daily_loss", "drawdown")  # the guard's own HALTs: flatten, and stay until an operator acts
+ENTRY_FAILURES = ("order_rejected", "intent_expired", "entry_not_filled")  # the execution connector's: never filled
+STRICTNESS = {RUNNING: 0, REDUCE_ONLY: 1, HALTED: 2}
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Limits:
     live_stale_ms: int = 30_000  # live sources: wall clock − the signal's bar close
     allow_pyramiding: bool = False
     initial_equity: float = 10_000.0  # until the first ACCOUNT_UPDATE says otherwise
+    close_retry_ms: int = 60_000  # a position still there this long after its CLOSE gets the CLOSE again
 
 
 @dataclass
@@ -69,6 +81,8 @@ class Position:
     status: str = "pending"  # pending (approved, not filled) → open
     closing: str = ""  # the reason a CLOSE was asked for ("" = none)
     partition: int = 0
+    close_attempts: int = 0  # CLOSE intents sent for it
+    close_time: int = 0  # the guard's clock when the newest was sent
 
 
 @dataclass
@@ -81,8 +95,13 @@ class Mark:
 
 @dataclass
 class Book:
-    state: str = RUNNING
+    state: str = RUNNING  # in effect: the strictest of `held_state` and the automatic halts
     state_reason: str = ""
+    held_state: str = RUNNING  # an operator's, or the guard's own loss HALT: lifted only by an operator
+    held_reason: str = ""
+    held_flatten: bool = False  # the held HALT flattens: a position found later is closed too
+    auto_halts: list[str] = field(default_factory=list)  # active automatic halt reasons, each lifted by its all-clear
+    clock: int = 0  # the newest time seen: event time, the wall clock when trading an account (close retries)
     control_time: int = 0  # event_time of the last `control` record applied
     balance: float | None = None
     balance_time: int = 0
@@ -107,6 +126,12 @@ class Book:
         raw = json.loads(text) if isinstance(text, str) else dict(text)
         raw["positions"] = {s: Position(**p) for s, p in raw["positions"].items()}
         raw["marks"] = {s: Mark(**m) for s, m in raw["marks"].items()}
+        if "held_state" not in raw:  # a snapshot from before the held state: its one state, split
+            automatic = raw.get("state") == HALTED and raw.get("state_reason") in AUTO_HALTS
+            raw["auto_halts"] = [raw["state_reason"]] if automatic else []
+            raw["held_state"] = RUNNING if automatic else raw.get("state", RUNNING)
+            raw["held_reason"] = "" if automatic else raw.get("state_reason", "")
+            raw["held_flatten"] = raw["held_state"] == HALTED and raw["held_reason"] in LOSS_HALTS
         return cls(**raw)
 
 
@@ -180,9 +205,15 @@ class RiskGuard:
             return
         if sig.get("close") is not None:
             b.marks[symbol] = Mark(sig["close"], sig.get("atr_14"), t, partition)
+            held = b.positions.get(symbol)
+            if held is not None and held.status == "open" and not held.entry:  # reconciled without a price
+                held.entry = sig["close"]
+                held.margin = held.margin or held.quantity * held.entry / max(held.leverage, 1)
         elif symbol in b.marks:
             b.marks[symbol].partition = partition
         b.newest_bar = max(b.newest_bar, t)
+        b.clock = max(b.clock, t)
+        self._retry_closes()
         self._roll_day(t)
         self._account_limits(t)
         self._liq_monitor(symbol, t)
@@ -195,16 +226,32 @@ class RiskGuard:
         elif kind == "ACCOUNT_UPDATE":
             self._account_update(ev)
 
+    def tick(self, now_ms: int) -> bool:
+        """The agent's timer, when trading an account (its clock is the wall clock): closes due are sent again.
+        Whether it made anything to send."""
+        self.book.clock = max(self.book.clock, now_ms)
+        before = len(self.out.orders)
+        self._retry_closes()
+        return len(self.out.orders) > before
+
     def connector_event(self, ev: dict) -> None:
-        """The user data stream's health (live): down → HALT until it is back and reconciled."""
-        if ev["kind"] == "user_stream_down":
-            self.book.user_stream_up = False
-            if self.book.state != HALTED:
-                self._set_state(HALTED, "user_stream_down", ev["event_time"], flatten=False)
-        elif ev["kind"] == "user_stream_restored":
-            self.book.user_stream_up = True
-            if self.book.state == HALTED and self.book.state_reason == "user_stream_down":
-                self._set_state(RUNNING, "user_stream_restored", ev["event_time"], flatten=False)
+        """A connector's risk event: the health of the user data stream and of the chain (down → HALT until its
+        all-clear: back and reconciled), entries the exchange never filled, and the account as the exchange has it."""
+        kind, t, b = ev["kind"], ev["event_time"], self.book
+        if kind in AUTO_HALTS and kind not in b.auto_halts:
+            b.auto_halts = sorted([*b.auto_halts, kind])
+            b.user_stream_up = "user_stream_down" not in b.auto_halts
+            self._update_state(t, kind)
+        elif kind in AUTO_HALTS.values():
+            cleared = [k for k, lift in AUTO_HALTS.items() if lift == kind and k in b.auto_halts]
+            if cleared:
+                b.auto_halts = [k for k in b.auto_halts if k not in cleared]
+                b.user_stream_up = "user_stream_down" not in b.auto_halts
+                self._update_state(t, kind)
+        elif kind in ENTRY_FAILURES:
+            self._entry_failed(ev)
+        elif kind == "account_snapshot":
+            self._reconcile(ev)
 
     def control(self, rec: dict) -> bool:
         """An operator's command on `control` (entity `trading`): newer than the last one applied → applied."""
@@ -217,8 +264,8 @@ class RiskGuard:
         self.book.control_time = rec["event_time"]
         if rec.get("actor") == "risk":  # the guard's own record, read back: already in effect
             return False
-        self._set_state(state, value.get("reason") or f"operator {rec.get('actor', '')}".strip(),
-                        self._event_now(), flatten=bool(value.get("flatten")), publish=False)
+        self._hold(state, value.get("reason") or f"operator {rec.get('actor', '')}".strip(),
+                   self._event_now(), flatten=bool(value.get("flatten")), publish=False)
         return True
 
     # -- verdicts ----------------------------------------------------------------------------------------------------
@@ -324,14 +371,14 @@ class RiskGuard:
         b.peak_equity = max(b.peak_equity, self.equity())
 
     def _account_limits(self, t: int) -> None:
-        if self.book.state == HALTED:
+        if self.book.held_state == HALTED:  # (an automatic halt does not flatten: a loss still must)
             return
         if -self.daily_pnl() >= self.limits.daily_loss:
-            self._set_state(HALTED, "daily_loss", t, flatten=True,
-                            detail={"daily_pnl": self.daily_pnl(), "limit": self.limits.daily_loss})
+            self._hold(HALTED, "daily_loss", t, flatten=True,
+                       detail={"daily_pnl": self.daily_pnl(), "limit": self.limits.daily_loss})
         elif self.drawdown() >= self.limits.max_drawdown:
-            self._set_state(HALTED, "drawdown", t, flatten=True,
-                            detail={"drawdown": self.drawdown(), "limit": self.limits.max_drawdown})
+            self._hold(HALTED, "drawdown", t, flatten=True,
+                       detail={"drawdown": self.drawdown(), "limit": self.limits.max_drawdown})
 
     def _liq_monitor(self, symbol: str, t: int) -> None:
         distance = self.liq_distance_atr(symbol)
@@ -344,18 +391,34 @@ class RiskGuard:
             self._close(symbol, "liq_distance")
 
     # -- state changes -----------------------------------------------------------------------------------------------
-    def _set_state(self, state: str, reason: str, t: int, flatten: bool, detail: dict | None = None,
-                   publish: bool = True) -> None:
+    def _hold(self, state: str, reason: str, t: int, flatten: bool, detail: dict | None = None,
+              publish: bool = True) -> None:
+        """The held state: an operator's command, or the guard's own loss HALT (kept until an operator acts)."""
         b = self.book
-        previous = b.state
-        b.state, b.state_reason = state, reason
-        self._risk_event("trading_state", "critical" if state == HALTED else "info", "", t, 0,
-                         {"from": previous, "to": state, "reason": reason, "flatten": flatten, **(detail or {})})
-        if publish:  # the guard's own changes go on `control` too: operators and a restarted worker see them
-            self.out.control.append({"state": state, "reason": reason, "flatten": flatten})
+        b.held_state, b.held_reason, b.held_flatten = state, reason, flatten and state == HALTED
+        self._update_state(t, reason, flatten, detail, publish, always=True)
         if flatten:
             for symbol in list(b.positions):
                 self._close(symbol, reason)
+
+    def _update_state(self, t: int, cause: str, flatten: bool = False, detail: dict | None = None,
+                      publish: bool = True, always: bool = False) -> None:
+        """The state in effect: the strictest of the held state and the automatic halts. A change (or an operator's
+        command, `always`) is a risk event; the guard's own changes go on `control` too: operators and a restarted
+        worker see them."""
+        b = self.book
+        state, reason = b.held_state, b.held_reason
+        if b.auto_halts and STRICTNESS[HALTED] > STRICTNESS[state]:
+            state, reason = HALTED, b.auto_halts[0]
+        previous = b.state
+        if not always and (state, reason) == (previous, b.state_reason):
+            return
+        b.state, b.state_reason = state, reason
+        self._risk_event("trading_state", "critical" if state == HALTED else "info", "", t, 0,
+                         {"from": previous, "to": state, "reason": reason, "cause": cause, "flatten": flatten,
+                          "held": b.held_state, "automatic": list(b.auto_halts), **(detail or {})})
+        if publish:
+            self.out.control.append({"state": state, "reason": reason, "flatten": flatten})
 
     def _close(self, symbol: str, reason: str) -> None:
         """Ask for a reduce-only close of the symbol's position; a pending entry is closed once it fills."""
@@ -367,13 +430,31 @@ class RiskGuard:
             self._send_close(symbol, pos)
 
     def _send_close(self, symbol: str, pos: Position) -> None:
-        mark = self.book.marks.get(symbol)
-        intent = event_ids.close_intent(pos.intent_id, pos.closing)
+        """The position's next CLOSE: the first under the id a replay gives again, each retry under its own."""
+        mark, b = self.book.marks.get(symbol), self.book
+        pos.close_attempts += 1
+        pos.close_time = b.clock
+        intent = event_ids.close_intent(pos.intent_id, pos.closing, pos.close_attempts)
+        t = mark.event_time if mark else b.newest_bar
+        if pos.close_attempts > 1:  # made now, not at the bar that first asked for it
+            t = max(t, b.clock)
         self._order(pos.partition, {
-            "event_id": event_ids.order(intent), "event_time": mark.event_time if mark else self.book.newest_bar,
+            "event_id": event_ids.order(intent), "event_time": t,
             "symbol": symbol, "intent_id": intent, "action": "CLOSE", "side": "SELL" if pos.side > 0 else "BUY",
             "quantity": pos.quantity, "stop_loss": None, "take_profit": None, "leverage": None,
             "signal_id": "", "reason": pos.closing, "source": "risk"})
+
+    def _retry_closes(self) -> None:
+        """Closing never gives up: a position still in the book a retry interval after its CLOSE is asked again."""
+        b = self.book
+        for symbol, pos in b.positions.items():
+            if pos.closing and pos.status == "open" and pos.close_attempts \
+                    and b.clock - pos.close_time >= self.limits.close_retry_ms:
+                self._risk_event("close_retry", "warning", symbol, b.clock, pos.partition,
+                                 {"reason": pos.closing, "attempt": pos.close_attempts + 1,
+                                  "intent_id": pos.intent_id, "quantity": pos.quantity,
+                                  "since_ms": b.clock - pos.close_time})
+                self._send_close(symbol, pos)
 
     def _order(self, partition: int, order: dict) -> None:
         b = self.book
@@ -413,8 +494,14 @@ class RiskGuard:
                 pos.quantity = ev.get("filled_qty") or pos.quantity
                 if pos.closing:  # a HALT or kill came while the entry was on its way
                     self._send_close(symbol, pos)
-            elif status in ("EXPIRED", "CANCELED", "REJECTED"):
-                del self.book.positions[symbol]
+            elif status in ("EXPIRED", "CANCELED", "REJECTED") and pos.status == "pending":
+                if ev.get("filled_qty"):  # ended after a part filled: that part is the position
+                    pos.status, pos.quantity = "open", ev["filled_qty"]
+                    pos.entry = ev.get("avg_price") or pos.entry
+                    if pos.closing:
+                        self._send_close(symbol, pos)
+                else:
+                    self._clear_pending(symbol, ev["event_time"], f"entry {status}")
         elif status == "FILLED" and ev.get("reduce_only") and pos.status == "open":
             del self.book.positions[symbol]  # stop-loss, take-profit, our close, or a liquidation
 
@@ -437,3 +524,79 @@ class RiskGuard:
         b.peak_equity = max(b.peak_equity, self.equity())
         if b.day < 0:
             b.day = ev["event_time"] // DAY_MS
+
+    # -- the execution connector's risk.events -----------------------------------------------------------------------
+    def _clear_pending(self, symbol: str, t: int, why: str) -> None:
+        """An approved entry that will never fill: it no longer holds its symbol, its margin or a close."""
+        pos = self.book.positions.pop(symbol)
+        self._risk_event("entry_cleared", "info", symbol, t, pos.partition, {"intent_id": pos.intent_id, "reason": why})
+
+    def _entry_failed(self, ev: dict) -> None:
+        intent = _detail(ev).get("intent_id")
+        for symbol, pos in list(self.book.positions.items()):
+            if intent and pos.intent_id == intent and pos.status == "pending":
+                self._clear_pending(symbol, ev["event_time"], ev["kind"])
+
+    def _reconcile(self, ev: dict) -> None:
+        """The account as the exchange has it, after a reconnect: the exchange wins; each difference a warning.
+        Pending entries (approved, not yet filled) are left to their own events."""
+        b, t, detail = self.book, ev["event_time"], _detail(ev)
+        exchange = {s: amount for s, amount in _amounts(detail.get("positions")).items() if amount}
+        for symbol, pos in list(b.positions.items()):
+            if pos.status == "open" and symbol not in exchange:
+                del b.positions[symbol]
+                self._reconciled(symbol, t, pos.partition, "not_on_exchange", pos.side * pos.quantity, 0.0)
+        for symbol, amount in sorted(exchange.items()):
+            pos, side = b.positions.get(symbol), 1 if amount > 0 else -1
+            if pos is None:
+                mark = b.marks.get(symbol)
+                entry = mark.close if mark else 0.0  # priced at the newest mark (or the next) until the exchange says
+                # the leverage is unknown: margin counted as the whole notional, the strict side
+                pos = b.positions[symbol] = Position(f"reconciled:{symbol}", side, abs(amount), entry, 1,
+                                                     abs(amount) * entry, "open",
+                                                     partition=mark.partition if mark else 0)
+                self._reconciled(symbol, t, pos.partition, "not_in_book", 0.0, amount)
+                if b.held_state == HALTED and b.held_flatten:  # a flatten is in force: this one too
+                    self._close(symbol, b.held_reason)
+            elif pos.status == "open" and not math.isclose(pos.side * pos.quantity, amount, rel_tol=1e-9):
+                before, flipped = pos.side * pos.quantity, side != pos.side
+                pos.margin = pos.margin * abs(amount) / pos.quantity if pos.quantity else pos.margin
+                pos.side, pos.quantity = side, abs(amount)
+                if flipped and symbol in b.marks:  # not the position the book priced
+                    pos.entry = b.marks[symbol].close
+                self._reconciled(symbol, t, pos.partition, "side" if flipped else "quantity", before, amount)
+        balance = _number(detail.get("balance"))
+        if balance is not None:
+            if b.balance is None or not math.isclose(b.balance, balance, rel_tol=1e-12):
+                self._reconciled("", t, 0, "balance", b.balance, balance)
+                if b.balance is None:  # the configured starting equity was a guess
+                    b.peak_equity = b.day_start_equity = balance
+                b.balance, b.balance_time = balance, max(b.balance_time, t)
+        b.peak_equity = max(b.peak_equity, self.equity())
+
+    def _reconciled(self, symbol: str, t: int, partition: int, what: str, before: float | None, after: float) -> None:
+        self._risk_event("book_reconciled", "warning", symbol, t, partition,
+                         {"reason": what, "book": before, "exchange": after})
+
+
+def _number(text: object) -> float | None:
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _amounts(positions: object) -> dict[str, float]:
+    """A snapshot's signed position amounts (strings); an amount that is not a number is left out."""
+    if not isinstance(positions, dict):
+        return {}
+    return {s: a for s, a in ((s, _number(text)) for s, text in positions.items()) if a is not None}
+
+
+def _detail(ev: dict) -> dict:
+    try:
+        detail = json.loads(ev.get("detail") or "{}")
+    except ValueError:
+        return {}
+    return detail if isinstance(detail, dict) else {}
