@@ -64,7 +64,10 @@ class Settings(BaseSettings):
     binance_leverage: int = 2
     """Leverage set per symbol (isolated margin) before the first order."""
     binance_stale_seconds: float = 30.0
-    """A market or user stream silent this long is treated as dead and reconnected."""
+    """A market stream silent this long is treated as dead and reconnected."""
+    binance_user_stale_seconds: float = 60.0
+    """The user data stream is pinged every third of this; no pong or frame for this long and it is down (no new
+    entries) and reconnected. An idle account's stream carries no events: silence is measured on pongs."""
     binance_max_connection_seconds: float = 23.5 * 3600
     """Connections are rolled before Binance's 24-hour limit."""
     binance_open_interest_seconds: float = 60.0

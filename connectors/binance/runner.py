@@ -4,7 +4,9 @@
 One RestClient is shared by every connector of a process: Binance counts request weight per IP, so one
 budget is the honest one. The market connector resumes after the newest bar already in md.klines.
 With `live`, the user data stream and the execution connector run too; orders wait while the user
-stream is down, and every (re)connect reconciles with the exchange before trading resumes.
+stream is down (dropped, or silent past PERPFLOW_BINANCE_USER_STALE_SECONDS), and every (re)connect
+reconciles with the exchange — and, for the publishing user connector, fetches the fills it missed —
+before trading resumes.
 """
 
 from __future__ import annotations
@@ -118,10 +120,12 @@ class BinanceSource:
             if "user" in self.parts or executor is not None:
                 publishing = "user" in self.parts
                 self.user = UserStream(rest, s.binance_ws_base, publisher, s.binance_listen_key_keepalive_seconds,
+                                       stale_s=s.binance_user_stale_seconds,
                                        max_connection_s=s.binance_max_connection_seconds,
                                        on_event=executor.on_user_event if executor else None,
                                        on_reconnected=executor.reconcile if executor else None,
-                                       publish=publishing, name="binance-user" if publishing else "binance-execution")
+                                       publish=publishing, name="binance-user" if publishing else "binance-execution",
+                                       symbols=self.symbols)
                 jobs.append(self.user.run())
             if executor is not None:
                 jobs.append(OrderConsumer(self.bootstrap, executor, ready=self.user.healthy).run())
