@@ -32,6 +32,8 @@ from schemas.codec import DecodeError, default_codec
 from schemas.tables import columns, select_fields
 from streams.broker import consumer_config, end_offsets, producer_config
 from streams.console import ProgressLine
+from streams.delivery import DeliveryReports
+from streams.errors import PerpflowError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,8 @@ class ArchiveReplay:
     # -- publishing ---------------------------------------------------------------------------------------------
     def run(self) -> ReplayResult:
         started = time.monotonic()
-        producer = Producer(producer_config(self.bootstrap))
+        reports = DeliveryReports("backtest replay")
+        producer = Producer(producer_config(self.bootstrap, **reports.config()))
         schemas = {n: topic(n).schema for n in MARKET_TOPICS}
         published: Counter[str] = Counter()
         nbytes: Counter[str] = Counter()
@@ -149,6 +152,8 @@ class ArchiveReplay:
                 self.back_pressure.pace(rec["event_time"], producer, self.stop_event)
                 if sent % PROGRESS_EVERY == 0:
                     producer.poll(0)
+                    if reports.resends_waiting:
+                        reports.resend(producer)
                     progress.update(sent)
                 value = self.codec.encode(schemas[name], rec)
                 kafka_topic = self.prefix + name
@@ -161,8 +166,9 @@ class ArchiveReplay:
                 published[kafka_topic] += 1
                 nbytes[kafka_topic] += len(value)
                 sent += 1
-        remaining = producer.flush(60)
-        if remaining:
-            raise RuntimeError(f"{remaining} backtest replay messages were not delivered to the broker")
+        undelivered = reports.flush(producer, 60)
+        if undelivered:
+            raise PerpflowError(f"the backtest replay could not deliver {undelivered:,} record(s) to the broker at "
+                                f"{self.bootstrap} (first: {reports.first_failure or 'still queued after 60 s'})")
         progress.done(sent)
         return ReplayResult(dict(published), dict(nbytes), LoadReport(), time.monotonic() - started)

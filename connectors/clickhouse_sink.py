@@ -4,11 +4,18 @@ Batches are bounded by rows and by time; offsets are committed only after the in
 so a crash replays the last batch, and the tables (ReplacingMergeTree on event_id) absorb the
 repeat. While ClickHouse is unavailable the sink pauses its partitions and retries with backoff.
 Undecodable messages go to `deadletter` with the reason before their offset is committed.
+
+A batch the store refuses for its data (a constraint, a value it cannot take: `data_error`) is split in halves
+until the rows it refuses are single; each of those goes to `deadletter` (reason `store_rejected`, the store's
+message) and the others land. Bounded: a batch of n rows with k refused ones costs at most ~2·k·log2(n) more
+inserts. Anything else (the store down, overloaded, read-only) is retried with backoff for the whole batch, which
+loses and skips nothing: its offsets are committed only after it landed.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from operator import itemgetter
@@ -17,16 +24,40 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from connectors.clickhouse_store import Store, below_the_chain
+from schemas import event_ids
 from schemas.catalog import Topic, archived
 from schemas.codec import Codec, DecodeError, default_codec
 from schemas.dead_letters import dead_letter
 from schemas.tables import arrow_table, columns, table_name, to_json_if_nested
 from streams import metrics
 from streams.broker import consumer_config, producer_config
+from streams.delivery import DeliveryReports
 
 log = logging.getLogger(__name__)
 
 GROUP = "perpflow-sink"
+
+# ClickHouse error codes that name the inserted data, not the server's state: CANNOT_PARSE_* (6, 27, 38, 41, 72),
+# TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, INCORRECT_DATA, TOO_LARGE_STRING_SIZE,
+# SIZES_OF_ARRAYS_DONT_MATCH, CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, DECIMAL_OVERFLOW, VIOLATED_CONSTRAINT. (252 is
+# both "too many parts", the server's back-pressure, and "too many partitions for single INSERT block", the batch's
+# shape, which a smaller block passes: see `data_error`.)
+_DATA_ERROR_CODES = frozenset({6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 190, 349, 407, 469})
+_CODE = re.compile(r"\bCode:\s*(\d+)")
+
+
+def data_error(exc: Exception) -> bool:
+    """True when the store refused the rows themselves (or they could not be made into its columns); False for
+    connection and server trouble, which a retry of the same rows outlives."""
+    if isinstance(exc, (pa.ArrowException, OverflowError, TypeError, ValueError)) and not isinstance(exc, OSError):
+        return True  # the Arrow columns could not be built from the rows
+    code = getattr(exc, "code", None)
+    if code is None:
+        found = _CODE.search(str(exc))
+        code = int(found.group(1)) if found else None
+    if code == 252:
+        return "partitions for single INSERT block" in str(exc)
+    return code in _DATA_ERROR_CODES
 
 
 class _TopicBatch:
@@ -48,9 +79,12 @@ class _TopicBatch:
         self.rows: list[tuple] = []
         self.partitions: list[int] = []
         self.offsets: list[int] = []
+        self.messages: list[tuple[bytes | None, bytes]] = []  # (key, value) as consumed: what a refused row was
 
-    def table(self) -> pa.Table:
-        return arrow_table(self.topic, self.rows, self.partitions, self.offsets, self.run_id)
+    def table(self, lo: int = 0, hi: int | None = None) -> pa.Table:
+        """The insert of rows [lo, hi)."""
+        sl = slice(lo, hi)
+        return arrow_table(self.topic, self.rows[sl], self.partitions[sl], self.offsets[sl], self.run_id)
 
 
 class ClickHouseSink:
@@ -65,13 +99,15 @@ class ClickHouseSink:
         self.topics = {prefix + t.name: t for t in (topics or archived())}
         self.dlq_topic = prefix + "deadletter"
         self.consumer = Consumer(consumer_config(bootstrap, group, **{"max.poll.interval.ms": 600_000}))
-        self.dlq = Producer(producer_config(bootstrap))
+        self.dlq_reports = DeliveryReports("sink dead letters")
+        self.dlq = Producer(producer_config(bootstrap, **self.dlq_reports.config()))
         self.batches = {name: _TopicBatch(t, name, run_id) for name, t in self.topics.items()}
         self._next_offsets: dict[tuple[str, int], int] = {}
         self.committed: dict[tuple[str, int], int] = {}
         self.rows_inserted = 0
         self.first_insert_at: float | None = None  # monotonic time of the first successful insert
         self.dead_letters = 0
+        self.rows_rejected = 0  # rows the store refused for their data, dead-lettered
         self.stop_event = threading.Event()
         self._pending_rows = 0
         self._batch_started = time.monotonic()
@@ -144,19 +180,31 @@ class ClickHouseSink:
             batch.rows.append(batch.values(record))
             batch.partitions.append(partition)
             batch.offsets.append(offset)
+            batch.messages.append((msg.key(), value))
             self._pending_rows += 1
         for name, (n, nbytes) in counts.items():
             metrics.MESSAGES_CONSUMED.labels(self.group, name).inc(n)
             metrics.BYTES_CONSUMED.labels(self.group, name).inc(nbytes)
 
     def _dead_letter(self, msg, exc: DecodeError) -> None:
-        record = dead_letter(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), exc.reason,
-                             exc.detail)
-        self.dlq.produce(self.dlq_topic, key=msg.topic().encode(), value=self.codec.encode("dead_letter", record))
+        self._send_dead_letter(dead_letter(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                                           exc.reason, exc.detail))
+
+    def _send_dead_letter(self, record: dict) -> None:
+        value = self.codec.encode("dead_letter", record)
+        while True:
+            try:
+                self.dlq.produce(self.dlq_topic, key=record["source_topic"].encode(), value=value)
+                break
+            except BufferError:
+                self.dlq.poll(0.05)
         self.dlq.poll(0)
+        if self.dlq_reports.resends_waiting:
+            self.dlq_reports.resend(self.dlq)
         self.dead_letters += 1
-        metrics.DEAD_LETTERS.labels(msg.topic(), exc.reason).inc()
-        log.warning("dead letter from %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+        metrics.DEAD_LETTERS.labels(record["source_topic"], record["reason"]).inc()
+        log.warning("dead letter from %s[%d]@%d: %s (%s)", record["source_topic"], record["partition"],
+                    record["offset"], record["reason"], record["error"][:200])
 
     # -- batches ----------------------------------------------------------------------------
     def flush(self) -> None:
@@ -165,8 +213,11 @@ class ClickHouseSink:
             if batch.rows:
                 self._insert(batch)
         # dead letters must be safely in their topic before the offsets that produced them move on
-        if self.dlq.flush(30) > 0:
-            raise RuntimeError("dead-letter messages could not be delivered; not committing offsets")
+        undelivered = self.dlq_reports.flush(self.dlq, 30)
+        if undelivered:
+            first = self.dlq_reports.first_failure or "still queued after 30 s"
+            raise RuntimeError(f"{undelivered} dead-letter message(s) could not be delivered ({first}); "
+                               "not committing offsets")
         if self._next_offsets:
             offsets = [TopicPartition(t, p, o) for (t, p), o in self._next_offsets.items()]
             self.consumer.commit(offsets=offsets, asynchronous=False)
@@ -177,7 +228,48 @@ class ClickHouseSink:
         self._batch_started = time.monotonic()
 
     def _insert(self, batch: _TopicBatch) -> None:
-        table = batch.table()
+        """Insert the batch; rows the store refuses for their data are found by halving and dead-lettered."""
+        spans = [(0, len(batch.rows))]
+        landed = 0
+        while spans:
+            lo, hi = spans.pop()
+            refused = self._insert_span(batch, lo, hi)
+            if refused is None:
+                landed += hi - lo
+            elif hi - lo == 1:
+                self._reject_row(batch, lo, refused)
+            else:
+                mid = (lo + hi) // 2
+                spans += [(mid, hi), (lo, mid)]  # the first half next
+        metrics.SINK_ROWS.labels(batch.table_name).inc(landed)
+        self.rows_inserted += landed
+        if self.first_insert_at is None and landed:
+            self.first_insert_at = time.monotonic()
+        newest = max(r[batch.event_time_index] for r in batch.rows)
+        metrics.EVENT_TIME_LAG.labels(self.group, batch.name).set(time.time() - newest / 1000)
+        batch.clear()
+
+    def _reject_row(self, batch: _TopicBatch, i: int, exc: Exception) -> None:
+        self.rows_rejected += 1
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        partition, offset = batch.partitions[i], batch.offsets[i]
+        if batch.topic.name == "deadletter":  # never a dead letter of a dead letter: it stays in its topic
+            log.error("the store refused dead letter %s[%d]@%d (%s); it stays in the topic only", batch.name,
+                      partition, offset, detail)
+            return
+        key, value = batch.messages[i]
+        self._send_dead_letter(dead_letter(batch.name, partition, offset, key, value, "store_rejected", detail,
+                                           event_ids.dead_letter(batch.name, partition, offset, "store")))
+
+    def _insert_span(self, batch: _TopicBatch, lo: int, hi: int) -> Exception | None:
+        """Insert rows [lo, hi), retrying with backoff while the store is unavailable; returns the error when it
+        refuses the rows themselves (`data_error`), None once they landed."""
+        try:
+            table = batch.table(lo, hi)
+        except Exception as exc:
+            if data_error(exc):
+                return exc
+            raise
         delay, paused = 0.5, False
         while True:
             started = time.perf_counter()
@@ -186,6 +278,12 @@ class ClickHouseSink:
                 break
             except Exception as exc:
                 metrics.SINK_INSERT_FAILURES.labels(batch.table_name).inc()
+                if data_error(exc):
+                    if paused:
+                        self.consumer.resume(self.consumer.assignment())
+                    log.warning("the store refused %d row(s) of %s (%s)%s", hi - lo, batch.table_name,
+                                str(exc).splitlines()[0][:200], "" if hi - lo == 1 else "; splitting the batch")
+                    return exc
                 if self.stop_event.is_set() and delay > 8:
                     raise
                 log.warning("insert into %s failed (%s); retrying in %.1f s", batch.table_name,
@@ -198,13 +296,7 @@ class ClickHouseSink:
         if paused:
             self.consumer.resume(self.consumer.assignment())
         metrics.SINK_INSERT_SECONDS.labels(batch.table_name).observe(time.perf_counter() - started)
-        metrics.SINK_ROWS.labels(batch.table_name).inc(len(batch.rows))
-        self.rows_inserted += len(batch.rows)
-        if self.first_insert_at is None:
-            self.first_insert_at = time.monotonic()
-        newest = max(r[batch.event_time_index] for r in batch.rows)
-        metrics.EVENT_TIME_LAG.labels(self.group, batch.name).set(time.time() - newest / 1000)
-        batch.clear()
+        return None
 
     def _export_lag(self) -> None:
         for tp in self.consumer.assignment():

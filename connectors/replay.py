@@ -18,6 +18,7 @@ then) goes into md.funding, as Binance's /fapi/v1/fundingRate reports it.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,13 +27,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import Producer
 
+from connectors import validation
 from connectors.back_pressure import ChainBackPressure
 from connectors.history_files import LoadReport, SymbolHistory, load_history
 from schemas import records
 from schemas.codec import Codec, default_codec
+from schemas.dead_letters import dead_letter
 from streams import metrics
 from streams.broker import producer_config
 from streams.console import ProgressLine
+from streams.delivery import DeliveryReports
+from streams.errors import PerpflowError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ DEFAULT_FUNDING_MS = 8 * 3_600_000
 
 KIND_KLINE, KIND_MARK, KIND_FUNDING = 0, 1, 2
 TOPIC_OF_KIND = {KIND_KLINE: "md.klines", KIND_MARK: "md.markprice", KIND_FUNDING: "md.funding"}
+SCHEMA_OF_KIND = {KIND_KLINE: "kline", KIND_MARK: "mark_price", KIND_FUNDING: "funding"}
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -114,6 +120,7 @@ class ReplayResult:
     published_bytes: dict[str, int]
     report: LoadReport
     seconds: float
+    dead_letters: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, reason) → records refused
 
     def export_metrics(self) -> None:
         """Count the replay in this process's metrics (`perpflow up` runs the replay in a child process
@@ -124,6 +131,8 @@ class ReplayResult:
             metrics.REPLAY_EVENTS.labels(topic).inc(n)
         for reason, count in self.report.skipped_rows.items():
             metrics.REPLAY_SKIPPED_ROWS.labels(reason).inc(count)
+        for (topic, reason), count in self.dead_letters.items():
+            metrics.DEAD_LETTERS.labels(topic, reason).inc(count)
 
 
 class ReplaySource:
@@ -155,10 +164,15 @@ class ReplaySource:
         timeline = build_timeline(prepared)
         # paced like a live feed, an event leaves at once (the default linger, 20 ms, was most of the first hop's
         # latency); at full speed the linger fills the batches
-        producer = Producer(producer_config(self.bootstrap, **({"linger.ms": 1} if self.speed else {})))
+        reports = DeliveryReports("replay")
+        producer = Producer(producer_config(self.bootstrap, **({"linger.ms": 1} if self.speed else {}),
+                                            **reports.config()))
         topics = {k: self.prefix + v for k, v in TOPIC_OF_KIND.items()}
         published = dict.fromkeys(topics.values(), 0)
         nbytes = dict.fromkeys(topics.values(), 0)
+        dead_letters: dict[tuple[str, str], int] = {}
+        record_of = {KIND_KLINE: self.kline_record, KIND_MARK: self.mark_record, KIND_FUNDING: self.funding_record}
+        check = {k: validation.CHECKS[v] for k, v in TOPIC_OF_KIND.items()}
         progress = ProgressLine("replay", total=len(timeline), unit="events")
         encode, produce, poll = self.codec.encode, producer.produce, producer.poll
         back_pressure = ChainBackPressure(self.bootstrap, self.prefix, self.group, len(prepared)) \
@@ -176,14 +190,15 @@ class ReplaySource:
             elif back_pressure is not None:
                 back_pressure.pace(event_time, producer, self.stop_event)
             p = prepared[s]
-            if kind == KIND_KLINE:
-                value = encode("kline", self.kline_record(p, row))
-            elif kind == KIND_MARK:
-                value = encode("mark_price", self.mark_record(p, row))
-            else:
-                value = encode("funding", self.funding_record(p, row))
+            record = record_of[kind](p, row)
             symbol = p.history.symbol
             topic = topics[kind]
+            found = check[kind](record)
+            if found is not None:  # a NaN, negative or absurd value in the files: to the dead letters, not the md topic
+                self._dead_letter(producer, topic, symbol, record, *found)
+                dead_letters[(topic, found[0])] = dead_letters.get((topic, found[0]), 0) + 1
+                continue
+            value = encode(SCHEMA_OF_KIND[kind], record)
             while True:
                 try:
                     produce(topic, value, symbol.encode())
@@ -194,14 +209,30 @@ class ReplaySource:
             nbytes[topic] += len(value)
             if i % 5000 == 0:
                 poll(0)
+                if reports.resends_waiting:
+                    reports.resend(producer)
                 progress.update(i + 1)
-        remaining = producer.flush(60)
-        if remaining:
-            raise RuntimeError(f"{remaining} replay messages were not delivered to the broker")
+        undelivered = reports.flush(producer, 60)
+        if undelivered:
+            raise PerpflowError(f"the replay could not deliver {undelivered:,} record(s) to the broker at "
+                                f"{self.bootstrap} (first: {reports.first_failure or 'still queued after 60 s'}); "
+                                "the md topics miss them: check the broker, then replay again")
         progress.done(sum(published.values()))
-        result = ReplayResult(published, nbytes, report, time.monotonic() - started)
+        result = ReplayResult(published, nbytes, report, time.monotonic() - started, dead_letters)
         result.export_metrics()
         return result
+
+    def _dead_letter(self, producer: Producer, topic: str, symbol: str, record: dict, reason: str,
+                     error: str) -> None:
+        log.warning("replay: a %s record of %s refused (%s: %s)", topic, symbol, reason, error)
+        payload = json.dumps(record, default=str).encode()
+        value = self.codec.encode("dead_letter", dead_letter(topic, -1, -1, symbol, payload, reason, error))
+        while True:
+            try:
+                producer.produce(self.prefix + "deadletter", value, topic.encode())
+                return
+            except BufferError:
+                producer.poll(0.05)
 
     # -- the records, one per event kind (also used by benchmarks/codec.py) ----------------------
     def kline_record(self, p: _Prepared, row: int) -> dict:

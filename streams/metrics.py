@@ -19,6 +19,8 @@ EVENT_TIME_LAG = Gauge(
     "perpflow_event_time_lag_seconds", "Wall clock minus the newest event_time consumed", ["group", "topic"]
 )
 DEAD_LETTERS = Counter("perpflow_dead_letters", "Messages sent to the dead-letter topic", ["source_topic", "reason"])
+PRODUCE_FAILURES = Counter("perpflow_produce_failures", "Records a producer outside the agents gave up delivering "
+                           "(after librdkafka's retries and its own resends)", ["topic", "reason"])
 
 SINK_ROWS = Counter("perpflow_sink_rows", "Rows inserted into ClickHouse", ["table"])
 SINK_BATCHES = Counter("perpflow_sink_batches", "Insert batches committed (insert + offset commit)")
@@ -50,6 +52,8 @@ AGENT_INPUT_SKIPPED = Counter("perpflow_agent_input_skipped", "Input messages an
                               ["agent", "reason"])
 AGENT_INPUT_LOST = Counter("perpflow_agent_input_lost", "Input offsets that never came back after a seek (gone from "
                            "the broker); the agent went on without them", ["agent", "topic"])
+CONTROL_REJECTED = Counter("perpflow_control_rejected", "`control` records ignored: HMAC missing or wrong "
+                           "(not signed with this deployment's control token)", ["entity"])
 WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")
 
 # Metrics named before whoever exports them exists: the alert rules (deploy/prometheus/rules) and the dashboards
@@ -116,3 +120,5 @@ BINANCE_BACKFILLED = Counter("perpflow_binance_backfilled", "Records backfilled 
 BINANCE_REST_ERRORS = Counter("perpflow_binance_rest_errors", "REST errors by path and code", ["path", "code"])
 BINANCE_USED_WEIGHT = Gauge("perpflow_binance_used_weight_1m", "X-MBX-USED-WEIGHT-1M of the last response")
 BINANCE_ORDERS = Counter("perpflow_binance_orders", "Execution outcomes", ["outcome"])
+EXECUTION_TRANSITIONS = Counter("perpflow_execution_transitions", "Order-intent lifecycle transitions by the state "
+                                "entered (connectors/binance/execution.py)", ["state"])
