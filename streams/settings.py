@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     """Live bars older than this (wall clock) are stale: their entries are rejected."""
     risk_allow_pyramiding: bool = False
     """Whether a second entry may add to a symbol's open position."""
+    risk_close_retry_seconds: float = 60.0
+    """A position still open this long after the guard's CLOSE (a kill, a loss HALT) gets the CLOSE again."""
 
     # -- the paper exchange (connectors/paper): the fill and cost model of paper trading
     paper_trading: bool = True

@@ -56,7 +56,7 @@ def limits_from(settings: Settings) -> Limits:
         fat_finger_multiple=settings.risk_fat_finger_multiple,
         max_orders_per_minute=settings.risk_max_orders_per_minute,
         live_stale_ms=int(settings.risk_stale_seconds * 1000), allow_pyramiding=settings.risk_allow_pyramiding,
-        initial_equity=settings.paper_balance)
+        initial_equity=settings.paper_balance, close_retry_ms=int(settings.risk_close_retry_seconds * 1000))
 
 
 def paper_config(settings: Settings) -> PaperConfig:
