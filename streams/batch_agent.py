@@ -16,8 +16,10 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import faust
+from confluent_kafka import KafkaException
 from faust.types import TP
 
+from schemas import event_ids
 from schemas.catalog import topic
 from schemas.codec import DecodeError, default_codec
 from schemas.dead_letters import dead_letter
@@ -130,6 +132,17 @@ def send_dead_letter(output: AgentOutput, topic: str, codec: Any, msg: Any, exc:
     output.send(topic, msg.topic.encode(), codec.encode("dead_letter", record))
 
 
+def send_handler_dead_letter(output: AgentOutput, topic: str, codec: Any, agent: str, msg: Any,
+                             exc: Exception) -> None:
+    """A record that decoded but made the agent's handler raise: the reason `handler_error`, the exception."""
+    error = f"{agent}: {type(exc).__name__}: {exc}"
+    record = dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, "handler_error", error,
+                         event_ids.dead_letter(msg.topic, msg.partition, msg.offset, f"handler:{agent}"))
+    metrics.DEAD_LETTERS.labels(msg.topic, "handler_error").inc()
+    log.error("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, error)
+    output.send(topic, msg.topic.encode(), codec.encode("dead_letter", record))
+
+
 class BatchAgent:
     """Subclasses name their topics and implement `handle`: decoded records (topic, partition, key, record) →
     output records (topic, partition or None, key, record), in any number."""
@@ -138,6 +151,10 @@ class BatchAgent:
     input_topics: tuple[str, ...]
     output_topics: tuple[str, ...]
     read_along: frozenset[str] = frozenset()  # inputs another agent owns (and dead-letters), e.g. md.klines for risk
+    # `handle` keeps nothing between records (predict): after a batch raised, its records are handled again one by one
+    # and those that still raise are dead-lettered (`handler_error`) instead of the worker crash-looping on them. A
+    # stateful agent (risk) leaves it off: the records before the failing one would be applied twice.
+    isolates_failing_records: bool = False
 
     def __init__(self, app: faust.App) -> None:
         self.app = app
@@ -187,6 +204,7 @@ class BatchAgent:
 
     async def batch(self, events: list[faust.EventT]) -> None:
         inputs: list[tuple[str, int, bytes, dict]] = []
+        messages: list[Any] = []  # the message of each input
         offsets: dict[TP, int] = {}
         for event in events:
             msg = event.message
@@ -203,21 +221,51 @@ class BatchAgent:
                     send_dead_letter(self.output, self.dead_letters, self.codec, msg, exc)
                 continue
             inputs.append((source, msg.partition, msg.key, record))
+            messages.append(msg)
         await self.input.settle()
         self.handing = offsets
-        if inputs:
+        if inputs and self.isolates_failing_records:
+            await self._handle_isolating(inputs, messages)
+        elif inputs:
             self.send(await self.handle(inputs))
         await self.output.delivered()
         self.processed.update(offsets)  # only once the outputs are acknowledged: a cancelled batch is not committed
         if time.monotonic() - self.last_commit >= COMMIT_SECONDS:
             await self._commit()
 
+    async def _handle_isolating(self, inputs: list[tuple[str, int, bytes, dict]], messages: list[Any]) -> None:
+        """Handle and send the batch; when that raises (the handler, or encoding what it made), each record again
+        alone, dead-lettering those that raise. Broker and I/O errors are not the records' fault: they propagate."""
+        try:
+            self.send(await self.handle(inputs))
+            return
+        except (KafkaException, OSError):
+            raise
+        except Exception as exc:
+            if len(inputs) == 1:
+                send_handler_dead_letter(self.output, self.dead_letters, self.codec, self.name, messages[0], exc)
+                return
+            log.error("%s: a batch of %d records raised %s: %s; handling them one by one", self.name, len(inputs),
+                      type(exc).__name__, exc)
+        for item, msg in zip(inputs, messages, strict=True):
+            try:
+                self.send(await self.handle([item]))
+            except (KafkaException, OSError):
+                raise
+            except Exception as exc:
+                send_handler_dead_letter(self.output, self.dead_letters, self.codec, self.name, msg, exc)
+
     def send(self, outputs: list[tuple[str, int | None, bytes, dict]]) -> None:
-        """Encode and send (acknowledged by `self.output.delivered()`)."""
-        send, encode = self.output.send, self.codec.encode
+        """Encode, then send (acknowledged by `self.output.delivered()`): an output that cannot be encoded raises
+        before any of the batch's left."""
+        encode, outputs_of = self.codec.encode, self.outputs
+        encoded = []
         for name, partition, key, record in outputs:
-            out, schema = self.outputs[name]
-            send(out, key, encode(schema, record), partition)
+            out, schema = outputs_of[name]
+            encoded.append((out, key, encode(schema, record), partition))
+        send = self.output.send
+        for out, key, value, partition in encoded:
+            send(out, key, value, partition)
 
     def save(self) -> None:
         """Write the state (`self.output.save`) before offsets are committed, once the batches' outputs are
