@@ -69,6 +69,7 @@ def promotions(records: list[dict]) -> dict[tuple[str, int], dict]:
 class PredictAgent(BatchAgent):
     name = "predict"
     input_topics, output_topics = ("features",), ("predictions", "signals")
+    isolates_failing_records = True  # stateless per record: a features record it cannot predict is dead-lettered
 
     def __init__(self, app: Any, settings: Settings) -> None:
         super().__init__(app)
