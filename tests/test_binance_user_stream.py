@@ -130,3 +130,162 @@ def test_stream_publishes_events_and_survives_expiry_keepalive_loss_and_disconne
     puts = [r for r in fake.requests if r[1] == "PUT" and r[2] == "/fapi/v1/listenKey"]
     assert puts, "the listenKey was kept alive"
     assert [d["reason"] for d in read_topic(broker.bootstrap, "deadletter")] == ["malformed"]
+
+
+STALE_S = 1.5  # the silence bound in these tests (60 s in production)
+
+
+def _order(fake: FakeBinance, cid: str, side: str = "BUY", qty: str = "0.010") -> None:
+    """A fill on the fake account that nobody's executor made: the stream (or its recovery) must report it."""
+    fake.call(fake.new_order, {"symbol": "BTCUSDT", "side": side, "type": "MARKET", "quantity": qty,
+                               "newClientOrderId": cid})
+
+
+def _stream_fill_ids(fake: FakeBinance) -> set[str]:
+    """The ids of every fill the fake pushed (delivered or not), as the stream's parser names them."""
+    return {PARSERS["ORDER_TRADE_UPDATE"](e)["event_id"] for e in fake.user_events
+            if e["e"] == "ORDER_TRADE_UPDATE" and e["o"]["x"] == "TRADE"}
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_stream_stays_up_on_pongs_and_a_silent_one_is_down_within_the_bound(broker):
+    ensure_topics(broker.bootstrap)
+    fake = FakeBinance(["BTCUSDT"], 1_704_153_600_000).start()
+    publisher = Publisher(broker.bootstrap)
+    rest = RestClient(fake.rest_url, API_KEY, API_SECRET, timeout_s=5)
+    stream = UserStream(rest, fake.ws_url, publisher, stale_s=STALE_S, symbols=["BTCUSDT"])
+    measured: dict[str, float] = {}
+
+    async def scenario():
+        await rest.sync_time()
+        task = asyncio.create_task(stream.run())
+        await _until(stream.healthy.is_set)
+        await asyncio.sleep(3 * STALE_S)  # no event at all: the pongs alone keep it up
+        measured["idle_connections"] = stream.connections
+        silenced = time.monotonic()
+        fake.silence_user_streams()
+        await _until(lambda: not stream.healthy.is_set(), timeout=3 * STALE_S)
+        measured["down_after_s"] = time.monotonic() - silenced
+        await _until(lambda: stream.connections == 2 and stream.healthy.is_set())
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await rest.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        fake.stop()
+    publisher.flush()
+    assert measured["idle_connections"] == 1, "an idle account's stream is not dead"
+    # the last pong came at most a third of the bound before the silence began
+    assert STALE_S * 2 / 3 - 0.1 <= measured["down_after_s"] <= STALE_S + 0.5, measured
+    health = read_topic(broker.bootstrap, "risk.events")
+    assert [h["kind"] for h in health] == ["user_stream_restored", "user_stream_down", "user_stream_restored"]
+    down = json.loads(health[1]["detail"])
+    assert down["reason"].startswith("silent for") and health[1]["severity"] == "critical", down
+    pings = [r for r in fake.requests if r[2] == "/fapi/v1/listenKey" and r[1] == "POST"]
+    assert len(pings) == 2, "a new listenKey session after the silent one"
+
+
+@pytest.mark.timeout(60)
+def test_a_fill_missed_while_down_reaches_user_events_once_and_restored_waits_for_reconcile_and_recovery(broker):
+    ensure_topics(broker.bootstrap)
+    fake = FakeBinance(["BTCUSDT"], 1_704_153_600_000).start()
+    publisher = Publisher(broker.bootstrap)
+    rest = RestClient(fake.rest_url, API_KEY, API_SECRET, timeout_s=5)
+    reconciling, release = asyncio.Event(), asyncio.Event()
+    seen: dict[str, object] = {"reconciles": 0}
+
+    async def reconcile():
+        seen["reconciles"] += 1
+        assert not stream.healthy.is_set()
+        if seen["reconciles"] == 3:  # the reconnect after the failed recovery: held until the test has looked
+            reconciling.set()
+            await release.wait()
+        seen["reconciled_at"] = rest.server_now_ms()
+
+    stream = UserStream(rest, fake.ws_url, publisher, stale_s=STALE_S, on_reconnected=reconcile,
+                        symbols=["BTCUSDT"])
+
+    async def scenario():
+        await rest.sync_time()
+        task = asyncio.create_task(stream.run())
+        await _until(stream.healthy.is_set)
+        _order(fake, "live-fill")  # delivered by the stream: never again by the recovery
+        await _until(lambda: len(stream._seen_trades) == 1)
+        fake.silence_user_streams()
+        _order(fake, "missed-fill")  # the connection is dead, nobody knows yet
+        fake.fail_next("/fapi/v1/userTrades", 400, -1000, "fake: an unknown error occurred")
+        await _until(reconciling.is_set, timeout=3 * STALE_S + 5)
+        _order(fake, "fill-during-reconcile", side="SELL", qty="0.005")  # on the live connection and over REST
+        await asyncio.sleep(0.3)
+        seen["healthy_while_reconciling"] = stream.healthy.is_set()
+        seen["risk_while_reconciling"] = publisher.published.get("risk.events", 0)
+        release.set()
+        await _until(lambda: stream.healthy.is_set() and stream.connections == 3)  # the failed recovery retried
+        await asyncio.sleep(0.5)  # the new connection's buffered events are read (and not published again)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await rest.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        fake.stop()
+    publisher.flush()
+    assert -1000 in fake.rest_errors, "the injected userTrades failure fired"
+    assert not seen["healthy_while_reconciling"] and seen["risk_while_reconciling"] == 2  # restored, down
+    events = read_topic(broker.bootstrap, "user.events")
+    fills = [e for e in events if e["execution_type"] == "TRADE"]
+    assert len(_stream_fill_ids(fake)) == 3
+    assert sorted(e["event_id"] for e in fills) == sorted(_stream_fill_ids(fake)), "each fill once, the stream's id"
+    by_client = {e["client_order_id"]: e for e in fills}
+    assert by_client["live-fill"]["source"] == "binance-ws" and by_client["missed-fill"]["source"] == "binance-rest"
+    missed = by_client["missed-fill"]
+    assert (missed["order_status"], missed["filled_qty"], missed["last_filled_qty"], missed["side"]) == (
+        "FILLED", 0.01, 0.01, "BUY")
+    snapshots = [e for e in events if e["event_type"] == "ACCOUNT_UPDATE" and e["reason"] == "SNAPSHOT"]
+    assert [p["position_amount"] for p in snapshots[-1]["positions"]] == [0.015]
+    assert snapshots[-1]["balances"][0]["wallet_balance"] == pytest.approx(fake.account.balance)
+    health = sorted(read_topic(broker.bootstrap, "risk.events"), key=lambda r: r["event_time"])
+    assert [h["kind"] for h in health] == ["user_stream_restored", "user_stream_down", "user_stream_restored"]
+    restored = health[-1]
+    assert restored["event_time"] >= seen["reconciled_at"] and seen["reconciles"] == 3
+    assert json.loads(restored["detail"])["recovered_fills"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_the_scheduled_roll_reconnects_at_once_through_reconcile_and_recovery(broker):
+    ensure_topics(broker.bootstrap)
+    fake = FakeBinance(["BTCUSDT"], 1_704_153_600_000).start()
+    publisher = Publisher(broker.bootstrap)
+    rest = RestClient(fake.rest_url, API_KEY, API_SECRET, timeout_s=5)
+    reconciles: list[bool] = []
+
+    async def reconcile():
+        reconciles.append(stream.healthy.is_set())
+
+    stream = UserStream(rest, fake.ws_url, publisher, stale_s=STALE_S, max_connection_s=1.0,
+                        on_reconnected=reconcile, symbols=["BTCUSDT"])
+
+    async def scenario():
+        await rest.sync_time()
+        task = asyncio.create_task(stream.run())
+        await _until(lambda: stream.connections == 3 and stream.healthy.is_set())
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await rest.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        fake.stop()
+    publisher.flush()
+    assert reconciles[:3] == [False] * 3
+    health = sorted(read_topic(broker.bootstrap, "risk.events"), key=lambda r: r["event_time"])
+    downs = [json.loads(h["detail"]) for h in health if h["kind"] == "user_stream_down"]
+    restores = [json.loads(h["detail"]) for h in health if h["kind"] == "user_stream_restored"]
+    assert [d["reason"] for d in downs][:2] == ["rollover", "rollover"]
+    assert all(r["down_ms"] < 500 for r in restores[1:3]), restores  # no backoff: only the reconnect's own time
+    fetched = [r for r in fake.requests if r[2] in ("/fapi/v1/userTrades", "/fapi/v2/account")]
+    assert len({r[2] for r in fetched}) == 2 and len(fetched) >= 4, "each roll fetched what it may have missed"

@@ -157,7 +157,7 @@ class FakeBinance:
     def silence_user_streams(self) -> None:
         """The open user-stream connections go dead without closing: no event reaches them, no ping is answered
         (events still happen and are recorded). Connections made afterwards work."""
-        self._silent_user_ws.update(ws for conns in self._user_ws.values() for ws in conns)
+        self.call(lambda: self._silent_user_ws.update(ws for conns in self._user_ws.values() for ws in conns))
 
     def silence_market(self, seconds: float) -> None:
         self.silent_until = time.monotonic() + seconds
