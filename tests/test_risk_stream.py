@@ -266,3 +266,106 @@ def test_a_chain_that_stops_taking_its_input_is_an_error_not_a_wait(broker, tmp_
             up.wait_for_agents(bootstrap, worker)
     finally:
         worker.stop()
+
+
+def test_trading_state_holds_when_trading_an_account(broker, tmp_path: Path, monkeypatch):
+    """Live wiring (no paper exchange; this test plays the connectors): an operator's REDUCE_ONLY survives a
+    user-stream roll, an entry the execution connector reports rejected frees its symbol, a kill's CLOSE that the
+    exchange leaves unfilled is sent again on the agent's timer until the fill comes, and an account snapshot after
+    a reconnect puts the exchange's position in the book (and, a kill in force, closes it)."""
+    from connectors.binance.user_stream import parse_order_trade_update, risk_record
+
+    monkeypatch.setenv("PERPFLOW_PAPER_TRADING", "false")
+    monkeypatch.setenv("PERPFLOW_RISK_CLOSE_RETRY_SECONDS", "2")
+    bootstrap = broker.bootstrap
+    ensure_topics(bootstrap)
+    home = tmp_path / "home"
+    settings = Settings(home=home, kafka_bootstrap=bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["BTCUSDT", "ETHUSDT"])
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(settings, bootstrap)
+    cli = {"PERPFLOW_KAFKA_BOOTSTRAP": bootstrap}
+
+    def state() -> str:
+        return run_cli(home, "trading", "status", **cli).stdout
+
+    def decided(s: dict) -> dict | None:
+        return verdicts(bootstrap).get(s["event_id"])
+
+    def fill(client_id: str, qty: float, price: float, reduce_only: bool) -> dict:
+        t = int(time.time() * 1000)
+        return parse_order_trade_update({"e": "ORDER_TRADE_UPDATE", "E": t, "T": t, "o": {
+            "s": "BTCUSDT", "c": client_id, "S": "SELL" if reduce_only else "BUY", "o": "MARKET", "f": "GTC",
+            "q": str(qty), "p": "0", "ap": str(price), "sp": "0", "x": "TRADE", "X": "FILLED", "i": 7, "l": str(qty),
+            "z": str(qty), "L": str(price), "T": t, "t": 1, "R": reduce_only, "wt": "CONTRACT_PRICE", "ps": "BOTH",
+            "rp": "0"}})
+
+    try:
+        first = signal("BTCUSDT", 0, "FLAT", 42_000.0, 0)
+        publish(bootstrap, [("signals", first)])
+        wait("the first verdict", lambda: decided(first), worker=worker)
+        assert run_cli(home, "trading", "stop", "--reason", "night", **cli).returncode == 0
+        wait("REDUCE_ONLY", lambda: "REDUCE_ONLY" in state(), worker=worker)
+        roll = [("risk.events", risk_record(kind, "info", "", T0 + n, {"reason": "scheduled roll"}))
+                for n, kind in enumerate(("user_stream_down", "user_stream_restored"))]
+        publish(bootstrap, roll)
+        wait("the roll handled", lambda: [json.loads(e["detail"])["to"] for e in read_topic(bootstrap, "risk.events")
+                                          if e["kind"] == "trading_state"][-2:] == ["HALTED", "REDUCE_ONLY"],
+             worker=worker)
+        blocked = signal("BTCUSDT", 1, "LONG", 42_000.0, 0.1)
+        publish(bootstrap, [("signals", blocked)])
+        assert wait("a verdict", lambda: decided(blocked), worker=worker)["violations"] == ["reduce_only"]
+        assert "REDUCE_ONLY" in state()
+
+        assert run_cli(home, "trading", "start", **cli).returncode == 0
+        wait("RUNNING", lambda: "RUNNING" in state(), worker=worker)
+        rejected = signal("BTCUSDT", 2, "LONG", 42_000.0, 0.1)
+        publish(bootstrap, [("signals", rejected)])
+        intent = wait("an entry", lambda: decided(rejected), worker=worker)["intent_id"]
+        publish(bootstrap, [("risk.events", risk_record("order_rejected", "warning", "BTCUSDT", T0 + 3 * BAR,
+                                                        {"intent_id": intent, "reason": "margin_insufficient"},
+                                                        intent))])
+        wait("the pending entry cleared", lambda: any(e["kind"] == "entry_cleared"
+                                                      for e in read_topic(bootstrap, "risk.events")), worker=worker)
+        entry = signal("BTCUSDT", 3, "LONG", 42_000.0, 0.1)
+        publish(bootstrap, [("signals", entry)])
+        v = wait("the next entry", lambda: decided(entry), worker=worker)
+        assert (v["verdict"], v["action"]) == ("APPROVED", "OPEN")  # not position_open: the symbol is free
+        publish(bootstrap, [("user.events", fill(client_ids(v["intent_id"])["entry"], 0.1, 42_000.0, False))])
+        wait("the entry open", lambda: "open" in json.dumps(worker_get(settings, "/positions")), worker=worker)
+
+        assert run_cli(home, "trading", "kill", "--reason", "test", **cli).returncode == 0
+        closes = wait("the kill's close sent three times", lambda: (lambda c: len(c) >= 3 and c)(
+            [o for o in read_topic(bootstrap, "orders") if o["action"] == "CLOSE"]), timeout=60, worker=worker)
+        assert [o["intent_id"] for o in closes[:3]] == [event_ids.close_intent(v["intent_id"], "test", n)
+                                                       for n in (1, 2, 3)]
+        retries = [json.loads(e["detail"]) for e in read_topic(bootstrap, "risk.events") if e["kind"] == "close_retry"]
+        assert [r["attempt"] for r in retries[:2]] == [2, 3]
+        publish(bootstrap, [("user.events", fill(client_ids(closes[-1]["intent_id"])["close"], 0.1, 41_990.0, True))])
+        wait("flat", lambda: worker_get(settings, "/positions") == {}, worker=worker)
+        sent = len([o for o in read_topic(bootstrap, "orders") if o["action"] == "CLOSE"])
+        time.sleep(3)  # past a retry interval: flat, nothing more is sent
+        assert len([o for o in read_topic(bootstrap, "orders") if o["action"] == "CLOSE"]) == sent
+
+        # after a reconnect the execution connector publishes the account as the exchange has it
+        publish(bootstrap, [("risk.events", risk_record("account_snapshot", "info", "", int(time.time() * 1000),
+                                                        {"positions": {"ETHUSDT": "-1.5"}, "balance": "9990.5"})
+                             | {"source": "binance-execution"})])
+        eth = wait("the exchange's position in the book",
+                   lambda: worker_get(settings, "/positions").get("ETHUSDT"), worker=worker)
+        assert (eth["side"], eth["quantity"], eth["status"], eth["closing"]) == ("SHORT", 1.5, "open", "test")
+        found = {(e["symbol"], json.loads(e["detail"])["reason"]) for e in read_topic(bootstrap, "risk.events")
+                 if e["kind"] == "book_reconciled"}
+        assert found == {("ETHUSDT", "not_in_book"), ("", "balance")}
+        eth_close = [o for o in read_topic(bootstrap, "orders") if o["action"] == "CLOSE" and o["symbol"] == "ETHUSDT"]
+        assert [(o["side"], o["quantity"]) for o in eth_close][:1] == [("BUY", 1.5)]
+        assert worker_get(settings, "/status")["wallet_balance"] == 9990.5
+    finally:
+        worker.stop()
+
+
+def worker_get(settings: Settings, path: str):
+    """A read-only route of the worker's control API."""
+    api = json.loads(next(settings.run_dir.glob("worker-*.json")).read_text())["api_url"]
+    with urllib.request.urlopen(api + path, timeout=10) as answer:
+        return json.loads(answer.read())
