@@ -1,6 +1,7 @@
 """The user data stream: Binance's documented example events parse field by field into `user.events`;
-listenKey expiry, keepalive failure and disconnects reconnect, with a critical `user_stream_down` risk
-event each time and `user_stream_restored` only after reconciliation ran."""
+listenKey expiry, keepalive failure, disconnects, silence (no pong) and the scheduled roll reconnect, with a
+critical `user_stream_down` risk event per outage and `user_stream_restored` only after reconciliation and the
+recovery of missed fills succeeded; a fill missed while down reaches `user.events` once, with the stream's id."""
 
 from __future__ import annotations
 
