@@ -13,7 +13,7 @@ import pytest
 
 from connectors.binance.publish import Publisher
 from connectors.binance.rest import RestClient
-from connectors.binance.user_stream import PARSERS, UserStream
+from connectors.binance.user_stream import PARSERS, UserStream, fill_from_rest
 from streams.broker import ensure_topics
 from tests.conftest import read_topic
 from tests.fake_binance import API_KEY, API_SECRET, FakeBinance
@@ -290,3 +290,30 @@ def test_the_scheduled_roll_reconnects_at_once_through_reconcile_and_recovery(br
     assert all(r["down_ms"] < 500 for r in restores[1:3]), restores  # no backoff: only the reconnect's own time
     fetched = [r for r in fake.requests if r[2] in ("/fapi/v1/userTrades", "/fapi/v2/account")]
     assert len({r[2] for r in fetched}) == 2 and len(fetched) >= 4, "each roll fetched what it may have missed"
+
+
+def test_a_fill_fetched_over_rest_gets_the_id_of_the_stream_event_it_stands_for():
+    """An order filled in two trades: the stream says PARTIALLY_FILLED then FILLED, and so must the recovery (the
+    status is part of the event id), with the cumulative quantity after each trade."""
+    order = {"orderId": 25851813, "symbol": "BTCUSDT", "clientOrderId": "open-x-entry", "side": "SELL",
+             "type": "MARKET", "origQty": "0.003", "reduceOnly": False, "timeInForce": "GTC"}
+    trades = [{"buyer": False, "commission": "0.07819010", "commissionAsset": "USDT", "id": 698759, "maker": False,
+               "orderId": 25851813, "price": "7819.01", "qty": "0.002", "quoteQty": "15.63802",
+               "realizedPnl": "-0.91539999", "side": "SELL", "positionSide": "BOTH", "symbol": "BTCUSDT",
+               "time": 1569514978020},
+              {"buyer": False, "commission": "0.03909000", "commissionAsset": "USDT", "id": 698760, "maker": False,
+               "orderId": 25851813, "price": "7818.00", "qty": "0.001", "quoteQty": "7.818", "realizedPnl": "0",
+               "side": "SELL", "positionSide": "BOTH", "symbol": "BTCUSDT", "time": 1569514978025}]
+    streamed = []
+    for trade, status, filled in ((trades[0], "PARTIALLY_FILLED", "0.002"), (trades[1], "FILLED", "0.003")):
+        o = {**ORDER_TRADE_UPDATE["o"], "s": "BTCUSDT", "c": "open-x-entry", "S": "SELL",
+             "o": "MARKET", "q": "0.003", "x": "TRADE", "X": status, "i": 25851813, "l": trade["qty"], "z": filled,
+             "L": trade["price"], "T": trade["time"], "t": trade["id"]}
+        streamed.append(PARSERS["ORDER_TRADE_UPDATE"]({"e": "ORDER_TRADE_UPDATE", "E": trade["time"] + 3,
+                                                       "T": trade["time"] + 1, "o": o}))
+    fetched = [fill_from_rest(t, order, trades) for t in trades]
+    assert [f["event_id"] for f in fetched] == [s["event_id"] for s in streamed]
+    assert [(f["order_status"], f["filled_qty"], f["last_filled_qty"]) for f in fetched] == [
+        ("PARTIALLY_FILLED", 0.002, 0.002), ("FILLED", 0.003, 0.001)]
+    assert fetched[1]["avg_price"] == pytest.approx((0.002 * 7819.01 + 0.001 * 7818.0) / 0.003)
+    assert {f["source"] for f in fetched} == {"binance-rest"} and fetched[0]["client_order_id"] == "open-x-entry"

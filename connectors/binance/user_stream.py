@@ -166,6 +166,9 @@ def account_snapshot(account: dict, symbols: set[str], now_ms: int) -> list[dict
                     "ps": p.get("positionSide", "BOTH")}
         msg = {"e": "ACCOUNT_UPDATE", "E": now_ms, "T": now_ms, "a": {"m": "SNAPSHOT", "B": balances, "P": [position]}}
         records.append(parse_account_update(msg) | {"source": "binance-rest"})
+    if not records and balances:  # no position anywhere: the wallet alone (funding may have moved it meanwhile)
+        msg = {"e": "ACCOUNT_UPDATE", "E": now_ms, "T": now_ms, "a": {"m": "SNAPSHOT", "B": balances, "P": []}}
+        records.append(parse_account_update(msg) | {"source": "binance-rest"})
     return records
 
 
