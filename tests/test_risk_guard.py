@@ -490,3 +490,17 @@ def test_a_position_found_while_a_kill_is_in_force_is_closed():
     assert "BTCUSDT" in desk.guard.book.positions  # until the exchange says it is flat
     desk.guard.connector_event(snapshot({}, "10000", T0 + 20 * BAR))
     assert desk.guard.book.positions == {}
+
+
+def test_the_watchdogs_halt_is_held_until_an_operator_starts_trading():
+    """The watchdog HALTs on `control` (actor watchdog) and reports `chain_stalled` on risk.events: the chain taking
+    its input again lifts nothing; an operator's start does."""
+    guard = RiskGuard()
+    halt = command(HALTED, 1, reason="chain_stalled") | {"actor": "watchdog"}
+    assert guard.control(halt)
+    guard.connector_event(risk_record("chain_stalled", "critical", "", T0, {"agent": "risk"}) | {"source": "watchdog"})
+    guard.connector_event(health("user_stream_down", T0 + 1))
+    guard.connector_event(health("user_stream_restored", T0 + 2))
+    assert (guard.book.state, guard.book.state_reason) == (HALTED, "chain_stalled")
+    assert guard.control(command(RUNNING, 2))
+    assert guard.book.state == RUNNING

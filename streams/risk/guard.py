@@ -9,9 +9,9 @@ What it keeps (the `Book`, saved whole in the agent's changelog-backed table):
 - positions from the moment an entry is approved (`pending`), not from its fill: a signal of the next bar must not
   open a second position because the fill is still on its way;
 - the trading state RUNNING / REDUCE_ONLY / HALTED: the strictest of the held state and the automatic halts. The held
-  state is set by operators (`control`) and by the guard's own loss halts (daily loss, drawdown), and only an
-  operator lifts it; an automatic halt (the user data stream down, the chain stalled) is lifted by its own all-clear
-  and by nothing else, so a user-stream roll never undoes an operator's REDUCE_ONLY;
+  state is set by operators (`control`, the watchdog's HALT included) and by the guard's own loss halts (daily loss,
+  drawdown), and only an operator lifts it; an automatic halt (the user data stream down) is lifted by its own
+  all-clear and by nothing else, so a user-stream roll never undoes an operator's REDUCE_ONLY;
 - the closes it asked for: a position still in the book `close_retry_ms` after its CLOSE gets the CLOSE again, under
   a new intent id, until it is flat;
 - the exchange's word after a reconnect (`account_snapshot`): positions and balance are made to match it.
@@ -42,8 +42,9 @@ DAY_MS = 86_400_000
 KEEP_VERDICTS = 16  # per symbol: a signal delivered again after a crash gets the verdict it got the first time
 LIVE_SOURCES = ("binance",)  # sources whose data must be fresh by the wall clock
 TRADING_ENTITY = "trading"  # the `control` entity of the trading state
-# automatic halts (connectors' risk.events kinds) and the all-clear that lifts each
-AUTO_HALTS = {"user_stream_down": "user_stream_restored", "chain_stalled": "chain_resumed"}
+# automatic halts (connectors' risk.events kinds) and the all-clear that lifts each. (The watchdog's chain_stalled is
+# not one: it HALTs on `control`, as an operator would, and only an operator trades again after a stall.)
+AUTO_HALTS = {"user_stream_down": "user_stream_restored"}
 LOSS_HALTS = ("daily_loss", "drawdown")  # the guard's own HALTs: flatten, and stay until an operator acts
 ENTRY_FAILURES = ("order_rejected", "intent_expired", "entry_not_filled")  # the execution connector's: never filled
 STRICTNESS = {RUNNING: 0, REDUCE_ONLY: 1, HALTED: 2}
@@ -100,7 +101,7 @@ class Book:
     held_state: str = RUNNING  # an operator's, or the guard's own loss HALT: lifted only by an operator
     held_reason: str = ""
     held_flatten: bool = False  # the held HALT flattens: a position found later is closed too
-    auto_halts: list[str] = field(default_factory=list)  # active automatic halt reasons, each lifted by its all-clear
+    auto_halts: list[str] = field(default_factory=list)  # active automatic halts (AUTO_HALTS), each lifted by its own
     clock: int = 0  # the newest time seen: event time, the wall clock when trading an account (close retries)
     control_time: int = 0  # event_time of the last `control` record applied
     balance: float | None = None
@@ -235,8 +236,8 @@ class RiskGuard:
         return len(self.out.orders) > before
 
     def connector_event(self, ev: dict) -> None:
-        """A connector's risk event: the health of the user data stream and of the chain (down → HALT until its
-        all-clear: back and reconciled), entries the exchange never filled, and the account as the exchange has it."""
+        """A connector's risk event: the user data stream's health (down → HALT until it is back and reconciled),
+        entries the exchange never filled, and the account as the exchange has it."""
         kind, t, b = ev["kind"], ev["event_time"], self.book
         if kind in AUTO_HALTS and kind not in b.auto_halts:
             b.auto_halts = sorted([*b.auto_halts, kind])
