@@ -6,6 +6,10 @@ reports it); a funding settlement at its funding time. Events with the same time
 marks, then funding, then by symbol — one deterministic order, so two replays publish the same
 sequence.
 
+Values are checked as on the live edge (`connectors.validation`): a record with a NaN, negative or absurd value goes
+to `deadletter` with the reason, not to its md topic (the history reader has already skipped the rows it cannot
+parse, `connectors.history_files`).
+
 Per-bar mark price. The recorded data has mark-price klines only every 8 h, and a stale 8 h mark
 would fake a premium. So each closed bar publishes one md.markprice record whose mark price is the
 bar's close (source `replay:close-as-mark`: mark premium is zero by construction, no precision is
@@ -77,9 +81,13 @@ def _prepare(h: SymbolHistory, start_ms: int | None) -> _Prepared:
         k["taker_buy_volume"].tolist(), k["taker_buy_quote_volume"].tolist(), strict=True))
     f_time = f["funding_time"].to_numpy()
     f_rate = f["funding_rate"].to_numpy()
-    # as-of: the last settlement at or before each bar's close
-    idx = np.searchsorted(f_time, close_time, side="right") - 1
-    p.mark_funding_rate = [None if i < 0 else float(f_rate[i]) for i in idx.tolist()]
+    # as-of: the last settlement at or before each bar's close, among those with a sane rate (a corrupt one is
+    # dead-lettered as a funding event, and the marks after it carry the rate before it)
+    with np.errstate(invalid="ignore"):
+        sane = np.isfinite(f_rate) & (np.abs(f_rate) <= validation.MAX_FUNDING_RATE)
+    sane_time, sane_rate = f_time[sane], f_rate[sane]
+    idx = np.searchsorted(sane_time, close_time, side="right") - 1
+    p.mark_funding_rate = [None if i < 0 else float(sane_rate[i]) for i in idx.tolist()]
     # settlements sit on a grid of whole hours from 00:00 UTC (8 h: 00/08/16); recorded times may be a few ms late
     hour = 3_600_000
     step = max(round(float(np.median(np.diff(f_time))) / hour), 1) * hour if len(f_time) > 1 else DEFAULT_FUNDING_MS

@@ -4,8 +4,10 @@ never reaches an md.* topic, the features or a model.
 
 Bounds, per field:
 - prices (kline open/high/low/close, mark, book bid/ask, liquidation price): finite, > 0 and < `MAX_PRICE`;
-  index and estimated settle prices, and a funding settlement's mark, may be absent, but not ≤ 0;
-- a kline: low ≤ open, close ≤ high; volumes and trade counts finite and ≥ 0;
+  index and estimated settle prices may be absent, but not ≤ 0; a funding settlement's mark may be absent or 0
+  (unknown: Binance leaves it empty for older settlements);
+- a kline: low ≤ open, close ≤ high; volume finite and ≥ 0; quote and taker volumes and the trade count ≥ 0, or
+  unknown (None or NaN: history files without them);
 - funding rates (a settlement's, and the one a mark carries): finite and |rate| ≤ `MAX_FUNDING_RATE` per funding
   interval — Binance caps USDT-M rates at ±3 % at most (±2 % or less on most symbols), so more is a corrupt value;
 - open interest and its value: finite and ≥ 0;
@@ -48,6 +50,15 @@ def _amount(record: dict, name: str, optional: bool = False) -> Problem:
     return None
 
 
+def _unknown_or_amount(record: dict, name: str) -> Problem:
+    x = record[name]
+    if x is None or x != x:  # NaN: not recorded
+        return None
+    if x < 0 or x == math.inf:
+        return ("negative" if x < 0 else "not_finite"), f"{name}={x}"
+    return None
+
+
 def _rate(record: dict, name: str, optional: bool = False) -> Problem:
     x = record[name]
     if x is None and optional:
@@ -65,8 +76,8 @@ def _first(*problems: Problem) -> Problem:
 
 def kline(r: dict) -> Problem:
     found = _first(_price(r, "open"), _price(r, "high"), _price(r, "low"), _price(r, "close"), _amount(r, "volume"),
-                   _amount(r, "quote_volume", True), _amount(r, "taker_buy_volume", True),
-                   _amount(r, "taker_buy_quote_volume", True))
+                   _unknown_or_amount(r, "quote_volume"), _unknown_or_amount(r, "taker_buy_volume"),
+                   _unknown_or_amount(r, "taker_buy_quote_volume"))
     if found is not None:
         return found
     if r["high"] < r["low"]:
@@ -84,7 +95,7 @@ def mark_price(r: dict) -> Problem:
 
 
 def funding(r: dict) -> Problem:
-    return _first(_rate(r, "funding_rate"), _price(r, "mark_price", True))
+    return _first(_rate(r, "funding_rate"), _amount(r, "mark_price", True))
 
 
 def open_interest(r: dict) -> Problem:
