@@ -567,7 +567,7 @@ class RiskGuard:
                     pos.entry = b.marks[symbol].close
                 self._reconciled(symbol, t, pos.partition, "side" if flipped else "quantity", before, amount)
         balance = _number(detail.get("balance"))
-        if balance is not None:
+        if balance is not None and t >= b.balance_time:  # (an ACCOUNT_UPDATE newer than the snapshot stands)
             if b.balance is None or not math.isclose(b.balance, balance, rel_tol=1e-12):
                 self._reconciled("", t, 0, "balance", b.balance, balance)
                 if b.balance is None:  # the configured starting equity was a guess
