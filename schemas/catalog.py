@@ -23,7 +23,7 @@ class Topic:
     key: str  # what the message key holds
     partitions: int = SYMBOL_PARTITIONS
     retention_ms: int = 7 * DAY_MS  # -1 = keep forever
-    compacted: bool = False
+    compacted: bool = False  # then `order_by` starts with the record field the message key holds
     archived: bool = True  # the ClickHouse sink copies it into `table`
     order_by: tuple[str, ...] = ("symbol", "event_id")  # archive sort key; event_id makes rows unique
 
@@ -54,6 +54,12 @@ TOPICS: tuple[Topic, ...] = (
     Topic("risk.verdicts", "risk_verdict", "symbol", retention_ms=30 * DAY_MS),
     Topic("orders", "order", "symbol", retention_ms=30 * DAY_MS),
     Topic("risk.events", "risk_event", "symbol", retention_ms=30 * DAY_MS),
+    # the execution connector's persisted lifecycles: the newest record per intent is its state
+    Topic("execution.intents", "execution_intent", "intent id", partitions=1, retention_ms=-1, compacted=True,
+          order_by=("intent_id", "event_id")),
+    # the risk agent's book, saved at most every second it changes: its durable copy is the archive's
+    Topic("risk.book", "risk_book", "account", partitions=1, retention_ms=-1, compacted=True,
+          order_by=("account", "event_id")),
     Topic("control", "control", "entity id", partitions=1, retention_ms=-1, compacted=True,
           order_by=("entity", "event_id")),
     Topic("deadletter", "dead_letter", "source topic", partitions=1, retention_ms=30 * DAY_MS,

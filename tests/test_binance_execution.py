@@ -186,7 +186,8 @@ def test_each_entry_trades_at_the_leverage_the_risk_guard_sized_it_with(fake, bo
 def test_a_rejected_protective_order_closes_the_position_at_once(fake, bootstrap):
     fake.fail_next("/fapi/v1/algoOrder", 400, -2021, "Order would immediately trigger.")
     outcome = run(fake, bootstrap, lambda ex: ex.execute(intent("naked-1")))
-    assert outcome == "protection_failed"
+    assert outcome == "closed"
+    assert [f.code for f in fake.fired_on("POST", "/fapi/v1/algoOrder")] == [-2021]
     assert fake.account.positions["BTCUSDT"].amount == 0
     ids = client_ids("naked-1")
     assert [o["clientOrderId"] for o in fake.exchange_orders()] == [ids["entry"], ids["close"]]
@@ -200,6 +201,9 @@ def test_a_timed_out_entry_is_looked_up_not_duplicated(fake, bootstrap):
     fake.fail_next("/fapi/v1/order", 200, delay_after_accept=2.5)  # accepted, but the answer comes too late
     outcome = run(fake, bootstrap, lambda ex: ex.execute(intent("timeout-1")), timeout_s=1.0)
     assert outcome == "filled"
+    assert [f.delay_after_accept for f in fake.fired_on("POST", "/fapi/v1/order")] == [2.5]
+    entry_posts = [p for _, m, path, p in fake.requests if (m, path) == ("POST", "/fapi/v1/order")]
+    assert len(entry_posts) == 1, "an entry whose outcome was unknown is looked up, never sent again"
     assert len(fake.exchange_orders("BTCUSDT")) == 1
     assert len(fake.account.algo_orders) == 2
 

@@ -6,8 +6,9 @@ Everything that talks to Binance over HTTP goes through `RestClient`, so the rul
 - -1021 (timestamp outside recvWindow) → resync the offset and retry once;
 - 429 / 418 → wait what `Retry-After` says (418 is an IP ban: never hammer), then retry;
 - `X-MBX-USED-WEIGHT-1M` close to the limit → wait for the next minute before the next request;
-- 5xx / network errors: idempotent requests (GET) are retried with backoff; a request that changes
-  state raises `UnknownOutcome`, because it may have been executed — the caller looks before retrying.
+- 5xx, HTTP 408, -1007 and network errors: idempotent requests (GET) are retried with backoff; a request that
+  changes state raises `UnknownOutcome`, because Binance documents that it may have been executed — the caller
+  looks it up and never sends it blind again.
 The API key and secret are never logged; neither is a signed query.
 """
 
@@ -29,6 +30,7 @@ from streams import metrics
 
 log = logging.getLogger(__name__)
 
+EXECUTION_STATUS_UNKNOWN = -1007  # "Timeout waiting for response from backend server": it may have executed
 TIMESTAMP_OUTSIDE_RECV_WINDOW = -1021
 TOO_MANY_REQUESTS = -1003
 ORDER_DOES_NOT_EXIST = -2013
@@ -52,7 +54,8 @@ class BinanceError(Exception):
 
 
 class UnknownOutcome(Exception):
-    """A state-changing request timed out or failed with 5xx: it may or may not have been executed."""
+    """A state-changing request timed out, lost its connection or got 5xx / 408 / -1007: it may or may not have
+    been executed."""
 
 
 def _fmt(value) -> str:
@@ -171,7 +174,7 @@ class RestClient:
                 offset = await self.sync_time()
                 log.warning("Binance -1021 on %s: clock resynced (offset %d ms), retrying once", path, offset)
                 continue
-            if status >= 500:
+            if status >= 500 or status == 408 or code == EXECUTION_STATUS_UNKNOWN:  # may have been executed
                 if not idempotent:
                     raise UnknownOutcome(f"{method} {path}: HTTP {status}")
                 attempt = await self._backoff(attempt, f"{method} {path}: HTTP {status}")

@@ -39,11 +39,22 @@ class ApiError(Exception):
 
 @dataclass
 class Fault:
+    """What one call meets. By default it fails before the exchange accepts it; the other kinds are the ones Binance
+    documents as "execution status unknown": the request *is* executed (now or a little later) and the client sees an
+    error, a late answer or a dropped connection."""
+
     status: int
     code: int = 0
     msg: str = ""
     retry_after: float | None = None
-    delay_after_accept: float = 0.0  # the request is executed, the answer comes too late
+    delay_after_accept: float = 0.0  # executed; the answer comes this late (the client times out before it)
+    executed: bool = False  # executed, and answered with the error anyway (408 / -1007, 503 "Unknown error")
+    drop: bool = False  # executed, then the connection is dropped without an answer
+    execute_after: float = 0.0  # answered with the error now, executed this many seconds later
+
+    @property
+    def before_accept(self) -> bool:
+        return not (self.delay_after_accept or self.executed or self.drop or self.execute_after)
 
 
 @dataclass
@@ -73,7 +84,10 @@ class FakeBinance:
         self.push_interval_s = push_interval_s
         self.account = Account()
         self.ids = itertools.count(1_000_001)
-        self.faults: dict[str, list[Fault]] = defaultdict(list)
+        self.faults: dict[tuple[str, str], list[Fault]] = defaultdict(list)  # (method, path) → the next calls'
+        self.faults_at: dict[tuple[str, str], dict[int, Fault]] = defaultdict(dict)  # … → call number → fault
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)  # calls so far per (method, path)
+        self.fired: list[tuple[str, str, int, Fault]] = []  # every fault that met its call
         self.requests: list[tuple[float, str, str, dict]] = []  # (monotonic, method, path, params)
         self.banned_until = 0.0
         self.rest_errors: list[int] = []  # every error code answered
@@ -142,9 +156,21 @@ class FakeBinance:
 
     # -- faults ------------------------------------------------------------------------------
     def fail_next(self, path: str, status: int, code: int = 0, msg: str = "", retry_after: float | None = None,
-                  times: int = 1, delay_after_accept: float = 0.0) -> None:
-        for _ in range(times):
-            self.faults[path].append(Fault(status, code, msg, retry_after, delay_after_accept))
+                  times: int = 1, delay_after_accept: float = 0.0, method: str | None = None, nth: int | None = None,
+                  executed: bool = False, drop: bool = False, execute_after: float = 0.0) -> None:
+        """Fault the next `times` calls of (method, path) — or, with `nth`, the nth call from now on (and the `times`
+        − 1 after it). The method defaults to POST where the path has a POST route (an order), else GET."""
+        method = method or ("POST" if ("POST", path) in ROUTES else "GET")
+        key = (method, path)
+        for i in range(times):
+            fault = Fault(status, code, msg, retry_after, delay_after_accept, executed, drop, execute_after)
+            if nth is None:
+                self.faults[key].append(fault)
+            else:
+                self.faults_at[key][self.calls[key] + nth + i] = fault
+
+    def fired_on(self, method: str, path: str) -> list[Fault]:
+        return [f for m, p, _, f in self.fired if (m, p) == (method, path)]
 
     def drop_market_streams(self, refuse_s: float = 0.0) -> None:
         """Close every market connection abruptly; refuse new ones for `refuse_s` (bars pass meanwhile)."""
@@ -187,27 +213,48 @@ class FakeBinance:
         headers = {}
         try:
             self._charge_weight(path, params, headers)
-            fault = self.faults[path].pop(0) if self.faults.get(path) else None
-            if fault and not fault.delay_after_accept:
+            key = (request.method, path)
+            self.calls[key] += 1
+            fault = self.faults_at[key].pop(self.calls[key], None) or (self.faults[key].pop(0) if self.faults.get(key)
+                                                                       else None)
+            if fault:
+                self.fired.append((request.method, path, self.calls[key], fault))
+            if fault and fault.before_accept:
                 raise ApiError(fault.code, fault.msg, fault.status, fault.retry_after)
-            handler = ROUTES.get((request.method, path))
+            handler = ROUTES.get(key)
             if handler is None:
                 raise ApiError(-1000, f"fake: no route {request.method} {path}", 404)
             if handler.signed:
                 self._verify(request, raw, params)
             elif handler.keyed and request.headers.get("X-MBX-APIKEY") != API_KEY:
                 raise ApiError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
+            if fault and fault.execute_after:  # the matching engine gets it later; the client hears an error now
+                self.loop.call_later(fault.execute_after, lambda: asyncio.ensure_future(self._late(handler, params)))
+                raise ApiError(fault.code, fault.msg, fault.status)
             result = handler.fn(self, params)
             if asyncio.iscoroutine(result):
                 result = await result
-            if fault:  # executed; the answer is late (the client times out before it)
+            if fault and fault.delay_after_accept:  # executed; the answer is late (the client times out before it)
                 await asyncio.sleep(fault.delay_after_accept)
+            if fault and fault.drop:  # executed; the connection drops before the answer
+                request.transport.abort()
+                return web.Response(status=500)
+            if fault and fault.executed:
+                raise ApiError(fault.code, fault.msg, fault.status)
             return web.json_response(result, headers=headers)
         except ApiError as e:
             self.rest_errors.append(e.code)
             if e.retry_after is not None:
                 headers["Retry-After"] = str(e.retry_after)
             return web.json_response({"code": e.code, "msg": e.msg}, status=e.status, headers=headers)
+
+    async def _late(self, handler, params: dict) -> None:
+        try:
+            result = handler.fn(self, params)
+            if asyncio.iscoroutine(result):
+                await result
+        except ApiError as e:  # e.g. a late entry that no longer fits: it simply did not execute
+            self.rest_errors.append(e.code)
 
     def _charge_weight(self, path: str, params: dict, headers: dict) -> None:
         now = time.monotonic()
@@ -544,8 +591,14 @@ class FakeBinance:
             raise ApiError(-1116, "Invalid orderType.")
         if not CLIENT_ID_RE.match(cid):
             raise ApiError(-1100, "Illegal characters found in parameter 'clientAlgoId'.")
-        if any(a["clientAlgoId"] == cid and a["algoStatus"] == "NEW" for a in self.account.algo_orders.values()):
+        open_ = [a for a in self.account.algo_orders.values() if a["algoStatus"] in ("NEW", "TRIGGERING")]
+        if any(a["clientAlgoId"] == cid for a in open_):  # as Binance: a duplicate only among open orders
             raise ApiError(-4116, "ClientOrderId is duplicated.")
+        if p.get("closePosition") == "true" and any(
+                a["closePosition"] and (a["symbol"], a["orderType"], a["side"]) == (symbol, p["type"], p["side"])
+                for a in open_):
+            raise ApiError(-4130, "An open stop or take profit order with GTE and closePosition in the direction is "
+                                  "existing.")
         self._check_step(symbol, p["triggerPrice"], "tickSize")
         close_position = p.get("closePosition") == "true"
         if not close_position:
@@ -571,8 +624,24 @@ class FakeBinance:
             "V": "EXPIRE_MAKER", "wt": a["workingType"], "pm": "NONE", "cp": a["closePosition"], "pP": False,
             "R": a["reduceOnly"], "tt": a["triggerTime"], "gtd": 0, **extra}})
 
+    def _open_algo(self, client_algo_id: str) -> dict:
+        return next(a for a in self.account.algo_orders.values()
+                    if a["clientAlgoId"] == client_algo_id and a["algoStatus"] == "NEW")
+
+    async def end_algo(self, client_algo_id: str, status: str) -> None:
+        """The exchange ends an open conditional order on its own: CANCELED, REJECTED or EXPIRED, with ALGO_UPDATE."""
+        a = self._open_algo(client_algo_id)
+        a["algoStatus"] = status
+        await self._push_algo(a, self.clock.now())
+
+    def balance(self, p):
+        b = f"{self.account.balance:.8f}"
+        return [{"accountAlias": "fake", "asset": "USDT", "balance": b, "crossWalletBalance": b,
+                 "crossUnPnl": "0", "availableBalance": b, "maxWithdrawAmount": b, "marginAvailable": True,
+                 "updateTime": self.clock.now()}]
+
     def _find_algo(self, p) -> dict:
-        for a in self.account.algo_orders.values():
+        for a in reversed(self.account.algo_orders.values()):  # an id reused after its order ended: the newest
             if str(a["algoId"]) == p.get("algoId") or a["clientAlgoId"] == p.get("clientAlgoId"):
                 return a
         raise ApiError(-2013, "Order does not exist.")
@@ -589,7 +658,7 @@ class FakeBinance:
         return {"algoId": a["algoId"], "clientAlgoId": a["clientAlgoId"], "code": "200", "msg": "success"}
 
     def open_algo_orders(self, p):
-        return [a for a in self.account.algo_orders.values() if a["algoStatus"] == "NEW"
+        return [a for a in self.account.algo_orders.values() if a["algoStatus"] in ("NEW", "TRIGGERING")
                 and (not p.get("symbol") or a["symbol"] == p["symbol"])]
 
     def position_risk(self, p):
@@ -626,14 +695,24 @@ class FakeBinance:
                                "leverage": str(pos.leverage), "positionSide": "BOTH", "updateTime": self.clock.now()}
                               for s, pos in self.account.positions.items()]}
 
-    async def trigger_algo(self, client_algo_id: str) -> None:
-        """Fire a conditional order as if the mark price had crossed its trigger."""
-        a = self._find_algo({"clientAlgoId": client_algo_id})
+    async def trigger_algo(self, client_algo_id: str, fill_delay_s: float = 0.0) -> None:
+        """Fire a conditional order as if the mark price had crossed its trigger: NEW → TRIGGERING → TRIGGERED, its
+        market order fills (after `fill_delay_s`) → FINISHED; reduce-only with nothing to reduce → REJECTED."""
+        a = self._open_algo(client_algo_id)
         now = self.clock.now()
         pos = self.account.positions[a["symbol"]]
-        qty = abs(pos.amount) if a["closePosition"] else Decimal(a["quantity"])
-        a.update(algoStatus="TRIGGERED", triggerTime=now)
+        a.update(algoStatus="TRIGGERING", triggerTime=now)
         await self._push_algo(a, now)
+        reduces = pos.amount != 0 and (pos.amount > 0) == (a["side"] == "SELL")
+        if (a["closePosition"] or a["reduceOnly"]) and not reduces:
+            a["algoStatus"] = "REJECTED"
+            await self._push_algo(a, now, rm="Reduce Only reject")
+            return
+        qty = abs(pos.amount) if a["closePosition"] else Decimal(a["quantity"])
+        a["algoStatus"] = "TRIGGERED"
+        await self._push_algo(a, now)
+        if fill_delay_s:
+            await asyncio.sleep(fill_delay_s)
         oid = next(self.ids)
         order = {"orderId": oid, "symbol": a["symbol"], "status": "FILLED", "clientOrderId": a["clientAlgoId"],
                  "side": a["side"], "reduceOnly": True, "type": "MARKET", "origQty": str(qty),
@@ -701,6 +780,7 @@ ROUTES = {
     ("DELETE", "/fapi/v1/algoOrder"): _Route(FakeBinance.cancel_algo_order, signed=True),
     ("GET", "/fapi/v1/openAlgoOrders"): _Route(FakeBinance.open_algo_orders, signed=True),
     ("GET", "/fapi/v2/positionRisk"): _Route(FakeBinance.position_risk, signed=True),
+    ("GET", "/fapi/v2/balance"): _Route(FakeBinance.balance, signed=True),
     ("GET", "/fapi/v1/userTrades"): _Route(FakeBinance.user_trades, signed=True),
     ("GET", "/fapi/v2/account"): _Route(FakeBinance.account_info, signed=True),
 }
