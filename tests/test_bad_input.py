@@ -135,3 +135,111 @@ def test_the_replay_dead_letters_an_absurd_funding_rate_in_the_files(broker, tmp
     marks = read_topic(broker.bootstrap, "md.markprice")
     assert {m["funding_rate"] for m in marks if bad_ms <= m["event_time"] < bad_ms + 8 * 3_600_000} == {before}
     assert all(f["funding_rate"] != 0.5 for f in read_topic(broker.bootstrap, "md.funding"))
+
+
+def _tiny_models(models_dir: Path) -> dict[str, tuple[Path, str]]:
+    """A real artifact per side, trained in a moment on noise: the predict agent loads and runs it like any other."""
+    import lightgbm as lgb
+    import numpy as np
+
+    from streams.features.registry import SCHEMA_VERSION
+    from training import artifact
+    from training.dataset import MODEL_FEATURES
+    from training.metrics import Calibrator
+    from training.train import SideModels
+
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(300, len(MODEL_FEATURES)))
+    params = {"verbose": -1, "num_threads": 1, "min_data_in_leaf": 5}
+    boosters = {
+        "outcome": lgb.train({**params, "objective": "multiclass", "num_class": 3},
+                             lgb.Dataset(X, rng.integers(0, 3, 300), feature_name=list(MODEL_FEATURES)), 3),
+        "hold": lgb.train({**params, "objective": "regression"}, lgb.Dataset(X, rng.uniform(1, 20, 300)), 3),
+        "mae": lgb.train({**params, "objective": "regression"}, lgb.Dataset(X, rng.uniform(0, 1, 300)), 3),
+    }
+    manifest = {"schema_version": SCHEMA_VERSION, "features": list(MODEL_FEATURES),
+                "label_spec": {"k_tp": 2.0, "k_sl": 1.0}}
+    return {side: artifact.save(SideModels(side, 300, [], {}, {"p_tp": np.zeros(3)}, boosters, Calibrator()),
+                                models_dir, {**manifest, "side": side})
+            for side in ("long", "short")}
+
+
+def _features(i: int, atr_pct: float = 0.0025) -> dict:
+    from schemas import event_ids
+    from schemas.codec import default_codec
+    from streams.features.registry import SCHEMA_VERSION
+
+    record = {f["name"]: 0.1 for f in default_codec().schema("features")["fields"]}
+    open_time = T0 + i * BAR
+    record.update(event_id=event_ids.features("ETHUSDT", "5m", open_time), event_time=open_time + BAR - 1,
+                  symbol="ETHUSDT", interval="5m", open_time=open_time, close_time=open_time + BAR - 1,
+                  schema_version=SCHEMA_VERSION, ready=True, gap_bars=0, source="test", atr_14=5.0, atr_pct=atr_pct,
+                  funding_rate=0.0001, minutes_to_funding=60.0)
+    return record
+
+
+@pytest.mark.timeout(240)
+def test_a_record_that_breaks_predict_is_dead_lettered_and_the_worker_goes_on(broker, tmp_path: Path, monkeypatch):
+    """A features record that decodes but cannot be predicted (ATR ratio 0: the close it implies divides by zero)
+    and a 2 MB message that is no record at all, among good records: the agent dead-letters both (the second as a
+    bounded prefix), predicts the others, and its worker never restarts."""
+    import time
+
+    from confluent_kafka import Producer
+
+    from schemas.codec import default_codec
+    from streams.broker import producer_config
+    from streams.control import control_token, publish
+    from streams.features.registry import SCHEMA_VERSION
+    from streams.settings import Settings
+    from streams.worker import WorkerProcess
+
+    monkeypatch.setenv("PERPFLOW_AGENTS", "predict")
+    bootstrap = broker.bootstrap
+    ensure_topics(bootstrap)
+    settings = Settings(home=tmp_path / "home", kafka_bootstrap=bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["ETHUSDT"])
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    for side, (path, sha) in _tiny_models(settings.home_dir / "models").items():
+        value = {"model_id": f"{side}-tiny", "side": side, "artifact_path": str(path), "sha256": sha,
+                 "schema_version": SCHEMA_VERSION, "label_spec_id": "tiny", "previous": None, "reason": "test",
+                 "train_end": T0}
+        publish(bootstrap, f"model:{side}", "model_promoted", value, "test", T0, token=control_token(settings))
+    codec = default_codec()
+    poison = _features(3, atr_pct=0.0)
+    big = b"\x00" * 2_000_000
+    wide = Producer(producer_config(bootstrap, **{"message.max.bytes": 16 * 1024 * 1024}))
+    for i in range(6):
+        wide.produce("features", codec.encode("features", poison if i == 3 else _features(i)), b"ETHUSDT")
+    wide.produce("features", big, b"ETHUSDT")
+    assert wide.flush(30) == 0
+
+    def wait_for(what: str, check, worker: WorkerProcess, timeout: float = 150):
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            worker.check()
+            time.sleep(0.5)
+
+    worker = WorkerProcess(settings, bootstrap)
+    try:
+        wait_for("two dead letters", lambda: len(read_topic(bootstrap, "deadletter")) >= 2, worker)
+        wait_for("five predictions", lambda: len(read_topic(bootstrap, "predictions")) >= 5, worker)
+        # the worker is alive and predicting: a later record is predicted too
+        wide.produce("features", codec.encode("features", _features(6)), b"ETHUSDT")
+        assert wide.flush(30) == 0
+        wait_for("the next prediction", lambda: len(read_topic(bootstrap, "predictions")) >= 6, worker)
+        assert worker.restarts == 0
+    finally:
+        worker.stop()
+    predictions = read_topic(bootstrap, "predictions")
+    assert sorted((p["open_time"] - T0) // BAR for p in predictions) == [0, 1, 2, 4, 5, 6]
+    assert {p["model_id_long"] for p in predictions} == {"long-tiny"}
+    assert len(read_topic(bootstrap, "signals")) == 6
+    letters = {d["reason"]: d for d in read_topic(bootstrap, "deadletter")}
+    assert set(letters) == {"handler_error", "bad_magic"}
+    handler = letters["handler_error"]
+    assert handler["source_topic"] == "features" and "ZeroDivisionError" in handler["error"]
+    assert handler["error"].startswith("predict:")
+    assert codec.decode(handler["payload"])[1]["open_time"] == poison["open_time"]
+    assert (letters["bad_magic"]["payload_size"], len(letters["bad_magic"]["payload"])) == (len(big), 4096)
