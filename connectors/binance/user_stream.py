@@ -278,6 +278,7 @@ class UserStream:
         connection is due to be rolled."""
         opened = self._alive = time.monotonic()
         pinger = asyncio.create_task(self._ping(ws)) if self.stale_s else None
+        recv: asyncio.Future | None = None
         try:
             while True:
                 now = time.monotonic()
@@ -303,6 +304,9 @@ class UserStream:
         finally:
             if pinger is not None:
                 pinger.cancel()
+            if recv is not None and not recv.done():  # cancelled (shutdown): no orphan recv left to fail unseen
+                recv.cancel()
+                await asyncio.gather(recv, return_exceptions=True)
 
     async def _ping(self, ws) -> None:
         """A ping every third of the silence bound; each pong proves the path alive."""
