@@ -9,6 +9,7 @@ holds `$PERPFLOW_HOME/run/store.lock`. Other commands go through the owner's API
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ import clickhouse_connect
 import pyarrow as pa
 
 from schemas.catalog import Topic
-from schemas.tables import columns, create_table_sql, table_columns, table_name
+from schemas.tables import columns, create_table_sql, select_fields, table_columns, table_name
 from streams.errors import PerpflowError
 from streams.settings import Settings
 
@@ -133,6 +134,29 @@ class Store:
     def command(self, sql: str) -> None:
         with self._lock:
             self.client.command(sql)
+
+    def newest_per_key(self, topic: Topic) -> list[dict]:
+        """A compacted topic's state as archived: per key (the first field of its sort key) the record with the latest
+        event time (the later archived of equal ones), read back as the topic's records, oldest first."""
+        key = topic.order_by[0]
+        cols = columns(topic)
+        rows = self.query_rows(f"SELECT {select_fields(topic)} FROM `{topic.table}` FINAL ORDER BY `{key}`, "
+                               f"event_time DESC, archived_at DESC, kafka_offset DESC LIMIT 1 BY `{key}`")
+        records = []
+        for row in rows:
+            record = dict(zip([c.name for c in cols], row, strict=True))
+            for c in cols:
+                if c.nested and record[c.name] is not None:  # archived as JSON text
+                    record[c.name] = json.loads(record[c.name])
+            records.append(record)
+        return sorted(records, key=lambda r: r["event_time"])
+
+    def newest_bars(self, source_prefix: str) -> dict[tuple[str, str], int]:
+        """The open time of the newest archived bar per (symbol, interval) whose source starts with `source_prefix`
+        (e.g. `binance`: a replay's bars of the past are not where a live feed resumes)."""
+        rows = self.query_rows("SELECT symbol, `interval`, max(toUnixTimestamp64Milli(open_time)) FROM md_klines "
+                               f"WHERE startsWith(source, '{source_prefix}') GROUP BY symbol, `interval`")
+        return {(symbol, interval): int(t) for symbol, interval, t in rows}
 
     def query_text(self, sql: str, fmt: str = "table") -> str:
         """Run a user's query read-only and let ClickHouse render it (table, tsv or csv).

@@ -9,14 +9,19 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from confluent_kafka import Producer
+
 from connectors.clickhouse_store import Store
-from schemas.catalog import archived
-from streams.broker import EmbeddedBroker, ensure_topics
+from schemas.catalog import Topic, archived
+from schemas.codec import default_codec
+from streams.broker import EmbeddedBroker, ensure_topics, producer_config
 from streams.control_api import ControlApi
 from streams.errors import PerpflowError
+from streams.output import MAX_RECORD_BYTES
 from streams.settings import Settings
 from streams.topic_health import TopicHealth
 
@@ -51,9 +56,37 @@ class StackInfo:
         return info
 
 
+# what to seed of a compacted topic's archived records (e.g. `perpflow up` leaves out a book its replay contradicts)
+SeedFilter = Callable[[Topic, list[dict]], list[dict]]
+
+
+def seed_compacted(bootstrap: str, store: Store, keep: SeedFilter | None = None) -> dict[str, int]:
+    """Every compacted topic's state as the archive holds it → the topic: per key the newest record, with its own
+    event id (the sink archives it again as the same row). The embedded broker keeps nothing across a restart, and
+    what these topics hold is state, not history: the trading state and promoted models (`control`), the execution
+    lifecycles (`execution.intents`), the risk agent's book (`risk.book`). Records read back as they were written."""
+    codec, seeded, errors = default_codec(), {}, []
+    producer = Producer(producer_config(bootstrap, **{"linger.ms": 5, "message.max.bytes": MAX_RECORD_BYTES}))
+    for t in archived():
+        if not t.compacted:
+            continue
+        records = store.newest_per_key(t)
+        if keep is not None:
+            records = keep(t, records)
+        for record in records:
+            producer.produce(t.name, codec.encode(t.schema, record), str(record[t.order_by[0]]).encode(),
+                             on_delivery=lambda err, _: errors.append(str(err)) if err else None)
+        seeded[t.name] = len(records)
+    if producer.flush(30) or errors:
+        raise PerpflowError(f"the embedded broker at {bootstrap} did not take the state restored from the archive "
+                            f"({'; '.join(errors[:3]) or 'timed out'})")
+    return seeded
+
+
 class Stack:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, seed_filter: SeedFilter | None = None):
         self.settings = settings
+        self.seed_filter = seed_filter
         self.broker: EmbeddedBroker | None = None
         self.store: Store | None = None
         self.api: ControlApi | None = None
@@ -86,6 +119,10 @@ class Stack:
         created = ensure_topics(self.bootstrap)
         log.info("topics ready (%d created) on %s", len(created), self.bootstrap)
         self.store.ensure_tables(archived())
+        if self.broker is not None:  # memory only: the compacted topics' state comes back from the archive
+            seeded = seed_compacted(self.bootstrap, self.store, self.seed_filter)
+            if any(seeded.values()):
+                log.info("state restored from the archive: %s", ", ".join(f"{n} {t}" for t, n in seeded.items()))
         self.health = TopicHealth(self.bootstrap)
         self._health_thread = threading.Thread(target=self.health.run, args=(self._stop,), name="topic-health",
                                                daemon=True)

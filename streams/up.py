@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient
 
 from connectors.clickhouse_sink import ClickHouseSink
 from connectors.replay import ReplayResult, ReplaySource
-from schemas.catalog import archived
+from schemas.catalog import Topic, archived
 from schemas.tables import table_name
 from streams.app import app_id_for
 from streams.broker import client_config, committed_offsets, die_with_parent, end_offsets, ensure_topics
@@ -178,7 +178,8 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
     px = opts.prefix
     if px:  # a run's workers read and write its topics only, under a group of their own, metrics on any free port
         settings = settings.model_copy(update={"topic_prefix": px, "worker_metrics_port": 0})
-    with _Borrowed(stack) if stack is not None else Stack(settings) as stack:
+    seed_filter = book_a_replay_allows(opts.start_ms) if opts.source == "replay" else None
+    with _Borrowed(stack) if stack is not None else Stack(settings, seed_filter) as stack:
         if px:
             ensure_topics(stack.bootstrap, prefix=px)
         if opts.run_id is not None:
@@ -202,7 +203,7 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
             from connectors.binance.runner import BinanceSource
 
             binance = BinanceSource(settings, stack.bootstrap, opts.symbols or settings.symbols, opts.live,
-                                    opts.start_ms)
+                                    opts.start_ms, archived_bars=stack.store.newest_bars("binance"))
             binance_thread = ReportingThread("binance", binance.run)
             binance_thread.start()
         calibration.start()  # stopped in the finally below, before the store closes
@@ -255,6 +256,25 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
         summary.worker_restarts = worker.restarts if worker else 0
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def book_a_replay_allows(start_ms: int | None):
+    """The archived risk book a file replay from `start_ms` (None: the files' first bar) continues: only one that has
+    seen nothing at or after it. Replaying history the book has lived through (the same window again, after training)
+    starts a fresh paper book instead, as the first run did: the old book's fills and marks would contradict the
+    replayed bars (the paper exchange skips bars it has applied). The archive keeps the old book's snapshots; the
+    trading state on `control` comes back all the same: an operator's HALT holds."""
+
+    def keep(t: Topic, records: list[dict]) -> list[dict]:
+        if t.name != "risk.book":
+            return records
+        kept = [r for r in records if start_ms is not None and r["newest_bar"] < start_ms]
+        if len(kept) < len(records):
+            log.warning("the replay starts before the newest bar of the archived risk book: the paper book starts "
+                        "afresh (pass --start after it to continue the book)")
+        return kept
+
+    return keep
 
 
 def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] | None = None) -> None:

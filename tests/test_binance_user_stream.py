@@ -120,8 +120,11 @@ def test_stream_publishes_events_and_survives_expiry_keepalive_loss_and_disconne
     finally:
         fake.stop()
     publisher.flush()
-    events = read_topic(broker.bootstrap, "user.events")
+    published = read_topic(broker.bootstrap, "user.events")
+    events = [e for e in published if e["source"] == "binance-ws"]
     assert sorted(e["event_type"] for e in events) == sorted(m["e"] for m in EXAMPLES)
+    snapshots = [e for e in published if e["source"] == "binance-rest"]
+    assert [(e["event_type"], e["reason"]) for e in snapshots] == [("ACCOUNT_UPDATE", "SNAPSHOT")] * 3  # 1 a reconnect
     assert {e["event_id"] for e in events} == {PARSERS[m["e"]](m)["event_id"] for m in EXAMPLES}
     assert reconciled == [False] * 4
     health = sorted(read_topic(broker.bootstrap, "risk.events"), key=lambda r: r["event_time"])

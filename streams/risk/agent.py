@@ -37,6 +37,7 @@ from streams.app import kafka_name, topic_prefix
 from streams.batch_agent import BatchAgent, read_to_end
 from streams.control import ControlReader
 from streams.features.engine import SymbolFeatures
+from streams.risk.book_copy import ACCOUNT, BookCopy, newest_snapshot
 from streams.risk.event_order import EventTimeOrder
 from streams.risk.guard import STATES, TRADING_ENTITY, Book, Limits, RiskGuard
 from streams.risk.paper_desk import INTERVAL, PaperDesk
@@ -67,7 +68,7 @@ def paper_config(settings: Settings) -> PaperConfig:
 class RiskAgent(BatchAgent):
     name = "risk"
     input_topics = ("signals", "user.events", "risk.events")
-    output_topics = ("risk.verdicts", "orders", "risk.events", "control", "user.events")
+    output_topics = ("risk.verdicts", "orders", "risk.events", "control", "user.events", "risk.book")
 
     def __init__(self, app: Any, settings: Settings) -> None:
         self.paper = settings.paper_trading
@@ -88,6 +89,7 @@ class RiskAgent(BatchAgent):
         self.table = app.Table(STATE_TABLE, partitions=SYMBOL_PARTITIONS, key_type=bytes, value_type=bytes,
                                on_recover=self._on_recovered)
         self.seq = 0
+        self.book_copy = BookCopy()  # the book's durable copy, through the archive (the embedded broker forgets)
         self.dirty: int | None = None  # the partition to save the book under after this batch
         self.restore = True
         self.control: ControlReader | None = None
@@ -105,10 +107,10 @@ class RiskAgent(BatchAgent):
     async def _on_recovered(self) -> None:
         self.restore = True
 
-    def _restore(self) -> None:
-        """The newest book in the table (its snapshots carry a sequence number)."""
+    def _restore(self, copy: dict | None = None) -> None:
+        """The newest book in the table (its snapshots carry a sequence number), or `copy`, from `risk.book`."""
         self.restore = False
-        newest: dict | None = None
+        newest: dict | None = copy
         for blob in self.table.data.values():
             snap = json.loads(blob)
             if newest is None or snap["seq"] > newest["seq"]:
@@ -126,7 +128,11 @@ class RiskAgent(BatchAgent):
 
     async def _ready(self) -> None:
         if self.restore:
-            self._restore()
+            copy = None
+            if not self.table.data and self.seq == 0:  # a broker that kept nothing (embedded `up` restarted)
+                copy = await asyncio.get_running_loop().run_in_executor(None, newest_snapshot, self.bootstrap,
+                                                                        topic_prefix(self.app))
+            self._restore(copy)
         if self.control is None:
             self.control = ControlReader(self.bootstrap, "perpflow-risk-control", topic_prefix(self.app))
             records = await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)
@@ -144,8 +150,19 @@ class RiskAgent(BatchAgent):
     async def poll_control(self) -> None:
         """Operator commands; held signals that a symbol's feed going quiet now lets through; and, trading an
         account, the closes due again (the guard's clock is the wall clock there; paper's is event time, on signals)."""
-        if self.control is None or self.app.in_recovery:
+        if self.app.in_recovery:
             return
+        if self.control is None:  # no input yet: the book restored all the same, so /status shows it
+            if self.app.assignor.assigned_actives():
+                async with self.lock:
+                    await self._ready()
+                    self._export()
+            return
+        late = self.book_copy.due(time.monotonic())  # the last change of a burst of saves
+        if late is not None:
+            async with self.lock:
+                self.send([("risk.book", None, ACCOUNT.encode(), late)])
+                await self.output.delivered()
         records = self.control.poll()
         closing = self.desk is None and any(p.closing for p in self.guard.book.positions.values())
         if not records and not any(self.waiting.values()) and not closing:
@@ -287,10 +304,13 @@ class RiskAgent(BatchAgent):
         # the book's and the desk's JSON are put in as they are, not as strings escaped once more (the desk's held
         # bars make it the bulk of each save); a snapshot of an older version holds them as strings, read alike
         desk = self.desk.dumps() if self.desk is not None else "null"
-        value = (f'{{"seq": {self.seq}, "book": {self.guard.book.dumps()}, "waiting": {json.dumps(self.waiting)}, '
-                 f'"order": {json.dumps(self.order.to_state())}, "desk": {desk}}}').encode()
-        self.output.save(self.table, self.dirty, key, value)
+        body = (f'"book": {self.guard.book.dumps()}, "waiting": {json.dumps(self.waiting)}, '
+                f'"order": {json.dumps(self.order.to_state())}, "desk": {desk}')
+        self.output.save(self.table, self.dirty, key, f'{{"seq": {self.seq}, {body}}}'.encode())
         self.dirty = None
+        copy = self.book_copy.offer(self.seq, body, self.guard.book, time.monotonic())
+        if copy is not None:  # acknowledged with the table write, before the inputs are committed
+            self.send([("risk.book", None, ACCOUNT.encode(), copy)])
 
     def _export(self) -> None:
         g, b = self.guard, self.guard.book
