@@ -12,10 +12,10 @@ from importlib.metadata import version
 
 import confluent_kafka
 
-from benchmarks import _data, archive_path, backtest, chain, codec, features, labels
+from benchmarks import _data, archive_path, backtest, chain, codec, faults, features, labels, rebalance
 
 BENCHMARKS = {"codec": codec.run, "features": features.run, "archive_path": archive_path.run, "labels": labels.run,
-              "chain": chain.run, "backtest": backtest.run}
+              "chain": chain.run, "backtest": backtest.run, "faults": faults.run, "rebalance": rebalance.run}
 
 
 def _git(*args: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -125,6 +126,14 @@ def read_to_end(app: faust.App, tp: TP, done: int | None) -> bool:
     return (handed is None and high == 0) or (handed is not None and handed >= high)
 
 
+def injected_stall(agent: str) -> int | None:
+    """Tests only: PERPFLOW_TEST_STALL_AGENT=<agent>:<n> makes that agent stop taking input once it has handled
+    n offsets (summed over its partitions), its handler waiting for ever: a chain that stops silently, for the
+    watchdog to find (tests/test_watchdog.py)."""
+    name, _, after = os.environ.get("PERPFLOW_TEST_STALL_AGENT", "").partition(":")
+    return int(after or 0) if name == agent else None
+
+
 def send_dead_letter(output: AgentOutput, topic: str, codec: Any, msg: Any, exc: DecodeError) -> None:
     record = dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc.reason, exc.detail)
     metrics.DEAD_LETTERS.labels(msg.topic, exc.reason).inc()
@@ -175,8 +184,14 @@ class BatchAgent:
         app.on_partitions_revoked.connect(self._on_revoked)
 
     async def tick(self) -> None:
-        """The last batch before a pause is committed by time, not by the next batch."""
-        if self.processed != self.committed and not self.app.in_recovery:
+        """The last batch before a pause is committed by time, not by the next batch; a gap still open is sought
+        back to again even when nothing more is handed."""
+        if self.app.in_recovery:
+            return
+        if self.input.gaps:
+            async with self.lock:
+                await self.input.settle()
+        if self.processed != self.committed:
             async with self.lock:
                 await self._commit()
 
@@ -196,7 +211,11 @@ class BatchAgent:
 
     async def run(self, stream: faust.StreamT) -> None:
         busy = metrics.AGENT_BUSY.labels(self.name)
+        stall_after = injected_stall(self.name)
         async for events in micro_batches(stream, BATCH_EVENTS):
+            if stall_after is not None and len(self.input.next) and sum(self.input.next.values()) >= stall_after:
+                log.warning("%s: stalling as PERPFLOW_TEST_STALL_AGENT asks", self.name)
+                await asyncio.Event().wait()  # for ever, holding nothing: the watchdog's test
             async with self.lock:
                 started = time.perf_counter()
                 await self.batch(events)  # includes waiting for the broker's acks: an upper bound of its CPU

@@ -52,6 +52,10 @@ AGENT_INPUT_SKIPPED = Counter("perpflow_agent_input_skipped", "Input messages an
                               ["agent", "reason"])
 AGENT_INPUT_LOST = Counter("perpflow_agent_input_lost", "Input offsets that never came back after a seek (gone from "
                            "the broker); the agent went on without them", ["agent", "topic"])
+AGENT_INPUT_REFETCHES = Counter("perpflow_agent_input_refetches", "Seeks back to a gap made again because the "
+                                "expected offset had not come (after MAX_REFETCHES the worker exits)", ["agent"])
+WORKER_STALLED = Gauge("perpflow_worker_stalled", "1 while the worker's watchdog finds an agent with input "
+                       "available that has handled nothing of it for PERPFLOW_WATCHDOG_SECONDS (/health fails)")
 CONTROL_REJECTED = Counter("perpflow_control_rejected", "`control` records ignored: HMAC missing or wrong "
                            "(not signed with this deployment's control token)", ["entity"])
 WORKER_RESTARTS = Counter("perpflow_worker_restarts", "Faust worker processes restarted by perpflow up")

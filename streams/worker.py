@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from streams.broker import die_with_parent
 from streams.control import control_token
 from streams.control_api import ControlApi
 from streams.settings import Settings
+from streams.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 DECISION_SETTINGS = ("min_ev", "min_pwin", "risk_per_trade_usdt", "fee", "slippage", "paper_taker_fee",
@@ -40,8 +42,9 @@ def run_worker(settings: Settings, bootstrap: str) -> None:
         from streams.risk.views import routes as trading_routes
 
         routes = trading_routes(agents["streams.risk.agent"], bootstrap, agents.get("streams.predict.agent"))
+    watchdog = Watchdog(app, bootstrap, settings.watchdog_seconds, control_token(settings)).start()
     api = ControlApi(settings.metrics_host, settings.worker_metrics_port, routes=routes,
-                     token=control_token(settings)).start()
+                     token=control_token(settings), liveness=watchdog.healthy).start()
     info = _info_path(settings.run_dir, os.getpid())
     info.parent.mkdir(parents=True, exist_ok=True)
     info.write_text(json.dumps({"pid": os.getpid(), "metrics_url": api.url + "/metrics", "api_url": api.url}))
@@ -53,6 +56,7 @@ def run_worker(settings: Settings, bootstrap: str) -> None:
         worker.execute_from_commandline()
     finally:
         info.unlink(missing_ok=True)
+        watchdog.stop()
         api.stop()
 
 
@@ -71,6 +75,7 @@ class WorkerProcess:
     when it dies (its agents resume from their committed offsets and changelog-backed tables)."""
 
     MAX_RESTARTS = 5  # in a row without a minute of uptime: a crash loop, not a hiccup
+    HEALTH_SECONDS = 10.0  # how often `check` asks the worker's /health
 
     def __init__(self, settings: Settings, bootstrap: str, symbols: list[str] | None = None,
                  paper: bool | None = None):
@@ -82,10 +87,12 @@ class WorkerProcess:
                     "PERPFLOW_SYMBOLS": ",".join(symbols or settings.symbols),
                     "PERPFLOW_PAPER_TRADING": str(settings.paper_trading if paper is None else paper).lower(),
                     "PERPFLOW_TOPIC_PREFIX": settings.topic_prefix,
+                    "PERPFLOW_WATCHDOG_SECONDS": str(settings.watchdog_seconds),
                     # thresholds and costs as this process has them (a backtest's --fee and --slippage-bps included)
                     **{f"PERPFLOW_{k.upper()}": str(getattr(settings, k)) for k in DECISION_SETTINGS}}
         self.restarts = 0
         self._crash_loop = 0
+        self._health_asked = 0.0
         self._start()
 
     def _start(self) -> None:
@@ -96,10 +103,16 @@ class WorkerProcess:
         self.started_at = time.monotonic()
 
     def check(self) -> None:
-        """Restart the worker if it died; raise when it keeps dying."""
+        """Restart the worker if it died, or if its watchdog says its chain is stalled (as Kubernetes' liveness
+        probe would); raise when it keeps dying."""
         code = self.process.poll()
         if code is None:
-            return
+            stalled = self._stalled()
+            if stalled is None:
+                return
+            log.error("the Faust worker's chain is stalled (%s); restarting it (see %s)", stalled, self.log_path)
+            self.stop()
+            code = self.process.poll()
         self._crash_loop = self._crash_loop + 1 if time.monotonic() - self.started_at < 60 else 1
         if self._crash_loop > self.MAX_RESTARTS:
             raise RuntimeError(f"the Faust worker exited with code {code} {self._crash_loop} times in a row; "
@@ -108,6 +121,26 @@ class WorkerProcess:
         metrics.WORKER_RESTARTS.inc()
         self.restarts += 1
         self._start()
+
+    def _stalled(self) -> str | None:
+        """What the worker's /health says is stalled (None: alive, or not answering yet); asked every
+        HEALTH_SECONDS."""
+        if time.monotonic() - self._health_asked < self.HEALTH_SECONDS:
+            return None
+        self._health_asked = time.monotonic()
+        try:
+            info = json.loads(_info_path(self.log_path.parent, self.process.pid).read_text())
+            with urllib.request.urlopen(info["api_url"] + "/health", timeout=5):
+                return None
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:
+                return None
+            try:
+                return "; ".join(json.loads(exc.read()).get("stalls", [])) or "stalled"
+            except ValueError:
+                return "stalled"
+        except (OSError, ValueError, KeyError):
+            return None
 
     def held_back(self) -> float | None:
         """Bars the features agent holds for their context and signals the risk agent holds for the other symbols

@@ -68,15 +68,38 @@ def test_partitions_are_independent_and_reset_forgets_what_was_handled():
     assert handed(guard, [(KLINES, 11), (MARKS, 1)]) == [11, 1]
 
 
-def test_a_gap_that_a_seek_does_not_fill_is_accepted_after_a_while(monkeypatch):
-    """Offsets gone from the broker (retention) must not stall the partition for ever."""
+def test_a_gap_is_sought_back_again_until_filled_never_skipped(monkeypatch):
+    """A seek back that brings nothing is made again every REFETCH_SECONDS, however long; the records past the
+    gap are never handed before it is filled."""
     now = [1000.0]
     monkeypatch.setattr(input_offsets.time, "monotonic", lambda: now[0])
     a = app({KLINES: 100})
     guard = ContiguousInput(a, "risk")
     assert handed(guard, [(KLINES, 150)]) == []
-    now[0] += input_offsets.GAP_PATIENCE_SECONDS / 2
-    assert handed(guard, [(KLINES, 150)]) == []
-    now[0] += input_offsets.GAP_PATIENCE_SECONDS
-    assert handed(guard, [(KLINES, 150), (KLINES, 151)]) == [150, 151]
-    assert a.consumer.seeks == [(KLINES, 100)]
+    for _ in range(3):
+        now[0] += input_offsets.REFETCH_SECONDS
+        assert handed(guard, [(KLINES, 150), (KLINES, 151)]) == []
+    assert a.consumer.seeks == [(KLINES, 100)] * 4
+    assert handed(guard, [(KLINES, o) for o in range(100, 152)]) == list(range(100, 152))
+    assert guard.gaps == {}
+
+
+def test_a_gap_that_never_fills_stops_the_worker_loudly(monkeypatch):
+    """After MAX_REFETCHES seeks the worker exits non-zero (its restart starts from the committed offset): input is
+    never skipped on a timer."""
+    now = [1000.0]
+    monkeypatch.setattr(input_offsets.time, "monotonic", lambda: now[0])
+    exits: list[str] = []
+    monkeypatch.setattr(input_offsets, "exit_loudly", exits.append)
+    a = app({KLINES: 100})
+    guard = ContiguousInput(a, "features")
+    handed(guard, [(KLINES, 150)])
+    for _ in range(input_offsets.MAX_REFETCHES):
+        now[0] += input_offsets.REFETCH_SECONDS
+        assert not exits
+        assert handed(guard, [(KLINES, 150)]) == []
+    now[0] += input_offsets.REFETCH_SECONDS
+    asyncio.run(guard.settle())  # on the agent's timer: nothing more handed
+    assert len(exits) == 1 and "offset 100 of md.klines[2]" in exits[0]
+    assert len(a.consumer.seeks) == input_offsets.MAX_REFETCHES + 1
+    assert 150 not in handed(guard, [(KLINES, 150)])  # still not skipped

@@ -149,6 +149,8 @@ class FeaturesAgent:
         if self.app.in_recovery:
             return
         async with self.lock:
+            if self.input.gaps:  # sought back to again even when nothing more is handed
+                await self.input.settle()
             if self.reload:
                 self.reload = False
                 self._load_owned()
