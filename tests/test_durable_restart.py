@@ -74,6 +74,21 @@ def test_the_archive_gives_the_newest_record_per_key(store):
     default_codec().encode(t.schema, newest[0])  # read back as the topic's records
 
 
+def test_a_live_feed_resumes_after_the_newest_archived_binance_bar(store):
+    """What `perpflow up --source binance` hands the market connector: a replay's bars are not where it resumes."""
+    from schemas.catalog import topic
+    from schemas.tables import arrow_table, columns
+
+    t = topic("md.klines")
+    fields = [c.name for c in columns(t)]
+    bars = [kline(n, 42_000.0) | {"source": source} for n, source in
+            ((0, "binance-rest"), (1, "binance-ws"), (5, "replay"))]
+    bars.append(records.kline("BTCUSDT", "1h", T0, T0 + 3_600_000 - 1, 1, 1, 1, 1, 1, None, None, None, None,
+                              "binance-rest"))
+    store.insert_arrow(t.table, arrow_table(t, [tuple(b[f] for f in fields) for b in bars], [0] * 4, [0, 1, 2, 3]))
+    assert store.newest_bars("binance") == {("BTCUSDT", "5m"): T0 + BAR, ("BTCUSDT", "1h"): T0}
+
+
 def kline(n: int, price: float) -> dict:
     t = T0 + n * BAR
     return records.kline("BTCUSDT", "5m", t, t + BAR - 1, price, price * 1.001, price * 0.999, price, 1.0, None, None,

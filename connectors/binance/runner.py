@@ -2,7 +2,8 @@
 `perpflow backfill`.
 
 One RestClient is shared by every connector of a process: Binance counts request weight per IP, so one
-budget is the honest one. The market connector resumes after the newest bar already in md.klines.
+budget is the honest one. The market connector resumes after the newest bar already in md.klines, or in the archive
+(`perpflow up` passes it: its embedded broker starts empty after a restart).
 With `live`, the user data stream and the execution connector run too; orders wait while the user
 stream is down (dropped, or silent past PERPFLOW_BINANCE_USER_STALE_SECONDS), and every (re)connect
 reconciles with the exchange — and, for the publishing user connector, fetches the fills it missed —
@@ -81,9 +82,13 @@ class BinanceSource:
     """
 
     def __init__(self, settings: Settings, bootstrap: str, symbols: list[str], live: bool,
-                 start_ms: int | None = None, parts: tuple[str, ...] | None = None):
+                 start_ms: int | None = None, parts: tuple[str, ...] | None = None,
+                 archived_bars: dict[tuple[str, str], int] | None = None):
         self.settings, self.bootstrap, self.symbols, self.live = settings, bootstrap, symbols, live
         self.start_ms = start_ms
+        # the newest archived bar per (symbol, interval), from the process that owns the store: after a restart of the
+        # embedded broker md.klines is empty, and the market connector backfills from there instead
+        self.archived_bars = archived_bars or {}
         self.parts = parts if parts is not None else (PARTS if live else ("market",))
         if not set(self.parts) <= set(PARTS):
             raise ValueError(f"unknown Binance connector parts {self.parts}; known: {PARTS}")
@@ -107,7 +112,10 @@ class BinanceSource:
             await rest.sync_time()  # "now" is the exchange's clock
             jobs = []
             if "market" in self.parts:
-                state = MarketState(last_open=await asyncio.to_thread(last_published_bars, self.bootstrap))
+                last = await asyncio.to_thread(last_published_bars, self.bootstrap)
+                for key, open_time in self.archived_bars.items():
+                    last[key] = max(last.get(key, open_time), open_time)
+                state = MarketState(last_open=last)
                 start = self.start_ms or int(rest.server_now_ms() - s.binance_backfill_hours * 3_600_000)
                 self.market = MarketConnector(rest, s.binance_ws_base, publisher, self.symbols, s.binance_intervals,
                                               start, s.binance_stale_seconds, s.binance_max_connection_seconds,
