@@ -120,11 +120,8 @@ def test_stream_publishes_events_and_survives_expiry_keepalive_loss_and_disconne
     finally:
         fake.stop()
     publisher.flush()
-    published = read_topic(broker.bootstrap, "user.events")
-    events = [e for e in published if e["source"] == "binance-ws"]
+    events = read_topic(broker.bootstrap, "user.events")
     assert sorted(e["event_type"] for e in events) == sorted(m["e"] for m in EXAMPLES)
-    snapshots = [e for e in published if e["source"] == "binance-rest"]
-    assert [(e["event_type"], e["reason"]) for e in snapshots] == [("ACCOUNT_UPDATE", "SNAPSHOT")] * 3  # 1 a reconnect
     assert {e["event_id"] for e in events} == {PARSERS[m["e"]](m)["event_id"] for m in EXAMPLES}
     assert reconciled == [False] * 4
     health = sorted(read_topic(broker.bootstrap, "risk.events"), key=lambda r: r["event_time"])
@@ -248,9 +245,6 @@ def test_a_fill_missed_while_down_reaches_user_events_once_and_restored_waits_fo
     missed = by_client["missed-fill"]
     assert (missed["order_status"], missed["filled_qty"], missed["last_filled_qty"], missed["side"]) == (
         "FILLED", 0.01, 0.01, "BUY")
-    snapshots = [e for e in events if e["event_type"] == "ACCOUNT_UPDATE" and e["reason"] == "SNAPSHOT"]
-    assert [p["position_amount"] for p in snapshots[-1]["positions"]] == [0.015]
-    assert snapshots[-1]["balances"][0]["wallet_balance"] == pytest.approx(fake.account.balance)
     health = sorted(read_topic(broker.bootstrap, "risk.events"), key=lambda r: r["event_time"])
     assert [h["kind"] for h in health] == ["user_stream_restored", "user_stream_down", "user_stream_restored"]
     restored = health[-1]
@@ -291,8 +285,8 @@ def test_the_scheduled_roll_reconnects_at_once_through_reconcile_and_recovery(br
     restores = [json.loads(h["detail"]) for h in health if h["kind"] == "user_stream_restored"]
     assert [d["reason"] for d in downs][:2] == ["rollover", "rollover"]
     assert all(r["down_ms"] < 500 for r in restores[1:3]), restores  # no backoff: only the reconnect's own time
-    fetched = [r for r in fake.requests if r[2] in ("/fapi/v1/userTrades", "/fapi/v2/account")]
-    assert len({r[2] for r in fetched}) == 2 and len(fetched) >= 4, "each roll fetched what it may have missed"
+    fetched = [r for r in fake.requests if r[2] == "/fapi/v1/userTrades"]
+    assert len(fetched) >= 2, "each roll fetched the fills it may have missed"
 
 
 def test_a_fill_fetched_over_rest_gets_the_id_of_the_stream_event_it_stands_for():

@@ -9,8 +9,9 @@ dead, dropped, expired or rolled after `max_connection_s` — publishes a critic
 event and clears `healthy` at once (the order consumer waits on it; the risk guard halts), once per outage.
 After reconnecting, the `on_reconnected` hook (the execution connector's reconciliation) runs, then, on every
 reconnect but the first, the fills the stream missed are fetched from /fapi/v1/userTrades and published with
-the ids the stream's own events carry, and the account from /fapi/v2/account as an ACCOUNT_UPDATE snapshot;
-only when all of it succeeded is `user_stream_restored` published and `healthy` set.
+the ids the stream's own events carry (the reconcile publishes the account's positions and balance as an
+`account_snapshot` risk event); only when all of it succeeded is `user_stream_restored` published and `healthy`
+set.
 
 Events are parsed field by field from the documented shapes: ORDER_TRADE_UPDATE and ALGO_UPDATE carry
 the order in `o`; ACCOUNT_UPDATE carries balances and positions in `a.B` / `a.P`; MARGIN_CALL has `p`.
@@ -149,27 +150,6 @@ def fill_from_rest(trade: dict, order: dict, order_trades: list[dict]) -> dict:
         "m": trade.get("maker"), "R": order.get("reduceOnly"), "wt": order.get("workingType"),
         "ps": trade.get("positionSide"), "rp": trade.get("realizedPnl")}}
     return parse_order_trade_update(msg) | {"source": "binance-rest"}
-
-
-def account_snapshot(account: dict, symbols: set[str], now_ms: int) -> list[dict]:
-    """/fapi/v2/account as ACCOUNT_UPDATE records (reason SNAPSHOT), one per symbol watched or held: the wallet and
-    that symbol's position as the exchange has them now, which wins over whatever the stream missed."""
-    balances = [{"a": a["asset"], "wb": a["walletBalance"], "cw": a["crossWalletBalance"], "bc": "0"}
-                for a in account.get("assets", []) if a["asset"] == "USDT" or float(a["walletBalance"])]
-    records = []
-    for p in account.get("positions", []):
-        if p["symbol"] not in symbols and not float(p["positionAmt"]):
-            continue
-        position = {"s": p["symbol"], "pa": p["positionAmt"], "ep": p.get("entryPrice"),
-                    "bep": p.get("breakEvenPrice"), "up": p.get("unrealizedProfit", "0"),
-                    "mt": "isolated" if p.get("isolated") else "cross", "iw": p.get("isolatedWallet", "0"),
-                    "ps": p.get("positionSide", "BOTH")}
-        msg = {"e": "ACCOUNT_UPDATE", "E": now_ms, "T": now_ms, "a": {"m": "SNAPSHOT", "B": balances, "P": [position]}}
-        records.append(parse_account_update(msg) | {"source": "binance-rest"})
-    if not records and balances:  # no position anywhere: the wallet alone (funding may have moved it meanwhile)
-        msg = {"e": "ACCOUNT_UPDATE", "E": now_ms, "T": now_ms, "a": {"m": "SNAPSHOT", "B": balances, "P": []}}
-        records.append(parse_account_update(msg) | {"source": "binance-rest"})
-    return records
 
 
 class UserStream:
@@ -336,8 +316,9 @@ class UserStream:
 
     # -- what an outage missed -----------------------------------------------------------------------------------
     async def _recover(self) -> int:
-        """The fills since the newest event seen (less a margin) that the stream did not deliver → user.events,
-        then the account snapshot; how many fills. Raises on a failed request: the stream is not restored then."""
+        """The fills since the newest event seen (less a margin) that the stream did not deliver → user.events; how
+        many. Raises on a failed request: the stream is not restored then. (The account itself — positions and
+        balance — reaches the risk guard as the execution connector's `account_snapshot` after its reconcile.)"""
         now = self.rest.server_now_ms()
         since = max(self._watermark - RECOVERY_MARGIN_MS, now - TRADES_WINDOW_MS + 60_000)
         if self._watermark - RECOVERY_MARGIN_MS < since:
@@ -354,9 +335,6 @@ class UserStream:
                     self._publish("user.events", fill_from_rest(trade, order, order_trades))
                     self._remember_trade(symbol, int(trade["id"]), int(trade["time"]))
                     fills += 1
-        account = await self.rest.get("/fapi/v2/account", signed=True)
-        for record in account_snapshot(account, symbols, self.rest.server_now_ms()):
-            self._publish("user.events", record)
         self.recovered_fills += fills
         if fills:
             log.warning("user data stream: %d fill(s) missed while it was down were fetched over REST", fills)

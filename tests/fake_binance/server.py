@@ -682,19 +682,6 @@ class FakeBinance:
                 and (from_id is None or t["id"] >= from_id)]
         return sorted(rows, key=lambda t: t["id"])[: min(int(p.get("limit", 500)), 1000)]
 
-    def account_info(self, p):
-        """GET /fapi/v2/account: the USDT wallet and every symbol's position."""
-        balance = f"{self.account.balance:.8f}"
-        return {"totalWalletBalance": balance, "updateTime": 0,
-                "assets": [{"asset": "USDT", "walletBalance": balance, "crossWalletBalance": balance,
-                            "unrealizedProfit": "0", "marginBalance": balance, "availableBalance": balance,
-                            "updateTime": self.clock.now()}],
-                "positions": [{"symbol": s, "positionAmt": str(pos.amount), "entryPrice": f"{pos.entry}",
-                               "breakEvenPrice": f"{pos.entry}", "unrealizedProfit": "0",
-                               "isolated": pos.margin_type == "isolated", "isolatedWallet": "0",
-                               "leverage": str(pos.leverage), "positionSide": "BOTH", "updateTime": self.clock.now()}
-                              for s, pos in self.account.positions.items()]}
-
     async def trigger_algo(self, client_algo_id: str, fill_delay_s: float = 0.0) -> None:
         """Fire a conditional order as if the mark price had crossed its trigger: NEW → TRIGGERING → TRIGGERED, its
         market order fills (after `fill_delay_s`) → FINISHED; reduce-only with nothing to reduce → REJECTED."""
@@ -782,5 +769,4 @@ ROUTES = {
     ("GET", "/fapi/v2/positionRisk"): _Route(FakeBinance.position_risk, signed=True),
     ("GET", "/fapi/v2/balance"): _Route(FakeBinance.balance, signed=True),
     ("GET", "/fapi/v1/userTrades"): _Route(FakeBinance.user_trades, signed=True),
-    ("GET", "/fapi/v2/account"): _Route(FakeBinance.account_info, signed=True),
 }
