@@ -298,16 +298,18 @@ def summary(results: list[Result]) -> str:
 
 
 # -- SIGKILL of the connector process ----------------------------------------------------------------------------------
-KILL_POINTS: tuple[tuple[str, F], ...] = (
-    # the exchange holds the answer of one call; the connector is killed while it waits, so it dies in that state
-    ("ENTRY_SENT, entry accepted", F("POST", ORDER, 1, 200, delay_after_accept=8.0)),
-    ("PROTECTING, stop-loss accepted", F("POST", ALGO, 1, 200, delay_after_accept=8.0)),
-    ("PROTECTING, take-profit accepted", F("POST", ALGO, 2, 200, delay_after_accept=8.0)),
-    ("PROTECTED", None),
+KILL_POINTS: tuple[tuple[str, tuple[F, ...]], ...] = (
+    # the exchange holds the answer of the last fault's call; the connector is killed while it waits, in that state
+    ("ENTRY_SENT, entry accepted", (F("POST", ORDER, 1, 200, delay_after_accept=8.0),)),
+    ("PROTECTING, stop-loss accepted", (F("POST", ALGO, 1, 200, delay_after_accept=8.0),)),
+    ("PROTECTING, take-profit accepted", (F("POST", ALGO, 2, 200, delay_after_accept=8.0),)),
+    ("CLOSING, emergency close accepted", (F("POST", ALGO, 1, 400, -2021, "Order would immediately trigger."),
+                                           F("POST", ORDER, 2, 200, delay_after_accept=8.0))),
+    ("PROTECTED", ()),
 )
 
 
-def run_killed(n: int, name: str, fault: F | None, perpflow: str, env: dict) -> Result:
+def run_killed(n: int, name: str, faults: tuple[F, ...], perpflow: str, env: dict) -> Result:
     """`perpflow connector execution` as its own process, on a broker and exchange of its own: an intent on `orders`,
     SIGKILL while the exchange holds the answer of `fault`'s call (or once the intent is protected), then a second
     process resumes: the lifecycle from `execution.intents`, the intent replayed from `orders` (its offset was never
@@ -320,12 +322,12 @@ def run_killed(n: int, name: str, fault: F | None, perpflow: str, env: dict) -> 
     broker = EmbeddedBroker().start()
     bootstrap = broker.bootstrap
     fake = FakeBinance([SYMBOL], NOW).start()
-    r = Result(f"SIGKILL at {name}", wanted=1 if fault else 0)
+    r = Result(f"SIGKILL at {name}", wanted=len(faults))
     procs: list[subprocess.Popen] = []
     try:
-        if fault is not None:
-            kw = {k: v for k, v in dataclasses.asdict(fault).items() if k not in ("method", "path", "nth")}
-            fake.fail_next(fault.path, method=fault.method, nth=fault.nth, **kw)
+        for f in faults:
+            kw = {k: v for k, v in dataclasses.asdict(f).items() if k not in ("method", "path", "nth")}
+            fake.fail_next(f.path, method=f.method, nth=f.nth, **kw)
         ensure_topics(bootstrap)
         env = {**env, "PERPFLOW_KAFKA_BOOTSTRAP": bootstrap, "PERPFLOW_BINANCE_REST_URL": fake.rest_url,
                "PERPFLOW_BINANCE_WS_URL": fake.ws_url, "PERPFLOW_BINANCE_API_KEY": API_KEY,
@@ -344,7 +346,7 @@ def run_killed(n: int, name: str, fault: F | None, perpflow: str, env: dict) -> 
         producer.flush()
         first = start()
         deadline = time.monotonic() + 60
-        while not (fake.fired if fault else protection_matches(fake, order)):
+        while not (len(fake.fired) == len(faults) if faults else protection_matches(fake, order)):
             if first.poll() is not None or time.monotonic() > deadline:
                 tail = first.stderr.read()[-500:] if first.stderr and first.poll() is not None else ""
                 r.crashed = f"first connector: exit {first.poll()}, {tail}"

@@ -27,10 +27,10 @@ def test_every_fault_of_the_matrix_leaves_one_protected_entry_or_a_flat_clean_ac
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("point", [0, 1], ids=["entry accepted", "stop-loss accepted"])
+@pytest.mark.parametrize("point", [0, 3], ids=["entry accepted", "emergency close accepted"])
 def test_a_connector_killed_mid_intent_resumes_it_after_restart(tmp_path, point):
-    name, fault = fault_matrix.KILL_POINTS[point]
-    r = fault_matrix.run_killed(point, name, fault, PERPFLOW, cli_env(tmp_path / "home", PERPFLOW_LOG_LEVEL="INFO"))
+    name, faults = fault_matrix.KILL_POINTS[point]
+    r = fault_matrix.run_killed(point, name, faults, PERPFLOW, cli_env(tmp_path / "home", PERPFLOW_LOG_LEVEL="INFO"))
     print("\n" + fault_matrix.table([r]))
     assert r.ok, r.problems
     assert r.entry_fills == 1
