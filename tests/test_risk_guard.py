@@ -504,3 +504,24 @@ def test_the_watchdogs_halt_is_held_until_an_operator_starts_trading():
     assert (guard.book.state, guard.book.state_reason) == (HALTED, "chain_stalled")
     assert guard.control(command(RUNNING, 2))
     assert guard.book.state == RUNNING
+
+
+def test_a_snapshot_older_than_the_books_news_changes_nothing():
+    """The snapshot (risk.events) and the fills (user.events) come on different topics: a fill may overtake it."""
+    desk = Desk()
+    intent = desk.signal(sig("BTCUSDT", 0))["intent_id"]
+    taken = T0 + 2 * BAR  # the exchange's clock when the snapshot was taken: before the entry filled
+    desk.guard.user_event(order_update(client_ids(intent)["entry"], "FILLED", taken + 500, filled="0.1")
+                          | {"avg_price": 50_000.0})
+    desk.guard.connector_event(snapshot({}, "10000", taken))
+    assert desk.guard.book.positions["BTCUSDT"].status == "open"
+    # the position closes (its stop) after another snapshot that still had it was taken
+    stop = order_update("stop", "FILLED", taken + 2_000, filled="0.1") | {"reduce_only": True}
+    desk.guard.user_event(stop)
+    desk.guard.connector_event(snapshot({"BTCUSDT": "0.1"}, "10000", taken + 1_000))
+    assert desk.guard.book.positions == {}
+    desk._route()
+    assert [e["symbol"] for e in desk.events if e["kind"] == "book_reconciled"] == [""]  # the balance: book had none
+    # a snapshot newer than both is the exchange's word
+    desk.guard.connector_event(snapshot({"BTCUSDT": "0.1"}, "10000", taken + 3_000))
+    assert desk.guard.book.positions["BTCUSDT"].intent_id == "reconciled:BTCUSDT"

@@ -84,6 +84,7 @@ class Position:
     partition: int = 0
     close_attempts: int = 0  # CLOSE intents sent for it
     close_time: int = 0  # the guard's clock when the newest was sent
+    updated: int = 0  # event time of the newest exchange news of it (a fill, an ACCOUNT_UPDATE, a snapshot)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Book:
     notional_count: int = 0
     user_stream_up: bool = True
     recent: dict[str, list[dict]] = field(default_factory=dict)  # symbol → its newest verdicts (redeliveries)
+    flat_since: dict[str, int] = field(default_factory=dict)  # symbol → event time the exchange said it went flat
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -493,11 +495,12 @@ class RiskGuard:
             if status == "FILLED":
                 pos.status, pos.entry = "open", ev.get("avg_price") or pos.entry
                 pos.quantity = ev.get("filled_qty") or pos.quantity
+                pos.updated = ev["event_time"]
                 if pos.closing:  # a HALT or kill came while the entry was on its way
                     self._send_close(symbol, pos)
             elif status in ("EXPIRED", "CANCELED", "REJECTED") and pos.status == "pending":
                 if ev.get("filled_qty"):  # ended after a part filled: that part is the position
-                    pos.status, pos.quantity = "open", ev["filled_qty"]
+                    pos.status, pos.quantity, pos.updated = "open", ev["filled_qty"], ev["event_time"]
                     pos.entry = ev.get("avg_price") or pos.entry
                     if pos.closing:
                         self._send_close(symbol, pos)
@@ -505,6 +508,7 @@ class RiskGuard:
                     self._clear_pending(symbol, ev["event_time"], f"entry {status}")
         elif status == "FILLED" and ev.get("reduce_only") and pos.status == "open":
             del self.book.positions[symbol]  # stop-loss, take-profit, our close, or a liquidation
+            self.book.flat_since[symbol] = ev["event_time"]
 
     def _account_update(self, ev: dict) -> None:
         b = self.book
@@ -519,9 +523,11 @@ class RiskGuard:
                 continue
             if p["position_amount"] == 0:
                 del b.positions[p["symbol"]]
+                b.flat_since[p["symbol"]] = ev["event_time"]
             else:
                 pos.quantity, pos.margin = abs(p["position_amount"]), p["isolated_wallet"] or pos.margin
                 pos.entry = p.get("entry_price") or pos.entry
+                pos.updated = ev["event_time"]
         b.peak_equity = max(b.peak_equity, self.equity())
         if b.day < 0:
             b.day = ev["event_time"] // DAY_MS
@@ -540,27 +546,33 @@ class RiskGuard:
 
     def _reconcile(self, ev: dict) -> None:
         """The account as the exchange has it, after a reconnect: the exchange wins; each difference a warning.
-        Pending entries (approved, not yet filled) are left to their own events."""
+        Pending entries (approved, not yet filled) are left to their own events, and so is a position whose user
+        event is newer than the snapshot (the two come on different topics: a fill may overtake the snapshot)."""
         b, t, detail = self.book, ev["event_time"], _detail(ev)
         exchange = {s: amount for s, amount in _amounts(detail.get("positions")).items() if amount}
         for symbol, pos in list(b.positions.items()):
-            if pos.status == "open" and symbol not in exchange:
+            if pos.status == "open" and symbol not in exchange and pos.updated <= t:
                 del b.positions[symbol]
+                b.flat_since[symbol] = t
                 self._reconciled(symbol, t, pos.partition, "not_on_exchange", pos.side * pos.quantity, 0.0)
         for symbol, amount in sorted(exchange.items()):
             pos, side = b.positions.get(symbol), 1 if amount > 0 else -1
+            if pos is None and b.flat_since.get(symbol, 0) > t:
+                continue  # the book saw it go flat after the snapshot was taken
             if pos is None:
                 mark = b.marks.get(symbol)
                 entry = mark.close if mark else 0.0  # priced at the newest mark (or the next) until the exchange says
                 # the leverage is unknown: margin counted as the whole notional, the strict side
                 pos = b.positions[symbol] = Position(f"reconciled:{symbol}", side, abs(amount), entry, 1,
                                                      abs(amount) * entry, "open",
-                                                     partition=mark.partition if mark else 0)
+                                                     partition=mark.partition if mark else 0, updated=t)
                 self._reconciled(symbol, t, pos.partition, "not_in_book", 0.0, amount)
                 if b.held_state == HALTED and b.held_flatten:  # a flatten is in force: this one too
                     self._close(symbol, b.held_reason)
-            elif pos.status == "open" and not math.isclose(pos.side * pos.quantity, amount, rel_tol=1e-9):
+            elif pos.status == "open" and pos.updated <= t \
+                    and not math.isclose(pos.side * pos.quantity, amount, rel_tol=1e-9):
                 before, flipped = pos.side * pos.quantity, side != pos.side
+                pos.updated = t
                 pos.margin = pos.margin * abs(amount) / pos.quantity if pos.quantity else pos.margin
                 pos.side, pos.quantity = side, abs(amount)
                 if flipped and symbol in b.marks:  # not the position the book priced
