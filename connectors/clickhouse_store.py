@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 import pyarrow as pa
@@ -68,7 +69,12 @@ class Store:
             self.client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
         except Exception as exc:
             self.release()
-            raise PerpflowError(f"cannot open ClickHouse at {settings.clickhouse_dsn}: {exc}") from exc
+            # the driver's message may quote the DSN: never the password, nor a chained traceback holding it
+            detail = str(exc).replace(settings.clickhouse_dsn, settings.clickhouse_where)
+            password = urlsplit(settings.clickhouse_dsn).password
+            if password:
+                detail = detail.replace(password, "***")
+            raise PerpflowError(f"cannot open ClickHouse at {settings.clickhouse_where}: {detail}") from None
 
     def _claim_embedded(self, settings: Settings) -> None:
         settings.run_dir.mkdir(parents=True, exist_ok=True)

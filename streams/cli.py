@@ -134,8 +134,9 @@ def up(
                               "and execution connector). Without it, trading stays paper."),
     paper: bool = typer.Option(True, "--paper/--no-paper", help="Run the paper exchange: it answers `orders` with "
                                "`user.events` from the market data (never with --live)."),
-    mainnet: bool = typer.Option(False, "--mainnet", help="Required with --live when PERPFLOW_BINANCE_TESTNET=false: "
-                                 "real money."),
+    mainnet: bool = typer.Option(False, "--mainnet", help="Required with --live on Binance mainnet "
+                                 "(PERPFLOW_BINANCE_TESTNET=false, or a REST/WS URL on a binance.com host): real "
+                                 "money."),
 ) -> None:
     """Start the stack (embedded broker and store unless configured), create topics and tables, run the
     market source (replay or Binance) and the ClickHouse sink, serve /metrics."""
@@ -165,12 +166,16 @@ def _check_live(settings: Settings, mainnet: bool) -> None:
     if not (settings.binance_api_key.get_secret_value() and settings.binance_api_secret.get_secret_value()):
         raise PerpflowError("--live needs PERPFLOW_BINANCE_API_KEY and PERPFLOW_BINANCE_API_SECRET in the "
                             "environment (testnet keys unless PERPFLOW_BINANCE_TESTNET=false)")
-    if not settings.binance_testnet and not mainnet:
-        raise PerpflowError("PERPFLOW_BINANCE_TESTNET=false trades real money on Binance mainnet: add --mainnet "
-                            "to confirm, or unset it to trade on the testnet")
-    if not settings.binance_testnet:
+    # on the URLs the connectors will use, not only the flag: a mainnet URL set by hand trades real money too
+    production = settings.binance_mainnet_urls()
+    if production and not mainnet:
+        variable, url = production[0]
+        cause = "PERPFLOW_BINANCE_TESTNET=false makes" if variable == "PERPFLOW_BINANCE_TESTNET" else f"{variable} is"
+        raise PerpflowError(f"{cause} {url}, Binance mainnet: live trading there moves real money; add --mainnet to "
+                            "confirm, or point it at the testnet")
+    if production:
         logging.getLogger("perpflow").warning("LIVE TRADING ON BINANCE MAINNET (%s) WITH REAL MONEY",
-                                              settings.binance_rest_base)
+                                              ", ".join(url for _, url in production))
 
 
 def _print_summary(s) -> None:
@@ -260,6 +265,7 @@ def sql(
     """Run a read-only query against the configured ClickHouse (through `perpflow up` when it holds the
     embedded store)."""
     from connectors.clickhouse_store import Store
+    from streams.control import control_token
     from streams.stack import StackInfo
 
     settings = _settings()
@@ -267,7 +273,8 @@ def sql(
     if info is not None:
         req = urllib.request.Request(info.api_url + "/sql", method="POST",
                                      data=json.dumps({"query": query, "format": format.value}).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {control_token(settings)}"})
         try:
             with urllib.request.urlopen(req, timeout=300) as r:
                 sys.stdout.write(r.read().decode())
@@ -565,7 +572,7 @@ def models_promote(
     common out-of-fold window); archives the side's previous model and publishes the change on `control`."""
     import getpass
 
-    from streams.control import promotion_publisher
+    from streams.control import control_token, promotion_publisher
     from training import registry
 
     if force and not reason.strip():
@@ -574,8 +581,9 @@ def models_promote(
     settings = _settings()
     store = _registry_store(settings, "perpflow models promote")
     try:
+        bootstrap = settings.kafka_bootstrap
         result = registry.promote(store, model, getpass.getuser(), reason.strip(), force,
-                                  promotion_publisher(settings.kafka_bootstrap))
+                                  promotion_publisher(bootstrap, control_token(settings) if bootstrap else ""))
     finally:
         store.close()
     for g in result.gates:
@@ -863,8 +871,9 @@ def connector(
     symbols: str = typer.Option(None, help="Comma-separated symbols (default: PERPFLOW_SYMBOLS)."),
     start: str = typer.Option(None, help="market: first bar to backfill when md.klines holds none yet (UTC; "
                               "default: PERPFLOW_BINANCE_BACKFILL_HOURS ago)."),
-    mainnet: bool = typer.Option(False, "--mainnet", help="Required for user and execution when "
-                                 "PERPFLOW_BINANCE_TESTNET=false: real money."),
+    mainnet: bool = typer.Option(False, "--mainnet", help="Required for user and execution on Binance mainnet "
+                                 "(PERPFLOW_BINANCE_TESTNET=false, or a REST/WS URL on a binance.com host): real "
+                                 "money."),
 ) -> None:
     """Run one exchange connector on its own against PERPFLOW_KAFKA_BOOTSTRAP (or the broker of the running
     `perpflow up`), serving /metrics and /health on PERPFLOW_METRICS_PORT, until stopped. The docker-compose

@@ -24,6 +24,7 @@ import logging
 import time
 
 from streams.broker import ensure_topics
+from streams.control import control_token
 from streams.control_api import ControlApi
 from streams.errors import PerpflowError
 from streams.settings import Settings
@@ -67,7 +68,8 @@ def run_connector(settings: Settings, bootstrap: str, part: str, symbols: list[s
     except Exception as exc:  # a KafkaException naming the broker problem
         raise PerpflowError(f"cannot reach Kafka at {bootstrap} to check the topics ({exc}); is "
                             "PERPFLOW_KAFKA_BOOTSTRAP right and the broker up?") from None
-    api = ControlApi(settings.metrics_host, settings.metrics_port, routes={("GET", "/ready"): readiness(part)}).start()
+    api = ControlApi(settings.metrics_host, settings.metrics_port, routes={("GET", "/ready"): readiness(part)},
+                     token=control_token(settings)).start()  # no POST routes, but beyond loopback only with a token
     log.info("%s connector: Kafka %s, symbols %s, /metrics, /health and /ready at %s", part, bootstrap,
              ",".join(symbols), api.url)
     connector = build(settings, bootstrap, part, symbols, start_ms)

@@ -7,7 +7,11 @@
                  {"query": ..., "format": "table|tsv|csv"}) — how `perpflow sql` reaches an embedded
                  chDB store while `perpflow up` holds it
 - whatever `routes` a process adds: the worker's trading views and commands (streams/risk/views.py), `up`'s
-  model promotion. A route that changes state (POST) needs `Authorization: Bearer <token>` when a token is set.
+  model promotion.
+
+Every POST (/sql included: a query may still cost the store, and it reads everything) needs `Authorization: Bearer
+<token>`, compared in constant time; without a token no POST is served. GETs are open: bound beyond loopback (an
+address other than 127.0.0.1/::1/localhost), the API refuses to start without a token.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams.errors import PerpflowError
+from streams.settings import is_loopback
 
 # (method, path prefix) → handler(path, JSON body or None) → (HTTP status, JSON-able answer)
 Route = Callable[[str, dict | None], tuple[int, object]]
@@ -29,8 +34,12 @@ Route = Callable[[str, dict | None], tuple[int, object]]
 
 class ControlApi:
     def __init__(self, host: str, port: int, store=None, health=None,
-                 routes: dict[tuple[str, str], Route] | None = None, token: str = ""):
+                 routes: dict[tuple[str, str], Route] | None = None, token: str = "",
+                 liveness: Callable[[], tuple[bool, dict]] | None = None):
         api = self
+        if not token and not is_loopback(host):
+            raise PerpflowError(f"the control API would listen on {host or 'every interface'} without a token: set "
+                                "PERPFLOW_CONTROL_TOKEN, or PERPFLOW_METRICS_HOST=127.0.0.1")
         self.routes, self.token = routes or {}, token
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,15 +53,19 @@ class ControlApi:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _authorized(self) -> bool:
+                """The request carries the token; else it is answered 401 here."""
+                given = self.headers.get("Authorization", "").encode("latin-1", "replace")  # as http.server decoded
+                if api.token and hmac.compare_digest(given, f"Bearer {api.token}".encode()):
+                    return True
+                self._send(401, b'{"error":"a bearer token is required (Authorization: Bearer ...)"}')
+                return False
+
             def _route(self, method: str) -> bool:
                 """A registered route answers; False when none matches."""
                 for (m, prefix), handler in api.routes.items():
                     if m != method or not (self.path == prefix or self.path.startswith(prefix.rstrip("/") + "/")):
                         continue
-                    if method == "POST" and api.token and not hmac.compare_digest(
-                            self.headers.get("Authorization", ""), f"Bearer {api.token}"):
-                        self._send(401, b'{"error":"a bearer token is required (Authorization: Bearer ...)"}')
-                        return True
                     try:
                         length = int(self.headers.get("Content-Length", 0))
                         body = json.loads(self.rfile.read(length)) if length else None
@@ -70,8 +83,9 @@ class ControlApi:
                     return
                 if self.path == "/metrics":
                     self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
-                elif self.path == "/health":
-                    self._send(200, b'{"status":"ok"}')
+                elif self.path == "/health":  # liveness: a worker's watchdog says 503 while its chain is stalled
+                    alive, answer = api.liveness() if api.liveness is not None else (True, {"status": "ok"})
+                    self._send(200 if alive else 503, json.dumps(answer).encode())
                 elif self.path == "/topics" and api.health is not None:
                     snap = api.health.latest
                     if snap is None or time.time() - snap.taken_at > 2.0:  # fresh, with the minute of history
@@ -81,7 +95,7 @@ class ControlApi:
                     self._send(404, b'{"error":"not found"}')
 
             def do_POST(self):
-                if self._route("POST"):
+                if not self._authorized() or self._route("POST"):
                     return
                 if self.path != "/sql" or api.store is None:
                     self._send(404, b'{"error":"not found"}')
@@ -95,7 +109,7 @@ class ControlApi:
                 except Exception as exc:
                     self._send(500, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
 
-        self.store, self.health = store, health
+        self.store, self.health, self.liveness = store, health, liveness
         try:
             self.server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:

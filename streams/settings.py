@@ -4,9 +4,11 @@ Defaults are the safe ones: embedded broker and store, Binance testnet, paper tr
 
 from __future__ import annotations
 
+import ipaddress
 from functools import cache
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,18 +27,21 @@ class Settings(BaseSettings):
     """Where the embedded store and run state live."""
     kafka_bootstrap: str = ""
     """host:port list of a Kafka cluster; empty = start the embedded Tansu broker."""
-    clickhouse_url: str = ""
-    """http(s)://user:pass@host:8123/db of a ClickHouse server; empty = chDB in $home/clickhouse."""
+    clickhouse_url: SecretStr = SecretStr("")
+    """http(s)://user:pass@host:8123/db of a ClickHouse server; empty = chDB in $home/clickhouse. Secret (it holds
+    the password): shown only as `clickhouse_where`, the password masked."""
     symbols: Annotated[list[str], NoDecode] = ["BTCUSDT", "ETHUSDT"]
     """Comma-separated Binance symbols to trade and replay."""
     metrics_host: str = "127.0.0.1"
+    """Bind address of the control API; anything but loopback needs PERPFLOW_CONTROL_TOKEN."""
     metrics_port: int = 9464
     """Port of the /metrics + control API server of `perpflow up`; 0 = any free port."""
     worker_metrics_port: int = 9465
     """Port of the /metrics server of a `perpflow worker`; 0 = any free port."""
     control_token: SecretStr = SecretStr("")
-    """Bearer token of the HTTP routes that change state (trading start/stop/kill, promote); empty = one is made
-    per home in run/control-token."""
+    """Bearer token of the HTTP routes that change state (trading start/stop/kill, promote, POST /sql) and the key
+    of the HMAC every `control` record carries; empty = one is made per home in run/control-token (mode 0600), which
+    only works on loopback: every process of a deployment needs the same token."""
     control_url: str = ""
     """Base URL of the worker's control API for `perpflow trading ...`; empty = the local worker's."""
     topic_prefix: str = ""
@@ -50,7 +55,8 @@ class Settings(BaseSettings):
 
     # -- Binance USDT-M (connectors/binance): only the base URLs differ between testnet, mainnet and a fake
     binance_testnet: bool = True
-    """Testnet unless set to false; mainnet also needs `--mainnet` on the command line."""
+    """Testnet unless set to false; mainnet (this, or a REST/WS URL on a Binance production host) also needs
+    `--mainnet` on the command line to trade."""
     binance_rest_url: str = ""
     """REST base URL; empty = the testnet's or mainnet's."""
     binance_ws_url: str = ""
@@ -63,6 +69,10 @@ class Settings(BaseSettings):
     binance_recv_window_ms: int = 5000
     binance_leverage: int = 2
     """Leverage set per symbol (isolated margin) before the first order."""
+    execution_max_intent_age_seconds: float = 600.0
+    """An entry intent older than this (two 5m bars) is not traded when it reaches the execution connector."""
+    execution_reconcile_seconds: float = 60.0
+    """The execution connector reconciles positions and orders with the exchange this often (and on reconnects)."""
     binance_stale_seconds: float = 30.0
     """A market stream silent this long is treated as dead and reconnected."""
     binance_user_stale_seconds: float = 60.0
@@ -143,6 +153,9 @@ class Settings(BaseSettings):
     agents: Annotated[list[str], NoDecode] = list(AGENTS)
     """Comma-separated agents a `perpflow worker` runs: the whole chain by default. Fewer drive one agent on its
     own, its inputs published by hand (the risk agent's tests publish the signals)."""
+    watchdog_seconds: float = 120.0
+    """A worker whose agent has input waiting but handles none of it this long is stalled: /health fails, trading
+    is HALTED, a critical chain_stalled risk event (streams/watchdog.py). 0 turns the watchdog off."""
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -186,7 +199,7 @@ class Settings(BaseSettings):
 
     @property
     def embedded_store(self) -> bool:
-        return not self.clickhouse_url
+        return not self.clickhouse_url.get_secret_value()
 
     @property
     def binance_rest_base(self) -> str:
@@ -200,7 +213,60 @@ class Settings(BaseSettings):
 
     @property
     def clickhouse_dsn(self) -> str:
-        return self.clickhouse_url or f"chdb://{self.home_dir / 'clickhouse'}"
+        """With the password: for the store's client only, never to print or store (see `clickhouse_where`)."""
+        return self.clickhouse_url.get_secret_value() or f"chdb://{self.home_dir / 'clickhouse'}"
+
+    @property
+    def clickhouse_where(self) -> str:
+        """The store's DSN as it may be shown: password masked."""
+        return redact_dsn(self.clickhouse_dsn)
+
+    @property
+    def loopback_bind(self) -> bool:
+        return is_loopback(self.metrics_host)
+
+    def binance_mainnet_urls(self) -> list[tuple[str, str]]:
+        """(the variable that chose it, URL) of each resolved Binance base URL on a production host: trading there
+        moves real money, whether PERPFLOW_BINANCE_TESTNET says so or a URL was set by hand."""
+        found = []
+        for variable, explicit, url in (("PERPFLOW_BINANCE_REST_URL", self.binance_rest_url, self.binance_rest_base),
+                                        ("PERPFLOW_BINANCE_WS_URL", self.binance_ws_url, self.binance_ws_base)):
+            if is_binance_production(url):
+                found.append((variable if explicit else "PERPFLOW_BINANCE_TESTNET", url))
+        return found
+
+
+TESTNET_HOSTS = ("testnet.binancefuture.com", "stream.binancefuture.com", "testnet.binance.vision")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "" (every interface) or a host name other than localhost
+        return False
+
+
+def is_binance_production(url: str) -> bool:
+    """A host of binance.com that is not a testnet's (fapi.binance.com, fstream.binance.com, ...)."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    if host in TESTNET_HOSTS or host.startswith("testnet."):
+        return False
+    return host == "binance.com" or host.endswith(".binance.com")
+
+
+def redact_dsn(url: str) -> str:
+    """The URL with its password as ***, to print or store."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @cache

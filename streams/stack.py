@@ -106,8 +106,11 @@ class Stack:
         self.close()
 
     def _start(self) -> None:
+        from streams.control import control_token, promote_route
+
         s = self.settings
         s.run_dir.mkdir(parents=True, exist_ok=True)
+        token = control_token(s)  # first: an API bound beyond loopback without a token refuses before anything starts
         running = StackInfo.load(s)
         if running and running.pid != os.getpid():
             raise PerpflowError(f"perpflow up is already running for {s.home_dir} (pid {running.pid}); "
@@ -127,13 +130,12 @@ class Stack:
         self._health_thread = threading.Thread(target=self.health.run, args=(self._stop,), name="topic-health",
                                                daemon=True)
         self._health_thread.start()
-        from streams.control import control_token, promote_route
-
         self.api = ControlApi(s.metrics_host, s.metrics_port, self.store, self.health,
-                              routes={("POST", "/models"): promote_route(self.store, self.bootstrap)},
-                              token=control_token(s)).start()
+                              routes={("POST", "/models"): promote_route(self.store, self.bootstrap, token)},
+                              token=token).start()
         broker_pid = self.broker.process.pid if self.broker else None
-        info = StackInfo(os.getpid(), self.bootstrap, self.api.url, s.clickhouse_dsn, broker_pid)
+        # no password in a file other commands read: a process that needs the store reads its own settings
+        info = StackInfo(os.getpid(), self.bootstrap, self.api.url, s.clickhouse_where, broker_pid)
         StackInfo.path(s).write_text(json.dumps(asdict(info)))
         log.info("metrics and control API on %s", self.api.url)
 

@@ -283,9 +283,10 @@ def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] 
     record: announcing again changes nothing. A backtest pins its `models` (registry rows: one per side, or a
     walk-forward schedule of rows with `valid_from`) on its own `control` topic (`prefix`): its predict agent sees no
     other promotion."""
-    from streams.control import publish
+    from streams.control import control_token, publish
     from training import registry
 
+    token = control_token(stack.settings)
     for side in ("long", "short"):
         rows = [row for row in models or [] if row["side"] == side] or [registry.promoted(stack.store, side)]
         if rows[0] is None:
@@ -294,7 +295,7 @@ def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] 
         for row in rows:
             entity = f"model:{side}" if row.get("valid_from") is None else f"model:{side}@{row['valid_from']}"
             publish(stack.bootstrap, entity, "model_promoted", registry.control_value(row, None),
-                    row["actor"], row["promoted_at"] or row["created_at"], prefix=prefix)
+                    row["actor"], row["promoted_at"] or row["created_at"], token=token, prefix=prefix)
 
 
 STALL_SECONDS = 180.0  # input left, yet no offset committed and nothing released for this long: stuck

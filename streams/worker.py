@@ -41,7 +41,8 @@ def run_worker(settings: Settings, bootstrap: str) -> None:
     if "streams.risk.agent" in agents:  # the trading views and commands (GET /status, POST /trading/kill, ...)
         from streams.risk.views import routes as trading_routes
 
-        routes = trading_routes(agents["streams.risk.agent"], bootstrap, agents.get("streams.predict.agent"))
+        routes = trading_routes(agents["streams.risk.agent"], bootstrap, control_token(settings),
+                                agents.get("streams.predict.agent"))
     watchdog = Watchdog(app, bootstrap, settings.watchdog_seconds, control_token(settings)).start()
     api = ControlApi(settings.metrics_host, settings.worker_metrics_port, routes=routes,
                      token=control_token(settings), liveness=watchdog.healthy).start()
@@ -88,6 +89,9 @@ class WorkerProcess:
                     "PERPFLOW_PAPER_TRADING": str(settings.paper_trading if paper is None else paper).lower(),
                     "PERPFLOW_TOPIC_PREFIX": settings.topic_prefix,
                     "PERPFLOW_WATCHDOG_SECONDS": str(settings.watchdog_seconds),
+                    # the same control token (else the child reads run/control-token of the same home)
+                    **({"PERPFLOW_CONTROL_TOKEN": settings.control_token.get_secret_value()}
+                       if settings.control_token.get_secret_value() else {}),
                     # thresholds and costs as this process has them (a backtest's --fee and --slippage-bps included)
                     **{f"PERPFLOW_{k.upper()}": str(getattr(settings, k)) for k in DECISION_SETTINGS}}
         self.restarts = 0

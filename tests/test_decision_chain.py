@@ -213,7 +213,7 @@ def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker
     from connectors.clickhouse_store import Store
     from schemas.codec import default_codec
     from streams.broker import ensure_topics
-    from streams.control import publish
+    from streams.control import control_token, publish
     from streams.settings import Settings
     from streams.worker import WorkerProcess
     from tests.conftest import read_topic
@@ -237,7 +237,7 @@ def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker
     ensure_topics(broker.bootstrap)
     for side, row in rows.items():
         publish(broker.bootstrap, f"model:{side}", "model_promoted", registry.control_value(row, None), "test",
-                row["promoted_at"])
+                row["promoted_at"], token=control_token(settings))
     codec = default_codec()
     produce(broker.bootstrap, [("features", "ETHUSDT", codec.encode("features", r)) for r in records[:10]])
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,8 @@ def test_a_promotion_on_control_switches_the_model_without_restart(chain, broker
             worker.check()
             time.sleep(0.5)
         second = {**registry.control_value(rows["long"], rows["long"]), "model_id": "long-reloaded"}
-        publish(broker.bootstrap, "model:long", "model_promoted", second, "test", rows["long"]["promoted_at"] + 1)
+        publish(broker.bootstrap, "model:long", "model_promoted", second, "test", rows["long"]["promoted_at"] + 1,
+                token=control_token(settings))
         while worker.metric("perpflow_model_info", side="long", model_id="long-reloaded") != 1:
             assert time.monotonic() < deadline, "the worker did not load the second promotion"
             time.sleep(0.5)

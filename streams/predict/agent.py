@@ -42,7 +42,7 @@ from schemas import event_ids
 from streams import metrics
 from streams.app import topic_prefix
 from streams.batch_agent import BatchAgent
-from streams.control import ControlReader
+from streams.control import ControlReader, control_token
 from streams.features.registry import SCHEMA_VERSION
 from streams.policy.signals import Policy
 from streams.settings import Settings
@@ -127,7 +127,8 @@ class PredictAgent(BatchAgent):
 
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         if self.control is None:
-            self.control = ControlReader(self.bootstrap, "perpflow-predict-control", topic_prefix(self.app))
+            self.control = ControlReader(self.bootstrap, "perpflow-predict-control", control_token(self.settings),
+                                         topic_prefix(self.app))
             self._apply(promotions(await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)))
         out: list[dict] = []
         chosen: list[tuple[dict, dict, dict]] = []  # (features record, its prediction, the models) to predict

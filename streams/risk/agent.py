@@ -30,12 +30,11 @@ import faust
 from faust.types import TP
 
 from connectors.paper.engine import PaperConfig
-from schemas import event_ids
 from schemas.catalog import SYMBOL_PARTITIONS
 from streams import metrics
 from streams.app import kafka_name, topic_prefix
 from streams.batch_agent import BatchAgent, read_to_end
-from streams.control import ControlReader
+from streams.control import ControlReader, control_record, control_token
 from streams.features.engine import SymbolFeatures
 from streams.risk.book_copy import ACCOUNT, BookCopy, newest_snapshot
 from streams.risk.event_order import EventTimeOrder
@@ -93,6 +92,7 @@ class RiskAgent(BatchAgent):
         self.dirty: int | None = None  # the partition to save the book under after this batch
         self.restore = True
         self.control: ControlReader | None = None
+        self.token = control_token(settings)  # operators' commands are verified with it, the guard's own signed
         self.liq_shown: set[tuple[str, str]] = set()
         self.latest: dict[str, dict] = {}  # symbol → its newest verdict, for GET /signals/latest
         self.snapshot: dict = {}  # what the control API shows; replaced whole, read from the API's threads
@@ -134,7 +134,7 @@ class RiskAgent(BatchAgent):
                                                                         topic_prefix(self.app))
             self._restore(copy)
         if self.control is None:
-            self.control = ControlReader(self.bootstrap, "perpflow-risk-control", topic_prefix(self.app))
+            self.control = ControlReader(self.bootstrap, "perpflow-risk-control", self.token, topic_prefix(self.app))
             records = await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)
             self._apply_control(records)
 
@@ -286,9 +286,8 @@ class RiskAgent(BatchAgent):
         for change in out.control:  # wall-clock stamped, as operators' commands: the newest is the state
             now = max(now, self.guard.book.control_time + 1)
             self.guard.book.control_time = now
-            sends.append(("control", 0, TRADING_ENTITY.encode(), {
-                "event_id": event_ids.control(TRADING_ENTITY, now), "event_time": now, "entity": TRADING_ENTITY,
-                "kind": "trading_state", "value": json.dumps(change, sort_keys=True), "actor": "risk"}))
+            sends.append(("control", 0, TRADING_ENTITY.encode(),
+                          control_record(TRADING_ENTITY, "trading_state", change, "risk", now, self.token)))
         self._export()
         return sends
 

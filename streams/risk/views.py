@@ -28,8 +28,9 @@ COMMANDS = {"start": {"state": RUNNING, "flatten": False}, "stop": {"state": RED
 LAG_TOPICS = (*CHAIN_HOPS, "user.events")  # what the agents read
 
 
-def routes(agent: Any, bootstrap: str, models: Any = None) -> dict:
-    """Routes over the risk agent's published snapshot (`agent.snapshot`, replaced whole after every batch)."""
+def routes(agent: Any, bootstrap: str, token: str, models: Any = None) -> dict:
+    """Routes over the risk agent's published snapshot (`agent.snapshot`, replaced whole after every batch); the
+    commands go on `control` signed with `token` (`streams.control.control_token`)."""
 
     def status(path: str, body: dict | None) -> tuple[int, object]:
         snap = dict(agent.snapshot)
@@ -49,7 +50,7 @@ def routes(agent: Any, bootstrap: str, models: Any = None) -> dict:
             return 404, {"error": f"unknown command {name!r}; one of {', '.join(COMMANDS)}"}
         value = COMMANDS[name] | {"reason": (body or {}).get("reason") or name}
         record = publish(bootstrap, TRADING_ENTITY, "trading_state", value, (body or {}).get("actor") or "api",
-                         int(time.time() * 1000), prefix=topic_prefix(agent.app))
+                         int(time.time() * 1000), token=token, prefix=topic_prefix(agent.app))
         return 202, {"accepted": value, "event_id": record["event_id"]}
 
     return {("GET", "/status"): status, ("GET", "/signals/latest"): latest, ("GET", "/positions"): positions,
