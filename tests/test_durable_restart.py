@@ -89,6 +89,18 @@ def test_a_live_feed_resumes_after_the_newest_archived_binance_bar(store):
     assert store.newest_bars("binance") == {("BTCUSDT", "5m"): T0 + BAR, ("BTCUSDT", "1h"): T0}
 
 
+def test_a_replay_of_history_the_book_has_seen_starts_a_fresh_book_and_keeps_the_trading_state():
+    from schemas.catalog import topic
+    from streams.up import book_a_replay_allows
+
+    book = [{"newest_bar": T0 + BAR - 1}]  # the book has seen bar 0 (its close)
+    control = [{"entity": "trading"}]
+    assert book_a_replay_allows(T0 + BAR)(topic("risk.book"), book) == book  # starts after it: continued
+    assert book_a_replay_allows(T0)(topic("risk.book"), book) == []  # bar 0 again: the book would contradict it
+    assert book_a_replay_allows(None)(topic("risk.book"), book) == []  # from the files' first bar
+    assert book_a_replay_allows(T0)(topic("control"), control) == control
+
+
 def kline(n: int, price: float) -> dict:
     t = T0 + n * BAR
     return records.kline("BTCUSDT", "5m", t, t + BAR - 1, price, price * 1.001, price * 0.999, price, 1.0, None, None,
