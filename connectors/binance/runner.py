@@ -18,7 +18,7 @@ import time
 
 from confluent_kafka import Consumer, TopicPartition
 
-from connectors.binance.execution import Executor, OrderConsumer
+from connectors.binance.execution import ExecutionConfig, Executor, OrderConsumer
 from connectors.binance.market import MarketConnector, MarketState
 from connectors.binance.publish import Publisher
 from connectors.binance.rest import RestClient
@@ -123,8 +123,10 @@ class BinanceSource:
                 jobs.append(self.market.run())
             executor = None
             if "execution" in self.parts:
-                executor = Executor(rest, publisher, self.symbols, s.binance_leverage)
-                await executor.start()
+                executor = Executor(rest, publisher, self.symbols, s.binance_leverage, ExecutionConfig(
+                    max_intent_age_s=s.execution_max_intent_age_seconds,
+                    reconcile_interval_s=s.execution_reconcile_seconds), bootstrap=self.bootstrap)
+                await executor.start()  # with the lifecycles persisted on execution.intents: open ones resume
             if "user" in self.parts or executor is not None:
                 publishing = "user" in self.parts
                 self.user = UserStream(rest, s.binance_ws_base, publisher, s.binance_listen_key_keepalive_seconds,
@@ -137,6 +139,7 @@ class BinanceSource:
                 jobs.append(self.user.run())
             if executor is not None:
                 jobs.append(OrderConsumer(self.bootstrap, executor, ready=self.user.healthy).run())
+                jobs.append(executor.maintain())  # lifecycles waiting on the exchange, periodic reconcile
             try:
                 await asyncio.gather(*jobs)
             finally:
