@@ -239,6 +239,8 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
                 replay.stop()
             if worker:
                 worker.stop()
+            if stack.broker is not None:
+                _archive_state(stack.bootstrap, sink, sink_thread, px)
             calibration.stop()
             sink.stop()
             sink_thread.join(60)
@@ -335,6 +337,20 @@ def wait_for_agents(bootstrap: str, worker: WorkerProcess, prefix: str = "") -> 
                 f"{', '.join(f'{n:,} records of {t}' for t, n in sorted(left.items()) if n) or 'nothing'} left and "
                 f"{held or 0:.0f} bars or signals held back; the worker's log: {worker.log_path}")
         time.sleep(0.5)
+
+
+def _archive_state(bootstrap: str, sink: ClickHouseSink, sink_thread: ReportingThread, prefix: str = "",
+                   timeout: float = 15.0) -> None:
+    """Before the sink stops: what the worker and the connectors wrote last to the compacted topics (a HALT, the
+    book's last copy, a lifecycle's step) archived. The embedded broker forgets them: the archive is their only copy."""
+    targets = end_offsets(bootstrap, [prefix + t.name for t in archived() if t.compacted])
+    deadline = time.monotonic() + timeout
+    while not sink.caught_up(targets):
+        if sink_thread.error is not None or not sink_thread.is_alive() or time.monotonic() > deadline:
+            log.warning("the sink did not archive the last state records (trading state, risk book, execution "
+                        "lifecycles) before stopping: a restart may not see them")
+            return
+        time.sleep(0.1)
 
 
 def _wait_drained(bootstrap: str, sink: ClickHouseSink, sink_thread: ReportingThread, prefix: str = "") -> None:

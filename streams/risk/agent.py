@@ -103,6 +103,14 @@ class RiskAgent(BatchAgent):
         self._export()
         metrics.DAILY_LOSS_LIMIT.set(self.limits.daily_loss)
         app.timer(CONTROL_POLL_SECONDS)(self.poll_control)
+        app.on_before_shutdown.connect(self._last_copy)
+
+    async def _last_copy(self, app: Any, **kwargs: Any) -> None:
+        """Stopping: the book's last change, which the timer has not sent yet, to `risk.book`."""
+        late = self.book_copy.due(float("inf"))
+        if late is not None:
+            self.send([("risk.book", None, ACCOUNT.encode(), late)])
+            await self.output.delivered()
 
     async def _on_recovered(self) -> None:
         self.restore = True
