@@ -86,8 +86,3 @@ def order(intent_id: str) -> str:
 def risk_book(account: str, seq: int, time_ms: int) -> str:
     """One snapshot of the risk agent's book (a book started afresh counts from 1 again: the time tells them apart)."""
     return f"risk_book:{account}:{seq:012d}:{time_ms:013d}"
-
-
-def risk_book(account: str, seq: int) -> str:
-    """One snapshot of the risk agent's book: its sequence number goes on across restarts."""
-    return f"risk_book:{account}:{seq:012d}"
