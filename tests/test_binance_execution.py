@@ -253,3 +253,42 @@ def test_no_secret_in_the_logs(fake, bootstrap, caplog):
     assert "signature=" not in caplog.text
     rest = RestClient("http://x", API_KEY, API_SECRET)
     assert API_SECRET not in repr(rest) and API_KEY not in repr(rest)
+
+
+@pytest.mark.timeout(90)
+def test_a_failing_close_is_retried_until_flat_and_no_entry_is_taken_meanwhile(fake, bootstrap):
+    """The stop-loss is refused (-2021) and the emergency close then fails six times: the close goes on with backoff
+    until the position is flat, a critical close_failed each time; an entry meanwhile is refused; close_recovered."""
+    from connectors.binance.execution import ExecutionConfig, State
+
+    fake.fail_next("/fapi/v1/algoOrder", 400, -2021, "Order would immediately trigger.")
+    fake.fail_next("/fapi/v1/order", 503, 0, "Service Unavailable.", nth=2, times=6)
+
+    async def body(ex: Executor):
+        ex.config = ExecutionConfig(maintenance_interval_s=0.2, close_backoff_max_s=0.5)
+        maintenance = asyncio.create_task(ex.maintain())
+        first = await ex.execute(intent("close-retry-1"))
+        meanwhile = await ex.execute(intent("close-retry-eth", symbol="ETHUSDT", qty=0.5, sl=2_200.0, tp=2_600.0))
+        deadline = time.monotonic() + 30
+        while ex.lifecycles["close-retry-1"].state != State.CLOSED:
+            assert time.monotonic() < deadline, ex.lifecycles["close-retry-1"]
+            await asyncio.sleep(0.1)
+        maintenance.cancel()
+        return first, meanwhile
+
+    first, meanwhile = run(fake, bootstrap, body)
+    assert (first, meanwhile) == ("closing", "rejected")
+    assert len(fake.fired_on("POST", "/fapi/v1/order")) == 6, "every close failure fired"
+    assert fake.account.positions["BTCUSDT"].amount == 0 and fake.account.positions["ETHUSDT"].amount == 0
+    assert not fake.open_algo_orders({})
+    kinds = [e["kind"] for e in risk_events(bootstrap, "close-retry-1")]
+    assert kinds.count("close_failed") == 6 and kinds[-1] == "close_recovered", kinds
+    assert [e["kind"] for e in risk_events(bootstrap, "close-retry-eth")] == ["order_rejected"]
+
+
+@pytest.mark.timeout(60)
+def test_an_intent_older_than_two_bars_is_not_traded(fake, bootstrap):
+    stale = {**intent("stale-1"), "event_time": NOW - 11 * 60_000}
+    assert run(fake, bootstrap, lambda ex: ex.execute(stale)) == "expired"
+    assert not fake.exchange_orders()
+    assert [e["kind"] for e in risk_events(bootstrap, "stale-1")] == ["intent_expired"]

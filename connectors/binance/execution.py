@@ -296,7 +296,8 @@ class Executor:
                 await self._protect(lc)
             elif lc.state == State.CLOSING:
                 await self._close(lc)
-            if lc.state in TERMINAL or lc.state == State.PROTECTED or (lc.state, lc.seq) == before:
+            waiting = lc.next_try > time.monotonic()  # backing off: the maintenance loop tries again then
+            if lc.state in TERMINAL or lc.state == State.PROTECTED or (lc.state, lc.seq) == before or waiting:
                 return
 
     async def _send_entry(self, lc: Lifecycle) -> None:
@@ -486,7 +487,10 @@ class Executor:
                 await self._cancel_protection(other)
                 self._to(other, State.CLOSED, f"flat ({lc.intent_id})")
         await self._cancel_protection(lc)
+        failed = lc.close_tries > 0 and lc.reason.startswith("close failed")
         self._to(lc, State.CLOSED, "position flat")
+        if failed and not self.closing_failed:  # the risk guard's close_failed halt may lift
+            self.report_risk("close_recovered", "info", lc, {"tries": lc.close_tries})
 
     async def _cancel_protection(self, lc: Lifecycle) -> None:
         if lc.action != "OPEN":
