@@ -74,6 +74,32 @@ def test_the_archive_gives_the_newest_record_per_key(store):
     default_codec().encode(t.schema, newest[0])  # read back as the topic's records
 
 
+def test_seeding_puts_each_intents_newest_lifecycle_step_back_on_its_topic(broker, store):
+    """The execution connector resumes its open intents from `execution.intents`: after a restart of the embedded
+    broker the seeding puts there the newest archived step of every intent, event ids and all."""
+    from schemas.catalog import topic
+    from schemas.tables import arrow_table, columns
+    from streams.broker import ensure_topics
+    from streams.stack import seed_compacted
+
+    ensure_topics(broker.bootstrap)
+    t = topic("execution.intents")
+    fields = [c.name for c in columns(t)]
+    intent = event_ids.open_intent("BTCUSDT", "5m", T0)
+
+    def step(seq: int, state: str) -> dict:
+        return {"event_id": f"execution:{intent}:{seq}", "event_time": T0 + seq, "symbol": "BTCUSDT",
+                "intent_id": intent, "seq": seq, "state": state, "previous_state": "", "action": "OPEN",
+                "side": "BUY", "quantity": 0.1, "stop_loss": 41_000.0, "take_profit": 43_000.0, "leverage": 5,
+                "intent_time": T0, "filled_qty": "0.1", "protect_tries": 1, "close_tries": 0, "reason": ""}
+
+    steps = [step(1, "ENTRY_SENT"), step(3, "PROTECTED"), step(2, "FILLED")]
+    store.insert_arrow(t.table, arrow_table(t, [tuple(r[f] for f in fields) for r in steps], [0] * 3, [0, 1, 2]))
+    seeded = seed_compacted(broker.bootstrap, store)
+    assert seeded["execution.intents"] == 1 and seeded["control"] == 0
+    assert read_topic(broker.bootstrap, "execution.intents") == [steps[1]]
+
+
 def test_a_live_feed_resumes_after_the_newest_archived_binance_bar(store):
     """What `perpflow up --source binance` hands the market connector: a replay's bars are not where it resumes."""
     from schemas.catalog import topic
