@@ -146,7 +146,7 @@ class ReplayResult:
 class ReplaySource:
     def __init__(self, bootstrap: str, data_dir: str, symbols: list[str] | None, start_ms: int | None,
                  end_ms: int | None, speed: float | None = None, prefix: str = "", codec: Codec | None = None,
-                 source_name: str = "replay", group: str | None = None):
+                 source_name: str = "replay", group: str | None = None, message_timeout_s: float | None = None):
         self.bootstrap = bootstrap
         self.data_dir = data_dir
         self.symbols = symbols
@@ -159,6 +159,7 @@ class ReplaySource:
         # the consumer group of the agents reading what is replayed: at full speed the replay keeps pace with them
         # (`connectors.back_pressure`); None when no agent reads it (an archive-only run would wait forever)
         self.group = group
+        self.message_timeout_s = message_timeout_s  # how long librdkafka tries a record (None: its default, 5 min)
 
     def load(self) -> tuple[list[_Prepared], LoadReport]:
         histories, report = load_history(self.data_dir, self.symbols, self.start_ms, self.end_ms)
@@ -173,8 +174,10 @@ class ReplaySource:
         # paced like a live feed, an event leaves at once (the default linger, 20 ms, was most of the first hop's
         # latency); at full speed the linger fills the batches
         reports = DeliveryReports("replay")
-        producer = Producer(producer_config(self.bootstrap, **({"linger.ms": 1} if self.speed else {}),
-                                            **reports.config()))
+        extra = {"linger.ms": 1} if self.speed else {}
+        if self.message_timeout_s is not None:
+            extra["message.timeout.ms"] = int(self.message_timeout_s * 1000)
+        producer = Producer(producer_config(self.bootstrap, **extra, **reports.config()))
         topics = {k: self.prefix + v for k, v in TOPIC_OF_KIND.items()}
         published = dict.fromkeys(topics.values(), 0)
         nbytes = dict.fromkeys(topics.values(), 0)

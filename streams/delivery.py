@@ -21,6 +21,8 @@ from streams import metrics
 log = logging.getLogger(__name__)
 
 RESENDS = 2
+LOGGED = 10  # failures logged one by one; after that one line per LOG_EVERY (a broker outage fails thousands)
+LOG_EVERY = 1000
 _TRANSIENT = frozenset({
     KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
     KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
@@ -43,6 +45,7 @@ class DeliveryReports:
         self.component = component
         self.resends = resends
         self.failed = 0  # records given up on, since the start
+        self.resent = 0
         self.first_failure = ""
         self._again: list[tuple[str, bytes | None, bytes | None, int]] = []  # (topic, key, value, attempt)
 
@@ -53,8 +56,10 @@ class DeliveryReports:
         if err is None:
             return
         if attempt < self.resends and transient(err):
-            log.warning("%s: a record for %s was not delivered (%s); producing it again (%d of %d)",
-                        self.component, msg.topic(), err.str(), attempt + 1, self.resends)
+            self.resent += 1
+            if self.resent <= LOGGED or self.resent % LOG_EVERY == 0:
+                log.warning("%s: a record for %s was not delivered (%s); producing it again (%d of %d; %d so far)",
+                            self.component, msg.topic(), err.str(), attempt + 1, self.resends, self.resent)
             self._again.append((msg.topic(), msg.key(), msg.value(), attempt + 1))
             return
         self.surface(msg.topic(), reason_of(err), err.str())
@@ -63,8 +68,9 @@ class DeliveryReports:
         """A record that will not reach the broker: counted, logged, remembered for `flush()`."""
         self.failed += 1
         metrics.PRODUCE_FAILURES.labels(topic, reason).inc()
-        log.error("%s: a record for %s was not delivered and is given up: %s (%s)", self.component, topic, reason,
-                  detail)
+        if self.failed <= LOGGED or self.failed % LOG_EVERY == 0:
+            log.error("%s: a record for %s was not delivered and is given up: %s (%s; %d so far)", self.component,
+                      topic, reason, detail, self.failed)
         if not self.first_failure:
             self.first_failure = f"{topic}: {reason} ({detail})"
 

@@ -10,17 +10,20 @@ import hashlib
 import logging
 import time
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import REGISTRY
 
 from connectors.binance.publish import Publisher
 from connectors.clickhouse_sink import ClickHouseSink
+from connectors.replay import ReplaySource
 from schemas.catalog import topic
 from schemas.codec import default_codec
 from schemas.dead_letters import PAYLOAD_PREFIX_BYTES
 from streams.broker import consumer_config, ensure_topics, producer_config
 from streams.delivery import RESENDS
-from tests.conftest import read_topic
+from streams.errors import PerpflowError
+from tests.conftest import SAMPLE, read_topic
 from tests.test_sink import kline, produce, run_until_caught_up
 
 
@@ -73,6 +76,20 @@ def committed(bootstrap: str) -> int:
         return sum(tp.offset for tp in probe.committed(parts, timeout=10) if tp.offset > 0)
     finally:
         probe.close()
+
+
+def test_a_replay_that_cannot_deliver_fails_with_one_line_and_counts_what_it_lost(broker):
+    ensure_topics(broker.bootstrap)
+    broker.stop()
+    day = 86_400_000
+    start = 1_702_080_000_000  # 2023-12-09 UTC
+    replay = ReplaySource(broker.bootstrap, str(SAMPLE), ["BTCUSDT"], start, start + day, message_timeout_s=1.0)
+    before = sum(failures(t, "msg_timed_out") for t in ("md.klines", "md.markprice", "md.funding"))
+    with pytest.raises(PerpflowError, match=r"the replay could not deliver 579 record\(s\)") as info:
+        replay.run()
+    assert "\n" not in str(info.value) and "msg_timed_out" in str(info.value)
+    after = sum(failures(t, "msg_timed_out") for t in ("md.klines", "md.markprice", "md.funding"))
+    assert after - before == 579  # 288 bars, their 288 marks, 3 settlements: each counted once
 
 
 def _insert_failures(table: str) -> float:
