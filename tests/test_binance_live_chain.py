@@ -8,7 +8,8 @@ run backfills from 12-28 over REST (the ~4.5 days of 5m bars the features need t
 saw), then streams 2024-01-02 → 01-03 over WebSocket on the fake's clock at 600× the wall clock (a 5m bar every
 half second per symbol). The fake's clock is in 2024: the risk guard's staleness limit (wall clock − a live bar's
 close, PERPFLOW_RISK_STALE_SECONDS) is raised by the distance between the wall clock and the fake's at its start, so
-it rejects as stale what would be stale on the exchange — the backfilled bars, hours old — and nothing streamed.
+it rejects as stale what would be stale on the exchange — the backfilled bars, hours old — and nothing streamed; the
+execution connector's age limit for intents (PERPFLOW_EXECUTION_MAX_INTENT_AGE_SECONDS) spans the fake's whole day.
 
 The entry thresholds are lowered (PERPFLOW_MIN_PWIN=0.30, PERPFLOW_MIN_EV=-0.01): with the defaults (0.55 / 0.0)
 these models, which have no edge after costs on this sample (best P(win) ≈ 0.36), never enter, and the path from a
@@ -102,7 +103,10 @@ def test_live_path_with_a_promoted_model_trades_end_to_end(home):
                   PERPFLOW_BINANCE_API_KEY=API_KEY, PERPFLOW_BINANCE_API_SECRET=API_SECRET,
                   PERPFLOW_BINANCE_INTERVALS="5m", PERPFLOW_MIN_PWIN=str(MIN_PWIN), PERPFLOW_MIN_EV=str(MIN_EV),
                   PERPFLOW_RISK_PER_TRADE_USDT="20",
-                  PERPFLOW_RISK_STALE_SECONDS=f"{stale_s:.0f}", PERPFLOW_LOG_LEVEL="INFO")
+                  PERPFLOW_RISK_STALE_SECONDS=f"{stale_s:.0f}", PERPFLOW_LOG_LEVEL="INFO",
+                  # on the fake's clock (600×) a second of the chain's latency on a busy machine is ten minutes of
+                  # an intent's age: the stale bars are the guard's to reject, every streamed one's intent executes
+                  PERPFLOW_EXECUTION_MAX_INTENT_AGE_SECONDS=f"{(CLOCK_END - CLOCK_START) / 1000:.0f}")
     out, err = (home.parent / "up.out").open("w+"), (home.parent / "up.err").open("w+")
     up = subprocess.Popen([PERPFLOW, "up", "--source", "binance", "--live", "--symbols", ",".join(SYMBOLS),
                            "--start", "2023-12-28"], env=env, cwd=ROOT, stdout=out, stderr=err, text=True)

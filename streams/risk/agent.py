@@ -172,13 +172,14 @@ class RiskAgent(BatchAgent):
                 self.send([("risk.book", None, ACCOUNT.encode(), late)])
                 await self.output.delivered()
         records = self.control.poll()
-        closing = self.desk is None and any(p.closing for p in self.guard.book.positions.values())
-        if not records and not any(self.waiting.values()) and not closing:
+        live = self.desk is None
+        due = live and self.guard.close_due(int(time.time() * 1000))
+        if not records and not any(self.waiting.values()) and not due:
             return
         async with self.lock:
             now = int(time.time() * 1000)
             decided = self._decide(now)
-            retried = closing and self.guard.tick(now)
+            retried = live and self.guard.tick(now)
             if self._apply_control(records) or decided or retried:
                 self.send(self._outputs())
                 self.dirty = 0 if self.dirty is None else self.dirty
@@ -189,6 +190,8 @@ class RiskAgent(BatchAgent):
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         await self._ready()
         guard, now = self.guard, int(time.time() * 1000)
+        if self.desk is None:  # trading an account: the guard's clock is the wall clock, before anything is timed
+            guard.tick(now)
         for name, partition, _, record in inputs:
             self.dirty = partition
             if name in ("signals", "md.klines", "md.funding"):

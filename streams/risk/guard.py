@@ -230,12 +230,17 @@ class RiskGuard:
             self._account_update(ev)
 
     def tick(self, now_ms: int) -> bool:
-        """The agent's timer, when trading an account (its clock is the wall clock): closes due are sent again.
-        Whether it made anything to send."""
+        """The agent's clock, when trading an account (the wall clock, on every batch and timer tick: a CLOSE is timed
+        by it from the start): closes due are sent again. Whether it made anything to send."""
         self.book.clock = max(self.book.clock, now_ms)
         before = len(self.out.orders)
         self._retry_closes()
         return len(self.out.orders) > before
+
+    def close_due(self, now_ms: int) -> bool:
+        """Whether `tick(now_ms)` would send a close again (the clock moves on either way)."""
+        self.book.clock = max(self.book.clock, now_ms)
+        return any(self._retry_due(p) for p in self.book.positions.values())
 
     def connector_event(self, ev: dict) -> None:
         """A connector's risk event: the user data stream's health (down → HALT until it is back and reconciled),
@@ -451,13 +456,16 @@ class RiskGuard:
         """Closing never gives up: a position still in the book a retry interval after its CLOSE is asked again."""
         b = self.book
         for symbol, pos in b.positions.items():
-            if pos.closing and pos.status == "open" and pos.close_attempts \
-                    and b.clock - pos.close_time >= self.limits.close_retry_ms:
+            if self._retry_due(pos):
                 self._risk_event("close_retry", "warning", symbol, b.clock, pos.partition,
                                  {"reason": pos.closing, "attempt": pos.close_attempts + 1,
                                   "intent_id": pos.intent_id, "quantity": pos.quantity,
                                   "since_ms": b.clock - pos.close_time})
                 self._send_close(symbol, pos)
+
+    def _retry_due(self, pos: Position) -> bool:
+        return bool(pos.closing) and pos.status == "open" and pos.close_attempts > 0 \
+            and self.book.clock - pos.close_time >= self.limits.close_retry_ms
 
     def _order(self, partition: int, order: dict) -> None:
         b = self.book
