@@ -295,6 +295,20 @@ def test_an_operator_halt_and_a_loss_halt_survive_the_stream_coming_back():
     assert (desk.guard.book.state, desk.guard.book.state_reason) == (HALTED, "daily_loss")
 
 
+def test_a_close_the_exchange_keeps_refusing_halts_entries_until_it_is_flat():
+    """The execution connector retries a failing close until flat (close_failed each time, close_recovered at the
+    end): no new entry meanwhile, whatever an operator says; after it, the operator's latest state."""
+    desk = Desk()
+    assert desk.guard.control(command(REDUCE_ONLY, 1, reason="careful"))
+    for t in (T0, T0 + 1_000):
+        desk.guard.connector_event(risk_record("close_failed", "critical", "BTCUSDT", t, {"tries": 1}))
+    assert (desk.guard.book.state, desk.guard.book.state_reason) == (HALTED, "close_failed")
+    assert desk.guard.control(command(RUNNING, 2))  # an operator cannot trade over a close that is failing
+    assert desk.guard.book.state == HALTED
+    desk.guard.connector_event(risk_record("close_recovered", "info", "BTCUSDT", T0 + 2_000, {"tries": 3}))
+    assert desk.guard.book.state == RUNNING
+
+
 def test_an_old_snapshot_loads_with_its_state_split():
     old = json.loads(Book().dumps())
     for key in ("held_state", "held_reason", "held_flatten", "auto_halts", "clock"):

@@ -44,7 +44,8 @@ LIVE_SOURCES = ("binance",)  # sources whose data must be fresh by the wall cloc
 TRADING_ENTITY = "trading"  # the `control` entity of the trading state
 # automatic halts (connectors' risk.events kinds) and the all-clear that lifts each. (The watchdog's chain_stalled is
 # not one: it HALTs on `control`, as an operator would, and only an operator trades again after a stall.)
-AUTO_HALTS = {"user_stream_down": "user_stream_restored"}
+# automatic halts, each lifted only by its own all-clear: the account unobserved, a close the exchange keeps refusing
+AUTO_HALTS = {"user_stream_down": "user_stream_restored", "close_failed": "close_recovered"}
 LOSS_HALTS = ("daily_loss", "drawdown")  # the guard's own HALTs: flatten, and stay until an operator acts
 ENTRY_FAILURES = ("order_rejected", "intent_expired", "entry_not_filled")  # the execution connector's: never filled
 STRICTNESS = {RUNNING: 0, REDUCE_ONLY: 1, HALTED: 2}
