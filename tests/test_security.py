@@ -251,3 +251,64 @@ def test_no_secret_in_the_logs_or_the_metrics(running):
         with urllib.request.urlopen(url, timeout=10) as response:
             texts.append(response.read().decode())
     assert texts and not [t for t in texts if running["token"] in t]
+
+
+# -- a live-path run against the fake exchange: no key, secret or token anywhere it writes -------------------------
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_a_live_path_run_leaves_no_secret_in_logs_stack_json_metrics_or_the_archive(tmp_path):
+    from connectors.binance.execution import client_ids
+    from schemas.catalog import archived
+    from tests.fake_binance import API_KEY, API_SECRET, FakeBinance
+
+    now = 1_704_240_000_000  # 2024-01-03 00:00 UTC
+    home = tmp_path / "home"
+    token = "operator-token-" + "x7" * 16
+    fake = FakeBinance(["BTCUSDT"], now).start()
+    env = cli_env(home, PERPFLOW_BINANCE_REST_URL=fake.rest_url, PERPFLOW_BINANCE_WS_URL=fake.ws_url,
+                  PERPFLOW_BINANCE_API_KEY=API_KEY, PERPFLOW_BINANCE_API_SECRET=API_SECRET,
+                  PERPFLOW_CONTROL_TOKEN=token, PERPFLOW_BINANCE_INTERVALS="5m", PERPFLOW_RUN_WORKER="false",
+                  PERPFLOW_LOG_LEVEL="DEBUG")
+    out = open(tmp_path / "up.log", "w")
+    up = subprocess.Popen([PERPFLOW, "up", "--source", "binance", "--live", "--symbols", "BTCUSDT", "--start",
+                           "2024-01-02T23:00"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    secrets_ = (API_KEY, API_SECRET, token)
+    try:
+        stack = home / "run" / "stack.json"
+        wait("stack.json", lambda: stack.exists() or up.poll() is not None)
+        assert up.poll() is None, (tmp_path / "up.log").read_text()
+        info = json.loads(stack.read_text())
+        wait("user stream connected", lambda: fake._user_ws and any(fake._user_ws.values()))
+        price = fake.market.price("BTCUSDT", now)
+        order = {"event_id": "order:sec-1", "event_time": now, "symbol": "BTCUSDT", "intent_id": "sec-1",
+                 "action": "OPEN", "side": "BUY", "quantity": 0.02, "stop_loss": price * 0.98,
+                 "take_profit": price * 1.04, "source": "test"}
+        producer = Producer(producer_config(info["bootstrap"]))
+        producer.produce("orders", default_codec().encode(topic("orders").schema, order), b"BTCUSDT")
+        assert producer.flush(15) == 0
+        wait("entry and protection", lambda: len(fake.account.algo_orders) == 2)
+        assert fake.exchange_orders()[0]["clientOrderId"] == client_ids("sec-1")["entry"]
+
+        def query(sql: str) -> str:
+            request = urllib.request.Request(info["api_url"] + "/sql", method="POST", headers={
+                "Authorization": f"Bearer {token}"}, data=json.dumps({"query": sql, "format": "tsv"}).encode())
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.read().decode()
+
+        wait("user events archived", lambda: query("SELECT count() FROM user_events FINAL").strip() != "0")
+        dumps = {t.table: query(f"SELECT * FROM `{t.table}`") for t in archived()}
+        assert dumps["orders"] and dumps["user_events"] and dumps["md_klines"]
+        with urllib.request.urlopen(info["api_url"] + "/metrics", timeout=10) as response:
+            metrics_text = response.read().decode()
+        written = {"stack.json": stack.read_text(), "metrics": metrics_text, **dumps,
+                   **{p.name: p.read_text(errors="replace") for p in (home / "run").glob("*.log")}}
+    finally:
+        up.terminate()
+        up.wait(60)
+        out.close()
+        fake.stop()
+    written["output"] = (tmp_path / "up.log").read_text(errors="replace")
+    assert "DEBUG" in written["output"]  # the chattiest level, and still nothing
+    leaks = sorted(name for name, text in written.items() if any(s in text for s in secrets_))
+    assert not leaks, f"a key, secret or token in {leaks}"
