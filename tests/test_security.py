@@ -82,6 +82,38 @@ def test_a_non_loopback_bind_without_a_token_is_refused(tmp_path):
     ControlApi("127.0.0.1", 0).start().stop()  # loopback: GETs open, and no POST is served without a token
 
 
+def test_compose_and_kubernetes_require_the_token_where_they_bind_0_0_0_0(tmp_path):
+    """compose: `${PERPFLOW_CONTROL_TOKEN:?...}` for every perpflow service (the one environment anchor); k8s: every
+    perpflow container reads it from the Secret, whose template leaves it empty (such a pod refuses to start)."""
+    import shutil
+
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    perpflow = {n: svc for n, svc in compose["services"].items() if svc.get("image") == "perpflow:latest"}
+    assert {"sink", "worker", "market-connector", "user-connector", "execution-live"} <= set(perpflow)
+    for name, svc in perpflow.items():
+        env = svc["environment"]
+        assert env["PERPFLOW_METRICS_HOST"] == "0.0.0.0", name
+        assert env["PERPFLOW_CONTROL_TOKEN"].startswith("${PERPFLOW_CONTROL_TOKEN:?"), name
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl missing")
+    from tests.test_k8s import K8S, containers, kustomize
+
+    rel = os.path.relpath(K8S, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "perpflow",
+        "resources": [f"{rel}/overlays/prod"], "components": [f"{rel}/components/live"]}))
+    docs = kustomize(tmp_path)
+    pods = {n: c for n, c in containers(docs).items() if c["image"].endswith("perpflow") or "perpflow:" in c["image"]}
+    assert {"perpflow-sink", "perpflow-worker", "perpflow-market", "perpflow-user", "perpflow-execution"} <= set(pods)
+    for name, c in pods.items():
+        [ref] = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == "PERPFLOW_CONTROL_TOKEN"]
+        assert ref == {"name": "perpflow-secrets", "key": "PERPFLOW_CONTROL_TOKEN"}, name
+    [secret] = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "perpflow-secrets"]
+    assert secret["stringData"]["PERPFLOW_CONTROL_TOKEN"] == ""  # a template: no token in the repository
+
+
 # -- no password in stack.json or an error message ----------------------------------------------------------------
 
 def test_stack_json_holds_no_password(tmp_path):
