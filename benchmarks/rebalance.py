@@ -50,6 +50,10 @@ class RunResult:
     missing: dict[str, int] = field(default_factory=dict)  # hop → bars without a record there
     stalled: str | None = None  # the drain's error
     watchdog_stalls: int = 0  # chain_stalled risk events: stalls the workers' watchdogs found (and `check` healed)
+    # the last worker's consumer: records of a fetch handed after a seek back, which once undid the seek
+    fetched_before_seek: float = 0.0
+    past_gap: float = 0.0  # ... and records its agents were handed past a gap (sought back to, handed again)
+    refetches: float = 0.0  # seeks back to a gap made again because it had not filled
     seconds: float = 0.0
 
 
@@ -89,11 +93,13 @@ def _leave(worker: WorkerProcess, kill: bool) -> None:
         worker.stop()
 
 
-def run_once(home: Path, cycles: int, seed: int = 0, say=print) -> RunResult:
+def run_once(home: Path, cycles: int, seed: int = 0, say=print, full_speed: bool = False,
+             symbols: list[str] | None = None, window: tuple[int | None, int | None] = (START_MS, END_MS)) -> RunResult:
     """One paced replay with `cycles` hand-overs: a new worker joins, the older one leaves (alternately stopped
     and SIGKILLed) while the newcomer may still be joining, as when `perpflow up` is restarted or a Deployment rolls.
     The last worker left drains the chain."""
     rng = random.Random(seed)
+    symbols = symbols or SYMBOLS
     result = RunResult()
     started = time.monotonic()
     broker = EmbeddedBroker().start()
@@ -102,17 +108,17 @@ def run_once(home: Path, cycles: int, seed: int = 0, say=print) -> RunResult:
 
         def settings(n: int) -> Settings:
             s = Settings(home=home / f"worker-{n}", kafka_bootstrap=bootstrap, clickhouse_url="",
-                         worker_metrics_port=0, symbols=SYMBOLS, control_token="rebalance-soak",
+                         worker_metrics_port=0, symbols=symbols, control_token="rebalance-soak",
                          watchdog_seconds=WATCHDOG_SECONDS)
             s.run_dir.mkdir(parents=True, exist_ok=True)
             return s
 
         ensure_topics(bootstrap)
         worker = WorkerProcess(settings(0), bootstrap)
-        span = (END_MS - START_MS) / 1000
-        replay_seconds = cycles * (sum(JOIN_SECONDS) + sum(SOLO_SECONDS)) / 2 + 10
-        replay = ReplaySource(bootstrap, str(_data.BUNDLED), SYMBOLS, START_MS, END_MS,
-                              speed=span / replay_seconds, group=app_id_for(""))
+        speed = None  # full speed: as fast as the chain takes it (the replay's back-pressure), big batches
+        if not full_speed:  # paced over the hand-overs
+            speed = (window[1] - window[0]) / 1000 / (cycles * (sum(JOIN_SECONDS) + sum(SOLO_SECONDS)) / 2 + 10)
+        replay = ReplaySource(bootstrap, str(_data.BUNDLED), symbols, *window, speed=speed, group=app_id_for(""))
         thread = ReportingThread("replay", replay.run)
         thread.start()
         try:
@@ -137,6 +143,11 @@ def run_once(home: Path, cycles: int, seed: int = 0, say=print) -> RunResult:
                 result.stalled = str(exc)
             finally:
                 up.STALL_SECONDS = patience
+            skipped = "perpflow_agent_input_skipped_total"
+            result.fetched_before_seek = worker.metric(skipped, agent="consumer", reason="fetched_before_seek") or 0
+            result.past_gap = sum(worker.metric(skipped, agent=a, reason="gap") or 0 for a in ("features", "predict",
+                                                                                               "risk"))
+            result.refetches = worker.metric("perpflow_agent_input_refetches_total") or 0
         finally:
             replay.stop_event.set()
             worker.stop()
@@ -164,6 +175,8 @@ def run(quick: bool = False) -> bool:
         found += r.watchdog_stalls
         print(f"  run {n + 1}: {r.rebalances} rebalances, {r.bars:,} bars, missing "
               f"{', '.join(f'{hop} {k}' for hop, k in r.missing.items())}, watchdog stalls {r.watchdog_stalls}, "
+              f"records past a gap {r.past_gap:.0f}, refetches {r.refetches:.0f}, fetched before a seek "
+              f"{r.fetched_before_seek:.0f}, "
               f"{'STALLED: ' + r.stalled if r.stalled else 'drained'} ({r.seconds:.0f} s)")
     print(f"  runs {runs}, rebalances {runs * 2 * cycles}, stalls {stalls}, watchdog stalls {found}, "
           f"bars missing {lost}")

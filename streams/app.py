@@ -10,12 +10,13 @@ costs tens of µs per message, which the hot path cannot afford.
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 
 import faust
 from faust.sensors.monitor import Monitor
 
 from schemas.catalog import SYMBOL_PARTITIONS
-from streams import input_offsets
+from streams import input_offsets, metrics
 from streams.broker import end_offsets
 from streams.output import MAX_RECORD_BYTES
 
@@ -182,6 +183,58 @@ async def _finish(coro, step):
         raise
 
 
+class _ReadOffsets(defaultdict):
+    """Faust's consumer's last offset handed per partition (`Consumer._read_offset`), which its fetch loop sets after
+    handing each record and below which it drops records — except while a seek awaits its first record: then only
+    that record's offset moves it (`awaiting`, set by `_keep_seeks`)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: None)
+        self.awaiting: dict = {}  # partition → the offset it was sought to
+
+    def __setitem__(self, tp, offset) -> None:
+        awaiting = self.awaiting.get(tp)
+        if awaiting is not None:
+            if offset is not None and offset != awaiting:
+                metrics.AGENT_INPUT_SKIPPED.labels("consumer", "fetched_before_seek").inc()
+                return  # a record fetched before the seek, handed after it
+            del self.awaiting[tp]
+        super().__setitem__(tp, offset)
+
+
+def _keep_seeks() -> None:
+    """A seek must bring the records it was made for. Faust's fetch loop hands the records of one fetch one by one,
+    across awaits (a full agent queue makes a delivery wait), and after each it sets the partition's read offset,
+    below which it drops records. A seek made meanwhile — an agent seeking back to a gap in its input
+    (`streams.input_offsets`) — sets that offset back, but the rest of the fetch, past the sought offset, is still
+    handed and moves it up again: the records the seek was for, fetched next, then fall below it and are dropped
+    before any agent sees them. The agent kept waiting for an offset that never came, and with no newer record to
+    hand (the replay held back by the chain's back-pressure, or at its end) the chain stopped for good with input
+    left. So after a seek the read offset moves only with the sought record (`_ReadOffsets`); the stale records
+    between are counted (perpflow_agent_input_skipped{agent="consumer", reason="fetched_before_seek"})."""
+    from faust.transport.consumer import Consumer
+
+    init = Consumer.__init__
+    if getattr(init, "_perpflow", False):
+        return
+    seek, perform_seek = Consumer.seek, Consumer.perform_seek
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._read_offset = _ReadOffsets()
+
+    async def seek_kept(self, partition, offset):
+        await seek(self, partition, offset)  # sets the read offset to `offset`
+        self._read_offset.awaiting[partition] = offset or 0
+
+    async def perform_seek_to_committed(self):
+        self._read_offset.awaiting.clear()  # the committed offsets replace every seek; the agents seek again
+        await perform_seek(self)
+
+    __init__._perpflow = True
+    Consumer.__init__, Consumer.seek, Consumer.perform_seek = __init__, seek_kept, perform_seek_to_committed
+
+
 def _recover_changelogs_from_their_start() -> None:
     """Faust starts reading an active table's changelog partition after the offset it read last in this process,
     kept in a Counter: a partition it never read counts as read up to offset 0, so a changelog partition holding a
@@ -211,6 +264,7 @@ def create_app(bootstrap: str, app_id: str | None = None, web_port: int | None =
     _only_agents_commit()
     _recover_changelogs_from_their_start()
     _deliver_without_tasks()
+    _keep_seeks()
     app_id = app_id or app_id_for(prefix)
     app = faust.App(
         app_id,
