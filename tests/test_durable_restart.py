@@ -256,3 +256,54 @@ def test_up_restarted_is_still_halted_with_its_position_balance_and_pending_clos
         assert up.stop() in (0, 130)  # 130: stopped by a signal, as Ctrl-C
     finally:
         up.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_a_restarted_binance_feed_backfills_from_the_newest_archived_bar(tmp_path: Path):
+    """The second `up` starts with an empty md.klines (a new embedded broker) and a longer backfill window: it
+    resumes after the archive's newest bar instead of backfilling that window again."""
+    from tests.fake_binance import FakeBinance
+
+    now = 1_704_240_000_000  # 2024-01-03 00:00 UTC on the fake exchange's clock
+    home = tmp_path / "home"
+    fake = FakeBinance(["BTCUSDT"], now).start()
+
+    def sql(query: str) -> str:
+        result = run_cli(home, "sql", query, "--format", "tsv", timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def up_binance(backfill_hours: str) -> subprocess.Popen:
+        env = cli_env(home, PERPFLOW_BINANCE_REST_URL=fake.rest_url, PERPFLOW_BINANCE_WS_URL=fake.ws_url,
+                      PERPFLOW_BINANCE_INTERVALS="5m", PERPFLOW_RUN_WORKER="false",
+                      PERPFLOW_BINANCE_BACKFILL_HOURS=backfill_hours)
+        return subprocess.Popen([PERPFLOW, "up", "--source", "binance", "--symbols", "BTCUSDT"], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(up: subprocess.Popen) -> None:
+        up.terminate()
+        up.communicate(timeout=60)
+        assert up.returncode in (0, 130)
+
+    try:
+        up = up_binance("2")
+        try:
+            # 22:05 … 23:55: the 2 h window's bars (its start, a little past 22:00 on the exchange's clock, is not one)
+            wait("2 h of bars archived", lambda: (home / "run" / "stack.json").exists()
+                 and sql("SELECT count() FROM md_klines FINAL") == "23", up)
+        finally:
+            stop(up)
+        up = up_binance("4")
+        try:
+            stack = home / "run" / "stack.json"
+            bootstrap = wait("the stack", lambda: stack.exists() and json.loads(stack.read_text())["bootstrap"], up)
+            wait("the market stream", lambda: fake._market_ws, up)
+            time.sleep(3)  # what the backfill published, archived
+            assert sql("SELECT count(), toUnixTimestamp64Milli(min(open_time)) FROM md_klines FINAL") == \
+                f"23\t{now - 23 * BAR}"  # nothing of 20:00 … 22:00 backfilled
+            assert all(k["open_time"] >= now for k in read_topic(bootstrap, "md.klines"))
+        finally:
+            stop(up)
+    finally:
+        fake.stop()
