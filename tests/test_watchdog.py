@@ -101,6 +101,9 @@ def test_a_worker_whose_agent_stops_taking_input_turns_unhealthy_and_halts(broke
         assert len(read_topic(broker.bootstrap, "signals")) == signals  # the stall was real: nothing got through
         time.sleep(3 * BOUND)
         assert len(watchdog_records(broker.bootstrap)[0]) == 1  # one HALT per stall, not one per look
+        stuck = worker.process.pid
+        worker.check()  # what perpflow up does with its worker, as Kubernetes' liveness probe would: a restart
+        assert worker.restarts == 1 and worker.process.pid != stuck and worker.process.poll() is None
     finally:
         worker.stop(grace=5)
 
