@@ -117,12 +117,12 @@ def run_once(home: Path, cycles: int, seed: int = 0, say=print, full_speed: bool
         worker = WorkerProcess(settings(0), bootstrap)
         speed = None  # full speed: as fast as the chain takes it (the replay's back-pressure), big batches
         if not full_speed:  # paced over the hand-overs
-            speed = (window[1] - window[0]) / 1000 / (cycles * (sum(JOIN_SECONDS) + sum(SOLO_SECONDS)) / 2 + 10)
+            speed = (window[1] - window[0]) / 1000 / (cycles * (sum(JOIN_SECONDS) + sum(SOLO_SECONDS)) / 2 + 5)
         replay = ReplaySource(bootstrap, str(_data.BUNDLED), symbols, *window, speed=speed, group=app_id_for(""))
         thread = ReportingThread("replay", replay.run)
         thread.start()
         try:
-            time.sleep(5)  # the first worker's own join and first bars
+            time.sleep(3)  # the first worker's own join and first bars
             for cycle in range(cycles):
                 joining = WorkerProcess(settings(cycle + 1), bootstrap)
                 time.sleep(rng.uniform(*JOIN_SECONDS))
