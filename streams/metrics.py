@@ -50,8 +50,8 @@ AGENT_BUSY = Counter("perpflow_agent_busy_seconds", "Time an agent spent handlin
 AGENT_INPUT_SKIPPED = Counter("perpflow_agent_input_skipped", "Input messages an agent did not handle when handed: "
                               "before its start position, redelivered, or past a gap (handed again later)",
                               ["agent", "reason"])
-AGENT_INPUT_LOST = Counter("perpflow_agent_input_lost", "Input offsets that never came back after a seek (gone from "
-                           "the broker); the agent went on without them", ["agent", "topic"])
+AGENT_INPUT_LOST = Counter("perpflow_agent_input_lost", "Input offsets gone from the broker (retention) below the "
+                           "group's committed offset: the agents started after them", ["agent", "topic"])
 AGENT_INPUT_REFETCHES = Counter("perpflow_agent_input_refetches", "Seeks back to a gap made again because the "
                                 "expected offset had not come (after MAX_REFETCHES the worker exits)", ["agent"])
 WORKER_STALLED = Gauge("perpflow_worker_stalled", "1 while the worker's watchdog finds an agent with input "
