@@ -101,3 +101,31 @@ def test_saved_state_is_the_held_bars_in_order_and_loads_back_the_same():
     assert [e["event_type"] for e in again.release("BTCUSDT", T0 + 300_000)][:2] == ["ORDER_TRADE_UPDATE"] * 2
     assert json.loads(again.dumps())["held"]["BTCUSDT"]["bars"] == [bar(i, 100 + i, 101 + i, 99 + i, 100.5 + i)
                                                                     for i in (2, 3)]
+
+
+def test_input_delivered_again_after_a_restart_is_applied_once():
+    """At-least-once: a worker killed after saving its state but before committing its offsets reads the same bars
+    and funding again with the newer state. A settlement taken twice would move the balance (and every verdict after
+    it) away from an uninterrupted run's."""
+    desk = PaperDesk(CONFIG)
+    desk.kline(bar(0, 100, 100, 100, 100))
+    desk.release("BTCUSDT", T0)
+    desk.order(intent("again-1"))
+    settlement = records.funding("BTCUSDT", T0 + 2 * 300_000, 0.0001, 100.0, "test")
+    desk.funding(settlement)
+    desk.kline(bar(1, 100, 101, 99.5, 100.5))
+    desk.kline(bar(2, 100, 101, 99.5, 100.5))
+    desk.release("BTCUSDT", T0 + 2 * 300_000)
+    settled = desk.exchange.state.balance
+    restarted = PaperDesk(CONFIG, desk.dumps())
+    for again in (bar(1, 100, 101, 99.5, 100.5), bar(2, 100, 101, 99.5, 100.5)):
+        assert restarted.kline(again) == []
+    restarted.funding(settlement)
+    restarted.kline(bar(3, 100, 101, 99.5, 100.5))
+    restarted.kline(bar(3, 100, 101, 99.5, 100.5))  # and one held twice
+    assert [b["open_time"] for b in restarted.held["BTCUSDT"].bars] == [T0 + 3 * 300_000]
+    events = restarted.release("BTCUSDT", T0 + 3 * 300_000)
+    assert [e["reason"] for e in events if e["event_type"] == "ACCOUNT_UPDATE"] == []
+    assert restarted.exchange.state.balance == settled
+    # the engine alone: the same settlement twice is taken once
+    assert restarted.exchange.funding(settlement) == []

@@ -95,6 +95,7 @@ class PaperState:
     seen: list[str] = field(default_factory=list)  # intent ids handled (a duplicate is ignored)
     last_bar: dict[str, int] = field(default_factory=dict)  # symbol → open time of the last bar processed
     last_close: dict[str, float] = field(default_factory=dict)
+    last_funding: dict[str, int] = field(default_factory=dict)  # symbol → the newest settlement time taken
 
 
 class PaperExchange:
@@ -130,6 +131,9 @@ class PaperExchange:
 
     def funding(self, rec: dict) -> list[dict]:
         symbol, t = rec["symbol"], rec["funding_time"]
+        if t <= self.state.last_funding.get(symbol, -1):  # a settlement taken already (input delivered again)
+            return []
+        self.state.last_funding[symbol] = t
         if t <= self.state.last_bar.get(symbol, -1):  # arrived after its bar: settle on the position now
             return self._settle(symbol, rec)
         self.state.funding.setdefault(symbol, []).append(

@@ -39,6 +39,10 @@ class Held:
         self.bars.insert(at, bar)
         self.encoded.insert(at, json.dumps(bar))
 
+    def has(self, open_time: int) -> bool:
+        at = bisect.bisect_left(self.bars, open_time, key=_open_time)
+        return at < len(self.bars) and self.bars[at]["open_time"] == open_time
+
     def take(self, cut: int) -> list[dict]:
         due = self.bars[:cut]
         del self.bars[:cut], self.encoded[:cut]
@@ -66,13 +70,17 @@ class PaperDesk:
         if k["interval"] != INTERVAL:
             return []
         held = self.held.setdefault(k["symbol"], Held())
+        if k["open_time"] <= self.exchange.state.last_bar.get(k["symbol"], -1) or held.has(k["open_time"]):
+            return []  # a bar applied or held already: input delivered again after a restart
         held.add(k)
         if len(held.bars) > MAX_HELD:
             return self.release(k["symbol"], held.bars[len(held.bars) - MAX_HELD - 1]["open_time"])
         return []
 
     def funding(self, rec: dict) -> None:
-        self.held.setdefault(rec["symbol"], Held()).funding.append(rec)
+        held = self.held.setdefault(rec["symbol"], Held())
+        if not any(f["funding_time"] == rec["funding_time"] for f in held.funding):  # not one delivered again
+            held.funding.append(rec)
 
     def ready_for(self, symbol: str, open_time: int) -> bool:
         """Whether the bar a signal answers has arrived (its fills and triggers come before its verdict)."""
