@@ -12,10 +12,11 @@ from importlib.metadata import version
 
 import confluent_kafka
 
-from benchmarks import _data, archive_path, backtest, chain, codec, faults, features, labels, rebalance
+from benchmarks import _data, archive_path, backtest, chain, codec, faults, features, killpoints, labels, rebalance
 
 BENCHMARKS = {"codec": codec.run, "features": features.run, "archive_path": archive_path.run, "labels": labels.run,
-              "chain": chain.run, "backtest": backtest.run, "faults": faults.run, "rebalance": rebalance.run}
+              "chain": chain.run, "backtest": backtest.run, "faults": faults.run, "kill_points": killpoints.run,
+              "rebalance": rebalance.run}
 
 
 def _git(*args: str) -> str:
