@@ -661,7 +661,9 @@ def _call(url: str, token: str = "", body: dict | None = None) -> dict:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise PerpflowError(f"{url}: {exc.code} {json.loads(exc.read() or b'{}').get('error', exc.reason)}") from None
+        hint = "; set PERPFLOW_CONTROL_TOKEN to the worker's token" if exc.code == 401 else ""
+        raise PerpflowError(f"{url}: {exc.code} {json.loads(exc.read() or b'{}').get('error', exc.reason)}"
+                            f"{hint}") from None
     except OSError as exc:
         raise PerpflowError(f"cannot reach the worker's control API at {url} ({exc})") from None
 

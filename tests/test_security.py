@@ -173,8 +173,16 @@ def post(url: str, token: str | None, body: dict | None = None) -> int:
 
 
 def status(running) -> dict:
-    with urllib.request.urlopen(running["worker"] + "/status", timeout=30) as response:
-        return json.loads(response.read())
+    """GET /status of the worker; it answers 500 while its consumer group is still forming (the lag lookup), so
+    asked again for a while."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(running["worker"] + "/status", timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 500 and time.monotonic() < deadline, exc.read()
+            time.sleep(0.5)
 
 
 def rejected(running, entity: str) -> float:
@@ -215,6 +223,14 @@ def test_every_state_changing_route_wants_the_token(running, route):
 def test_the_cli_sends_the_token_unchanged_for_the_user(running):
     result = run_cli(running["home"], "sql", "SELECT 41 + 1", "--format", "tsv", timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "42", result.stderr
+
+
+def test_the_cli_with_a_wrong_token_is_refused_in_one_line(running):
+    result = run_cli(running["home"], "trading", "kill", timeout=60, PERPFLOW_CONTROL_TOKEN="not-the-token")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "401" in line and "PERPFLOW_CONTROL_TOKEN" in line and "not-the-token" not in line
+    assert status(running)["trading_state"] == "RUNNING"
 
 
 def test_a_forged_command_on_control_is_ignored_and_a_signed_one_applied(running):
