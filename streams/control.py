@@ -124,12 +124,18 @@ def control_token(settings: Settings) -> str:
     path = settings.run_dir / "control-token"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # made meanwhile by the other process of this home
-            return path.read_text().strip()
+        # written whole under a name of its own, then linked in: a process of this home reading it meanwhile never
+        # sees it half written, and of two making one at once the first link wins
+        draft = path.with_name(f".control-token.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24))
+            f.write(secrets.token_urlsafe(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
     return path.read_text().strip()
 
 
