@@ -671,8 +671,10 @@ def _call(url: str, token: str = "", body: dict | None = None) -> dict:
 @trading_app.command("status")
 def trading_status() -> None:
     """Trading state, account, positions and the newest verdict per symbol, from the running worker."""
+    from streams.control import control_token
+
     settings = _settings()
-    s = _call(_worker_api(settings) + "/status")
+    s = _call(_worker_api(settings) + "/status", control_token(settings))  # wanted when the worker is not on loopback
     out.print(f"trading [bold]{s.get('trading_state', '?')}[/bold] {s.get('reason') or ''}")
     out.print(f"equity {s.get('equity', 0):,.2f} USDT · drawdown {s.get('drawdown', 0):.2%} · "
               f"today {s.get('daily_pnl', 0):+.2%} · margin used {s.get('margin_used', 0):,.2f}")

@@ -10,8 +10,9 @@
   model promotion.
 
 Every POST (/sql included: a query may still cost the store, and it reads everything) needs `Authorization: Bearer
-<token>`, compared in constant time; without a token no POST is served. GETs are open: bound beyond loopback (an
-address other than 127.0.0.1/::1/localhost), the API refuses to start without a token.
+<token>`, compared in constant time; without a token no POST is served. GETs are open on loopback. Bound beyond
+it (an address other than 127.0.0.1/::1/localhost) the API refuses to start without a token, and only the probes'
+and Prometheus' GETs (/metrics, /health, /ready) stay open: the trading views want the token too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from streams.errors import PerpflowError
 from streams.settings import is_loopback
 
+OPEN_OFF_LOOPBACK = ("/metrics", "/health", "/ready")  # what Prometheus and the Kubernetes probes GET, tokenless
 # (method, path prefix) → handler(path, JSON body or None) → (HTTP status, JSON-able answer)
 Route = Callable[[str, dict | None], tuple[int, object]]
 
@@ -41,6 +43,7 @@ class ControlApi:
             raise PerpflowError(f"the control API would listen on {host or 'every interface'} without a token: set "
                                 "PERPFLOW_CONTROL_TOKEN, or PERPFLOW_METRICS_HOST=127.0.0.1")
         self.routes, self.token = routes or {}, token
+        self.loopback = is_loopback(host)
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # quiet: requests are not news
@@ -79,6 +82,8 @@ class ControlApi:
                 return False
 
             def do_GET(self):
+                if not api.loopback and self.path.split("?", 1)[0] not in OPEN_OFF_LOOPBACK and not self._authorized():
+                    return
                 if self._route("GET"):
                     return
                 if self.path == "/metrics":

@@ -78,7 +78,21 @@ def test_a_non_loopback_bind_without_a_token_is_refused(tmp_path):
     assert not (home / "run" / "stack.json").exists() and not (home / "run" / "control-token").exists()
     with pytest.raises(PerpflowError, match="without a token"):
         ControlApi("0.0.0.0", 0)
-    ControlApi("0.0.0.0", 0, token="configured").start().stop()  # with one it serves
+    api = ControlApi("0.0.0.0", 0, routes={("GET", "/status"): lambda path, body: (200, {"trading_state": "x"})},
+                     token="configured").start()  # with one it serves; the views want it too, the probes do not
+    try:
+        def get(path: str, token: str | None = None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            try:
+                with urllib.request.urlopen(urllib.request.Request(api.url + path, headers=headers), timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert (get("/status"), get("/status", "wrong"), get("/status", "configured")) == (401, 401, 200)
+        assert (get("/metrics"), get("/health")) == (200, 200)
+    finally:
+        api.stop()
     ControlApi("127.0.0.1", 0).start().stop()  # loopback: GETs open, and no POST is served without a token
 
 
