@@ -217,7 +217,9 @@ class RiskGuard:
             b.marks[symbol].partition = partition
         b.newest_bar = max(b.newest_bar, t)
         b.clock = max(b.clock, t)
-        self._retry_closes()
+        # its own signal only: the paper desk fills a close at the symbol's next bar, applied before this signal
+        # but not before another symbol's (a restarted worker may get those first) — that is no failed close
+        self._retry_closes(symbol)
         self._roll_day(t)
         self._account_limits(t)
         self._liq_monitor(symbol, t)
@@ -453,11 +455,12 @@ class RiskGuard:
             "quantity": pos.quantity, "stop_loss": None, "take_profit": None, "leverage": None,
             "signal_id": "", "reason": pos.closing, "source": "risk"})
 
-    def _retry_closes(self) -> None:
-        """Closing never gives up: a position still in the book a retry interval after its CLOSE is asked again."""
+    def _retry_closes(self, only: str | None = None) -> None:
+        """Closing never gives up: a position still in the book a retry interval after its CLOSE is asked again
+        (`only`: that symbol's)."""
         b = self.book
         for symbol, pos in b.positions.items():
-            if self._retry_due(pos):
+            if (only is None or symbol == only) and self._retry_due(pos):
                 self._risk_event("close_retry", "warning", symbol, b.clock, pos.partition,
                                  {"reason": pos.closing, "attempt": pos.close_attempts + 1,
                                   "intent_id": pos.intent_id, "quantity": pos.quantity,
