@@ -146,7 +146,7 @@ def _killed_run(home: Path, window: list[str], kills: int, bars: int) -> tuple[d
 
     targets = schedule(kills)
     made: dict[str, int] = {t: 0 for t in set(targets)}
-    proc, step, last, i = start(), max(bars // (3 * kills), 1), None, 0
+    proc, step, last, i = start(), max(bars // (6 * kills), 1), None, 0
     try:
         while i < kills:
             if proc.poll() is not None:
