@@ -29,7 +29,7 @@ SAMPLE = _data.ROOT / "data" / "binance-um-futures"
 SYMBOLS = "BTCUSDT,ETHUSDT,1000PEPEUSDT"
 TRAIN = ["--start", "2023-12-09", "--end", "2023-12-29"]
 TRADE = ["--start", "2023-12-29", "--end", "2024-01-12"]
-TRADE_QUICK = ["--start", "2023-12-29", "--end", "2024-01-04"]
+TRADE_QUICK = ["--start", "2023-12-29", "--end", "2024-01-02"]
 CHAIN = ("features", "predictions", "signals", "risk.verdicts", "orders", "user.events")
 ENTER = {"PERPFLOW_MIN_PWIN": "0.30", "PERPFLOW_MIN_EV": "-0.01"}  # the demo model's edges are thin: let it trade
 
@@ -181,7 +181,7 @@ def _killed_run(home: Path, window: list[str], kills: int, bars: int) -> tuple[d
 
 
 def run(quick: bool = False) -> bool:
-    kills, window, days = (4, TRADE_QUICK, 6) if quick else (20, TRADE, 14)
+    kills, window, days = (4, TRADE_QUICK, 4) if quick else (20, TRADE, 14)
     print(f"kill points: {kills} SIGKILLs of the worker, the replay and up over a replay of {SYMBOLS} "
           f"{' '.join(window)}{' (no model)' if quick else ', promoted model'}")
     with tempfile.TemporaryDirectory() as tmp:

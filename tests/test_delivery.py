@@ -45,9 +45,11 @@ def test_a_record_the_broker_never_takes_is_produced_again_then_surfaced(broker,
     assert time.monotonic() - started < 20
     assert publisher.failed == 1
     assert failures("md.klines", "msg_timed_out") == before + 1
+    assert publisher.reports.resent == RESENDS  # this record, produced again exactly that often
+    # the log says so (another test's producer, its broker gone too, may log beside it: counted by its own reports)
     again = [r for r in caplog.records if "producing it again" in r.getMessage()]
     given_up = [r for r in caplog.records if r.levelno == logging.ERROR and "given up" in r.getMessage()]
-    assert len(again) == RESENDS and len(given_up) == 1
+    assert len(again) >= RESENDS and len(given_up) >= 1
 
 
 def test_a_record_over_the_producers_limit_goes_to_the_dead_letters(broker):
