@@ -18,7 +18,9 @@ import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -204,3 +206,45 @@ def committed_offsets(admin: AdminClient, group: str) -> dict[tuple[str, int], i
     """The offsets `group` has committed, per partition (partitions it never committed are absent)."""
     result = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result()
     return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions or [] if tp.offset >= 0}
+
+
+def read_messages(bootstrap: str, topic: str, starts: dict[int, int] | None = None,
+                  ends: dict[int, int] | None = None, timeout: float = 60.0, max_bytes: int | None = None,
+                  tail: int | None = None) -> Iterable[Any]:
+    """The messages of `topic` now there, partition by partition in offset order: from `starts` (partition → first
+    offset; default every partition from its beginning, or its last `tail` records) up to `ends` (default: the
+    fetch-measured end offsets, `end_offsets`). The one way perpflow reads a topic to its end (a compacted state
+    topic at start-up, a tail to resume from). Raises TimeoutError when the end is not reached in `timeout`."""
+    if ends is None:
+        ends = {p: o for (_, p), o in end_offsets(bootstrap, [topic]).items() if o > 0}
+    if starts is None:
+        starts = {p: max(o - tail, 0) if tail else 0 for p, o in ends.items()}
+    todo = {p: (starts[p], ends[p]) for p in starts if p in ends and starts[p] < ends[p]}
+    if not todo:
+        return
+    extra = {"group.id": f"perpflow-reader-{os.getpid()}", "enable.auto.commit": False}
+    if max_bytes:
+        extra["fetch.message.max.bytes"] = max_bytes
+    consumer = Consumer(client_config(bootstrap, **extra))
+    consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
+    done = {p: start for p, (start, _) in todo.items()}
+    deadline = time.monotonic() + timeout
+    try:
+        while any(done[p] < todo[p][1] for p in todo):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: read to {done} of {({p: e for p, (_, e) in todo.items()})} in "
+                                   f"{timeout:.0f} s")
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error() is not None or msg.offset() >= todo[msg.partition()][1]:
+                    continue
+                done[msg.partition()] = msg.offset() + 1
+                yield msg
+    finally:
+        consumer.close()
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition a keyed record goes to: murmur2 of the key, as librdkafka's `murmur2_random` (the producers'
+    setting above), aiokafka's and the Java client's default."""
+    every = list(range(partitions))
+    return DefaultPartitioner()(key, every, every)

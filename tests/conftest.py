@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -59,25 +58,9 @@ def run_cli(home: Path, *args: str, timeout: float = 300, **extra: str) -> subpr
 
 def read_topic(bootstrap: str, topic: str) -> list[dict]:
     """Every record now in `topic`, decoded, in partition order."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
     from schemas.codec import default_codec
-    from streams.broker import client_config, end_offsets
+    from streams.broker import read_messages
 
-    ends = {p: o for (t, p), o in end_offsets(bootstrap, [topic]).items() if o > 0}
-    if not ends:
-        return []
-    consumer = Consumer(client_config(bootstrap, **{"group.id": "test-reader", "enable.auto.commit": False}))
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    out, done = [], dict.fromkeys(ends, 0)
-    deadline = time.monotonic() + 30
-    try:
-        while any(done[p] < ends[p] for p in ends):
-            assert time.monotonic() < deadline, f"{topic}: read {done} of {ends}"
-            for m in consumer.consume(1000, timeout=1.0):
-                if m.error() is None:
-                    out.append(default_codec().decode(m.value())[1])
-                    done[m.partition()] = m.offset() + 1
-    finally:
-        consumer.close()
+    codec = default_codec()
+    out = [codec.decode(m.value())[1] for m in read_messages(bootstrap, topic, timeout=30)]
     return out

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from connectors.binance.publish import Publisher
 from connectors.binance.rest import (
@@ -55,7 +55,7 @@ from connectors.binance.rules import SymbolRules, plain
 from connectors.binance.user_stream import risk_record
 from schemas.codec import DecodeError, default_codec
 from streams import metrics
-from streams.broker import client_config, consumer_config, end_offsets
+from streams.broker import consumer_config, read_messages
 
 log = logging.getLogger(__name__)
 
@@ -166,32 +166,17 @@ class Lifecycle:
 def load_lifecycles(bootstrap: str, prefix: str = "") -> dict[str, Lifecycle]:
     """Every intent's newest state from `execution.intents`, read to its (fetch-measured) end."""
     topic = prefix + LIFECYCLE_TOPIC
-    ends = {p: o for (_, p), o in end_offsets(bootstrap, [topic]).items() if o > 0}
     found: dict[str, Lifecycle] = {}
-    if not ends:
-        return found
-    consumer = Consumer(client_config(bootstrap, **{"group.id": "perpflow-execution-resume",
-                                                    "enable.auto.commit": False}))
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    codec, seen, deadline = default_codec(), dict.fromkeys(ends, 0), time.monotonic() + 60
-    try:
-        while any(seen[p] < ends[p] for p in ends):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{topic}: could not read the lifecycles to their end ({seen} of {ends})")
-            for m in consumer.consume(1000, timeout=0.5):
-                if m.error() is not None:
-                    continue
-                seen[m.partition()] = m.offset() + 1
-                try:
-                    _, r = codec.decode(m.value())
-                except DecodeError as exc:
-                    log.error("%s offset %d unreadable (%s): skipped", topic, m.offset(), exc.reason)
-                    continue
-                old = found.get(r["intent_id"])
-                if old is None or r["seq"] > old.seq:
-                    found[r["intent_id"]] = Lifecycle.from_record(r)
-    finally:
-        consumer.close()
+    codec = default_codec()
+    for m in read_messages(bootstrap, topic):
+        try:
+            _, r = codec.decode(m.value())
+        except DecodeError as exc:
+            log.error("%s offset %d unreadable (%s): skipped", topic, m.offset(), exc.reason)
+            continue
+        old = found.get(r["intent_id"])
+        if old is None or r["seq"] > old.seq:
+            found[r["intent_id"]] = Lifecycle.from_record(r)
     return found
 
 

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-
-from confluent_kafka import Consumer, TopicPartition
 
 from connectors.binance.execution import ExecutionConfig, Executor, OrderConsumer
 from connectors.binance.market import MarketConnector, MarketState
@@ -25,7 +22,7 @@ from connectors.binance.rest import RestClient
 from connectors.binance.user_stream import UserStream
 from schemas.codec import DecodeError, default_codec
 from schemas.records import INTERVAL_MS
-from streams.broker import client_config, end_offsets
+from streams.broker import read_messages
 from streams.console import ProgressLine
 from streams.settings import Settings
 
@@ -41,29 +38,18 @@ def rest_client(settings: Settings) -> RestClient:
 
 def last_published_bars(bootstrap: str, prefix: str = "") -> dict[tuple[str, str], int]:
     """The newest open time per (symbol, interval) in the tail of md.klines."""
-    topic = prefix + "md.klines"
-    ends = {p: o for (_, p), o in end_offsets(bootstrap, [topic]).items() if o > 0}
     last: dict[tuple[str, str], int] = {}
-    if not ends:
-        return last
-    consumer = Consumer(client_config(bootstrap, **{"group.id": "perpflow-binance-resume",
-                                                    "enable.auto.commit": False}))
-    consumer.assign([TopicPartition(topic, p, max(o - TAIL, 0)) for p, o in ends.items()])
-    codec, seen, deadline = default_codec(), dict.fromkeys(ends, -1), time.monotonic() + 30
+    codec = default_codec()
     try:
-        while any(seen[p] < ends[p] - 1 for p in ends) and time.monotonic() < deadline:
-            for m in consumer.consume(1000, timeout=0.5):
-                if m.error() is not None:
-                    continue
-                seen[m.partition()] = m.offset()
-                try:
-                    _, r = codec.decode(m.value())
-                except DecodeError:
-                    continue
-                key = (r["symbol"], r["interval"])
-                last[key] = max(last.get(key, r["open_time"]), r["open_time"])
-    finally:
-        consumer.close()
+        for m in read_messages(bootstrap, prefix + "md.klines", tail=TAIL, timeout=30):
+            try:
+                _, r = codec.decode(m.value())
+            except DecodeError:
+                continue
+            key = (r["symbol"], r["interval"])
+            last[key] = max(last.get(key, r["open_time"]), r["open_time"])
+    except TimeoutError as exc:  # what was read is still the best start: the gap fill fetches the rest
+        log.warning("md.klines tail not read to its end: %s", exc)
     return last
 
 

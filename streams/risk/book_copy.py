@@ -13,11 +13,9 @@ import json
 import logging
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
 from schemas import event_ids
 from schemas.codec import DecodeError, default_codec
-from streams.broker import client_config, end_offsets
+from streams.broker import read_messages
 from streams.risk.guard import Book
 
 log = logging.getLogger(__name__)
@@ -62,31 +60,15 @@ class BookCopy:
 def newest_snapshot(bootstrap: str, prefix: str = "", timeout: float = READ_SECONDS) -> dict | None:
     """The newest snapshot on `risk.book` (highest seq), read to the topic's end: the risk-state table's value."""
     name = prefix + TOPIC
-    ends = {p: o for (_, p), o in end_offsets(bootstrap, [name]).items() if o > 0}
-    if not ends:
-        return None
-    consumer = Consumer(client_config(bootstrap, **{"group.id": "perpflow-risk-book", "enable.auto.commit": False,
-                                                    "fetch.message.max.bytes": 16 * 1024 * 1024}))
-    consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in ends])
-    codec, newest, done = default_codec(), None, dict.fromkeys(ends, 0)
-    deadline = time.monotonic() + timeout
-    try:
-        while any(done[p] < ends[p] for p in ends):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}: read {done} of {ends} in {timeout:.0f} s")
-            for msg in consumer.consume(100, timeout=0.5):
-                if msg.error() is not None:
-                    continue
-                done[msg.partition()] = msg.offset() + 1
-                try:
-                    _, record = codec.decode(msg.value())
-                except DecodeError as exc:
-                    log.warning("unreadable %s record at offset %d: %s", name, msg.offset(), exc)
-                    continue
-                if newest is None or record["seq"] > newest["seq"]:
-                    newest = record
-    finally:
-        consumer.close()
+    codec, newest = default_codec(), None
+    for msg in read_messages(bootstrap, name, timeout=timeout, max_bytes=16 * 1024 * 1024):
+        try:
+            _, record = codec.decode(msg.value())
+        except DecodeError as exc:
+            log.warning("unreadable %s record at offset %d: %s", name, msg.offset(), exc)
+            continue
+        if newest is None or record["seq"] > newest["seq"]:
+            newest = record
     if newest is not None:
         log.info("risk: the newest book on %s is %s", name, newest["event_id"])
     return None if newest is None else json.loads(newest["state"])
