@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import faust
 from faust.sensors.monitor import Monitor
+from faust.types import TP
 
 from schemas.catalog import SYMBOL_PARTITIONS
 from streams import input_offsets, metrics
@@ -255,6 +256,21 @@ def _recover_changelogs_from_their_start() -> None:
 
     _build_offsets._perpflow = True
     Recovery._build_offsets = _build_offsets
+
+
+def consumer_flow(app: faust.App, tp: TP) -> str:
+    """What Faust's consumer knows of one partition, for a stall's log line: assigned, fetched (active), paused
+    (recovery, a rebalance), buffer-full (an agent's queue), the last offset handed and a seek it awaits."""
+    consumer = app.consumer
+    try:
+        active, paused = consumer._active_partitions or set(), consumer._paused_partitions
+        buffered, read = consumer._buffered_partitions, consumer._read_offset
+        awaiting = getattr(read, "awaiting", {}).get(tp)
+        return (f"assigned={tp in consumer.assignment()} active={tp in active} paused={tp in paused} "
+                f"buffer_full={tp in buffered} handed={read.get(tp)} awaiting_seek={awaiting} "
+                f"flow_active={consumer.flow_active}")
+    except Exception as exc:  # the consumer stopping: say so rather than fail the report
+        return f"consumer state unknown ({type(exc).__name__})"
 
 
 def create_app(bootstrap: str, app_id: str | None = None, web_port: int | None = None,

@@ -103,6 +103,7 @@ class ContiguousInput:
         self.agent = agent
         self.next: dict[TP, int] = {}
         self.gaps: dict[TP, _Gap] = {}
+        self.last_skipped: dict[TP, tuple[str, int]] = {}  # the newest message not admitted: why, its offset
         self.to_seek: dict[TP, int] = {}
         self.skipped = {reason: metrics.AGENT_INPUT_SKIPPED.labels(agent, reason)
                         for reason in ("before_start", "redelivered", "gap")}
@@ -116,6 +117,11 @@ class ContiguousInput:
         self.gaps.clear()
         self.to_seek.clear()
 
+    def describe(self, tp: TP) -> str:
+        """This agent's view of one partition, for a stall's log line."""
+        return (f"start={self.app._perpflow_starts.get(tp)} next={self.next.get(tp)} gap={self.gaps.get(tp)} "
+                f"last_skipped={self.last_skipped.get(tp)}")
+
     def position(self, tp: TP) -> int | None:
         """The next offset this agent will handle of `tp` (None: not known yet, before the seek to the start)."""
         expected = self.next.get(tp)
@@ -128,6 +134,7 @@ class ContiguousInput:
             expected = self.app._perpflow_starts.get(tp)
             if expected is None:
                 self.skipped["before_start"].inc()
+                self.last_skipped[tp] = ("before_start", offset)
                 return False
         if offset == expected:
             self.next[tp] = offset + 1
@@ -135,8 +142,10 @@ class ContiguousInput:
             return True
         if offset < expected:
             self.skipped["redelivered"].inc()
+            self.last_skipped[tp] = ("redelivered", offset)
             return False
         self.skipped["gap"].inc()
+        self.last_skipped[tp] = ("gap", offset)
         gap = self.gaps.get(tp)
         if gap is None or gap.expected != expected:
             now = time.monotonic()

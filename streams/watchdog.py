@@ -16,6 +16,7 @@ join and table recovery (its warm-up) get the same bound."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -31,7 +32,7 @@ from schemas import event_ids
 from schemas.catalog import topic
 from schemas.codec import default_codec
 from streams import metrics
-from streams.app import app_id_for, catalog_name, topic_prefix
+from streams.app import app_id_for, catalog_name, consumer_flow, topic_prefix
 from streams.broker import client_config, committed_offsets, end_offsets, producer_config
 from streams.control import publish
 from streams.risk.guard import HALTED, TRADING_ENTITY
@@ -40,6 +41,16 @@ log = logging.getLogger(__name__)
 
 ACTOR = "watchdog"
 REASON = "chain_stalled"
+HELD = "(held)"  # a Stall's topic when an agent holds records back with nothing left to read
+
+
+def hold_probe(app: faust.App, agent: str, probe) -> None:
+    """An agent that holds records back (risk: signals until every symbol has passed their time) says how many
+    (`probe()` → (count, what holds them)): held without progress for the bound, its input all handled, is a stall
+    too — the chain's output stopped although nothing waits on the broker."""
+    if not hasattr(app, "_perpflow_holders"):
+        app._perpflow_holders = {}
+    app._perpflow_holders[agent] = probe
 
 
 def check_seconds(watchdog_seconds: float) -> float:
@@ -51,6 +62,7 @@ def check_seconds(watchdog_seconds: float) -> float:
 class _Clock:
     position: int
     since: float  # when the position last moved, or input last ran out, or the partition was assigned
+    nudged: bool = False  # sought to the position once already (half the bound)
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,9 @@ class Stall:
     seconds: float  # without progress
 
     def describe(self) -> str:
+        if self.topic == HELD:
+            return (f"{self.agent} holds {self.end:,} records it has not released for {self.seconds:.0f} s, its input "
+                    f"handled to the end")
         return (f"{self.agent} has handled nothing of {self.topic}[{self.partition}] for {self.seconds:.0f} s with "
                 f"{self.end - self.position:,} records waiting (offsets {self.position}..{self.end - 1})")
 
@@ -77,6 +92,7 @@ class Watchdog:
         self.group = app_id_for(self.prefix)
         self.assigned: frozenset[TP] = frozenset()  # the worker's input partitions (not the tables' changelogs)
         self.clocks: dict[tuple[str, TP], _Clock] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stalls: list[Stall] = []  # what the last look found; empty: healthy
         self.episode: set[tuple[str, TP]] = set()  # stalls already announced (HALT, risk event) and not cleared
         self._stop = threading.Event()
@@ -88,6 +104,7 @@ class Watchdog:
 
     # -- the event loop's side: the assignment ----------------------------------------------------------------------
     async def _on_assigned(self, sender: object, assigned: set[TP], **kwargs: object) -> None:
+        self.loop = asyncio.get_running_loop()  # where the thread's seeks run
         changelogs = set(self.app.tables.changelog_topics)
         self.assigned = frozenset(tp for tp in assigned if tp.topic not in changelogs)
         self.clocks = {}  # every clock starts again with the new assignment
@@ -138,6 +155,7 @@ class Watchdog:
             for agent in sorted(readers.get(tp.topic, ())):
                 contiguous = inputs.get(agent)
                 position = contiguous.position(tp) if contiguous is not None else None
+                known = position is not None  # the agent's own position (not the group's, before the seek)
                 if position is None:  # not sought to its start yet: where the group stands
                     if committed is None:
                         committed = self._committed()
@@ -145,10 +163,53 @@ class Watchdog:
                 clock = clocks.get((agent, tp))
                 if clock is None or clock.position != position or position >= end:
                     clocks[(agent, tp)] = _Clock(position, now)
+                elif (now - clock.since >= self.bound / 2 and not clock.nudged and known
+                      and self.app.consumer.flow_active and not self.app.in_recovery):
+                    clock.nudged = True
+                    self._nudge(agent, tp, position, end, now - clock.since)
                 elif now - clock.since >= self.bound:
                     stalls.append(Stall(agent, catalog_name(self.app, tp.topic), tp.partition, position, end,
                                         now - clock.since))
+        stalls += self._held_stalls(now, assigned, inputs)
         self._update(stalls)
+        return stalls
+
+    def _nudge(self, agent: str, tp: TP, position: int, end: int, seconds: float) -> None:
+        """Half the bound without progress: seek the partition to the agent's position once, before calling it a
+        stall. Seen in the rebalance soak (~1 run in 10 after a hand-over): a sparse partition (md.funding) whose
+        records the consumer never hands again after the rebalance's seek, nothing skipped, no gap open; a seek
+        starts its fetch again. Counted (perpflow_agent_input_refetches_total{agent="watchdog"})."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        log.warning("watchdog: %s[%d] handed nothing to %s for %.0f s with %d records waiting; seeking it to %d "
+                    "(consumer: %s)", tp.topic, tp.partition, agent, seconds, end - position, position,
+                    consumer_flow(self.app, tp))
+        metrics.AGENT_INPUT_REFETCHES.labels(ACTOR).inc()
+        asyncio.run_coroutine_threadsafe(self._seek(tp, position), loop)
+
+    async def _seek(self, tp: TP, position: int) -> None:
+        try:
+            await self.app.consumer.seek(tp, position)
+        except Exception as exc:  # revoked meanwhile: its next owner starts from the committed offset
+            log.warning("watchdog: could not seek %s[%d] to %d: %s", tp.topic, tp.partition, position, exc)
+
+    def _held_stalls(self, now: float, assigned: frozenset[TP], inputs: dict) -> list[Stall]:
+        stalls = []
+        for agent, probe in getattr(self.app, "_perpflow_holders", {}).items():
+            try:
+                held, _ = probe()
+            except RuntimeError:  # the agent changed what it holds while this thread counted: the next look
+                continue
+            contiguous = inputs.get(agent)
+            positions = tuple(contiguous.position(tp) for tp in sorted(assigned)) if contiguous else ()
+            progress = hash((held, positions))
+            key = (agent, TP(HELD, 0))
+            clock = self.clocks.get(key)
+            if held == 0 or clock is None or clock.position != progress:
+                self.clocks[key] = _Clock(progress, now)
+            elif now - clock.since >= self.bound:
+                stalls.append(Stall(agent, HELD, 0, 0, held, now - clock.since))
         return stalls
 
     def _committed(self) -> dict[tuple[str, int], int]:
@@ -170,7 +231,14 @@ class Watchdog:
         if not new:
             return
         for s in new:
-            log.critical("watchdog: %s; /health fails, trading HALTED", s.describe())
+            if s.topic == HELD:
+                _, holding = self.app._perpflow_holders[s.agent]()
+                log.critical("watchdog: %s; /health fails, trading HALTED (%s)", s.describe(), holding)
+                continue
+            tp = TP(self.prefix + s.topic, s.partition)
+            contiguous = getattr(self.app, "_perpflow_inputs", {}).get(s.agent)
+            log.critical("watchdog: %s; /health fails, trading HALTED (consumer: %s; agent: %s)", s.describe(),
+                         consumer_flow(self.app, tp), contiguous.describe(tp) if contiguous else "?")
         self._announce(new)
         self.episode |= keys
 

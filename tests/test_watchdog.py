@@ -131,3 +131,25 @@ def test_rebalances_mid_replay_lose_no_bar_and_do_not_stall(tmp_path):
     assert result.bars == 4032  # a week of 5m bars of two symbols
     assert result.missing == {"features": 0, "signals": 0, "risk.verdicts": 0}
     assert result.watchdog_stalls == 0
+
+
+def test_records_held_back_without_progress_are_a_stall_and_progress_clears_it():
+    """An agent that holds records (risk: signals until every symbol has passed their time) with nothing left to
+    read is stalled too when what it holds does not move for the bound: the chain's output stopped with no input
+    waiting, which the input clocks alone never see."""
+    from streams.app import create_app
+    from streams.watchdog import HELD, Watchdog, hold_probe
+
+    app = create_app("127.0.0.1:1", app_id="watchdog-held-test")
+    held = {"n": 3}
+    hold_probe(app, "risk", lambda: (held["n"], f"{held['n']} held from 0"))
+    dog = Watchdog(app, "127.0.0.1:1", BOUND, "token")
+    assert dog._held_stalls(0.0, frozenset(), {}) == []  # the clock starts
+    assert dog._held_stalls(BOUND - 0.1, frozenset(), {}) == []
+    [stall] = dog._held_stalls(BOUND + 0.1, frozenset(), {})
+    assert (stall.agent, stall.topic, stall.end) == ("risk", HELD, 3)
+    assert "holds 3 records" in stall.describe()
+    held["n"] = 1  # two released: progress, the clock starts again
+    assert dog._held_stalls(BOUND + 0.2, frozenset(), {}) == []
+    held["n"] = 0  # nothing held is never a stall, however long
+    assert dog._held_stalls(10 * BOUND, frozenset(), {}) == []
