@@ -76,3 +76,26 @@ def test_the_state_survives_a_restart():
     order.signal("BTCUSDT", 0)
     again = EventTimeOrder(json.loads(json.dumps(order.to_state())))
     assert again.to_state() == order.to_state() and again.cursor(never_idle) == BAR - 1
+
+
+def test_a_symbol_another_worker_owns_holds_nobody_back_here():
+    """A book taken over at a rebalance knows symbols whose partitions another worker has now: their pending
+    bars are answered there, not here."""
+    order = EventTimeOrder()
+    order.bar("BTCUSDT", 3 * BAR)
+    order.signal("BTCUSDT", 3 * BAR)
+    order.bar("ETHUSDT", BAR)  # pending: its signal goes to the worker that owns ETHUSDT now
+    assert order.cursor(never_idle) == BAR - 1
+    assert order.cursor(never_idle, owned=lambda s: s != "ETHUSDT") == 3 * BAR
+
+
+def test_signals_the_group_handled_elsewhere_answer_a_taken_over_books_pending_bars():
+    """After a hand-over the committed offsets on `signals` say how far the group got: those signals will not come
+    again, so the bars they answered are no longer pending (else the cursor stays behind them for good)."""
+    order = EventTimeOrder()
+    for t in range(3):
+        order.bar("BTCUSDT", t * BAR)
+    order.signal("BTCUSDT", 0)
+    assert order.cursor(never_idle) == BAR - 1  # bars 1 and 2 owe signals...
+    order.signal("BTCUSDT", 2 * BAR)  # ... which the other worker handled (the newest signal read back)
+    assert order.cursor(never_idle) == 2 * BAR and order.clocks["BTCUSDT"].pending == []

@@ -31,9 +31,11 @@ from faust.types import TP
 
 from connectors.paper.engine import PaperConfig
 from schemas.catalog import SYMBOL_PARTITIONS
+from schemas.codec import DecodeError
 from streams import metrics
 from streams.app import kafka_name, topic_prefix
 from streams.batch_agent import BatchAgent, read_to_end
+from streams.broker import key_partition, read_messages
 from streams.control import ControlReader, control_record, control_token
 from streams.features.engine import SymbolFeatures
 from streams.risk.book_copy import ACCOUNT, BookCopy, newest_snapshot
@@ -41,10 +43,12 @@ from streams.risk.event_order import EventTimeOrder
 from streams.risk.guard import STATES, TRADING_ENTITY, Book, Limits, RiskGuard
 from streams.risk.paper_desk import INTERVAL, PaperDesk
 from streams.settings import Settings
+from streams.watchdog import hold_probe
 
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "risk-state"
+ANSWERED_TAIL = 1000  # records read back on `signals` per partition after a rebalance (a bar time per symbol each)
 CONTROL_POLL_SECONDS = 0.5
 
 
@@ -91,6 +95,7 @@ class RiskAgent(BatchAgent):
         self.book_copy = BookCopy()  # the book's durable copy, through the archive (the embedded broker forgets)
         self.dirty: int | None = None  # the partition to save the book under after this batch
         self.restore = True
+        self.clocks_unchecked = False  # a restored book's event-time clocks not yet told what the group handled
         self.control: ControlReader | None = None
         self.token = control_token(settings)  # operators' commands are verified with it, the guard's own signed
         self.liq_shown: set[tuple[str, str]] = set()
@@ -103,6 +108,7 @@ class RiskAgent(BatchAgent):
         self._export()
         metrics.DAILY_LOSS_LIMIT.set(self.limits.daily_loss)
         app.timer(CONTROL_POLL_SECONDS)(self.poll_control)
+        hold_probe(app, self.name, self._holding)
         app.on_before_shutdown.connect(self._last_copy)
 
     async def _last_copy(self, app: Any, **kwargs: Any) -> None:
@@ -141,10 +147,54 @@ class RiskAgent(BatchAgent):
                 copy = await asyncio.get_running_loop().run_in_executor(None, newest_snapshot, self.bootstrap,
                                                                         topic_prefix(self.app))
             self._restore(copy)
+            self.clocks_unchecked = True
+        if self.clocks_unchecked:
+            await self._answered_by_the_group()
         if self.control is None:
             self.control = ControlReader(self.bootstrap, "perpflow-risk-control", self.token, topic_prefix(self.app))
             records = await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)
             self._apply_control(records)
+
+    async def _answered_by_the_group(self) -> None:
+        """After a rebalance: the signals the group has handled up to its committed offsets on `signals` (maybe on
+        another worker, while the book this worker took over waited for them) will not come here again, and the bars
+        they answered are answered. Without this, a bar pending in a book taken over held the cursor, and so every
+        symbol's verdicts, for good (seen in the rebalance soak: every signal after the hand-over held back)."""
+        name = kafka_name(self.app, "signals")
+        starts = {tp.partition: self.app._perpflow_starts.get(tp) for tp in self.app.consumer.assignment()
+                  if tp.topic == name}
+        if not starts or None in starts.values():
+            return  # not sought to the start yet: the first batch does it
+        self.clocks_unchecked = False
+        ranges = {p: (max(start - ANSWERED_TAIL, 0), start) for p, start in starts.items() if start > 0}
+        if not ranges:
+            return
+        newest = await asyncio.get_running_loop().run_in_executor(None, self._newest_signals, ranges)
+        for symbol, open_time in newest.items():
+            self.order.signal(symbol, open_time)
+        if newest:
+            log.info("risk: signals the group handled before this worker's start: %s", newest)
+
+    def _newest_signals(self, ranges: dict[int, tuple[int, int]]) -> dict[str, int]:
+        newest: dict[str, int] = {}
+        messages = read_messages(self.bootstrap, kafka_name(self.app, "signals"),
+                                 starts={p: a for p, (a, _) in ranges.items()},
+                                 ends={p: b for p, (_, b) in ranges.items()}, timeout=30)
+        for msg in messages:
+            try:
+                _, record = self.codec.decode(msg.value())
+            except DecodeError:  # dead-lettered when it was handled
+                continue
+            newest[record["symbol"]] = max(newest.get(record["symbol"], record["open_time"]), record["open_time"])
+        return newest
+
+    def _owned(self, symbol: str) -> bool:
+        """Whether this worker has the symbol's partition now."""
+        partition = self.partition_of.get(symbol)
+        if partition is None:
+            partition = key_partition(symbol.encode(), SYMBOL_PARTITIONS)
+        assigned = self.app.consumer.assignment()
+        return not assigned or TP(kafka_name(self.app, "signals"), partition) in assigned  # none: unknown yet
 
     def _apply_control(self, records: list[dict]) -> bool:
         applied = False
@@ -224,7 +274,7 @@ class RiskAgent(BatchAgent):
                 while held:
                     decided += self._verdict(symbol, now)
             return decided
-        cursor = self.order.cursor(self._idle)
+        cursor = self.order.cursor(self._idle, self._owned)
         times = sorted({s["open_time"] for held in self.waiting.values() for _, s in held if s["open_time"] <= cursor})
         for t in times:
             # (a signal older than t is one delivered again after a restart: its verdict is repeated at once)
@@ -250,6 +300,20 @@ class RiskAgent(BatchAgent):
         if signal["source"] in ("binance",):
             metrics.E2E_LATENCY.observe(max(now - signal["event_time"], 0) / 1000)
         return 1
+
+    def _holding(self) -> tuple[int, str]:
+        """For the watchdog (its own thread): how many signals are held, and per symbol what holds them."""
+        held = {s: list(h) for s, h in list(self.waiting.items())}
+        clocks = dict(self.order.clocks)
+        parts = []
+        for symbol in sorted(set(held) | set(clocks)):
+            first = held[symbol][0][1]["open_time"] if held.get(symbol) else None
+            clock = clocks.get(symbol)
+            ready = self.desk.ready_for(symbol, first) if self.desk is not None and first is not None else None
+            parts.append(f"{symbol}: {len(held.get(symbol, ()))} held from {first}, passed "
+                         f"{clock.passed() if clock else None}, pending {clock.pending[:3] if clock else None}, "
+                         f"bar applied {ready}")
+        return sum(len(h) for h in held.values()), "; ".join(parts)
 
     def _idle(self, symbol: str) -> bool:
         """Whether the symbol's market data is handled to the end of its partition now (its feed is quiet)."""

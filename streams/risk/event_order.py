@@ -63,8 +63,9 @@ class EventTimeOrder:
             clock.newest_signal = open_time
             del clock.pending[:bisect.bisect_right(clock.pending, open_time)]
 
-    def cursor(self, idle: Callable[[str], bool]) -> int:
+    def cursor(self, idle: Callable[[str], bool], owned: Callable[[str], bool] = lambda symbol: True) -> int:
         """The newest time every symbol has passed: signals opened at or before it may be decided. `idle(symbol)`:
-        whether the symbol's market data is read to the end of its partition now."""
-        holding = [c.passed() for s, c in self.clocks.items() if c.pending or not idle(s)]
+        whether the symbol's market data is read to the end of its partition now; `owned(symbol)`: whether this
+        worker has its partition (another worker's symbols, known from a book it took over, hold nobody back here)."""
+        holding = [c.passed() for s, c in self.clocks.items() if owned(s) and (c.pending or not idle(s))]
         return min(holding, default=EVERYTHING)
