@@ -31,13 +31,14 @@ def failures(topic_name: str, reason: str) -> float:
     return REGISTRY.get_sample_value("perpflow_produce_failures_total", {"topic": topic_name, "reason": reason}) or 0
 
 
-@pytest.mark.xfail(strict=False, reason="fails in the full suite only (2 of 2 fresh-clone runs; passes alone 9 of 10): "
-                   "cross-test interference not yet found — to fix, not to keep")
 def test_a_record_the_broker_never_takes_is_produced_again_then_surfaced(broker, caplog):
     ensure_topics(broker.bootstrap)
     publisher = Publisher(broker.bootstrap, message_timeout_s=1.0)
     assert publisher.publish("md.klines", kline("BTCUSDT", 0))
     assert publisher.flush(10) == 0
+    # (on a loaded machine the first record may itself time out once, on a broker still electing its leaders, and
+    # be delivered when produced again: only this record's resends are counted below)
+    resent_before = publisher.reports.resent
     before = failures("md.klines", "msg_timed_out")
     broker.stop()  # the broker goes away with a record on its way
     caplog.set_level(logging.WARNING, logger="streams.delivery")
@@ -47,7 +48,7 @@ def test_a_record_the_broker_never_takes_is_produced_again_then_surfaced(broker,
     assert time.monotonic() - started < 20
     assert publisher.failed == 1
     assert failures("md.klines", "msg_timed_out") == before + 1
-    assert publisher.reports.resent == RESENDS  # this record, produced again exactly that often
+    assert publisher.reports.resent - resent_before == RESENDS  # this record, produced again exactly that often
     # the log says so (another test's producer, its broker gone too, may log beside it: counted by its own reports)
     again = [r for r in caplog.records if "producing it again" in r.getMessage()]
     given_up = [r for r in caplog.records if r.levelno == logging.ERROR and "given up" in r.getMessage()]
@@ -100,8 +101,6 @@ def _insert_failures(table: str) -> float:
     return REGISTRY.get_sample_value("perpflow_sink_insert_failures_total", {"table": table}) or 0
 
 
-@pytest.mark.xfail(strict=False, reason="fails in the full suite only (2 of 2 fresh-clone runs; passes alone 9 of 10): "
-                   "cross-test interference not yet found — to fix, not to keep")
 def test_the_sink_lands_the_good_rows_and_dead_letters_the_row_the_store_refuses(broker, store):
     ensure_topics(broker.bootstrap)
     # a real refusal by the store: a constraint the poison row violates (the sink itself builds nothing wrong)

@@ -45,11 +45,18 @@ def produce(bootstrap: str, messages: list[tuple[str, str, bytes]]) -> None:
 
 
 def wait_caught_up(sink: ClickHouseSink, bootstrap: str, timeout: float = 60) -> None:
-    targets = end_offsets(bootstrap, [x.name for x in archived()])
+    """Until the sink has archived everything in the archived topics, including what it produced itself on the way
+    (its dead letters, archived from `deadletter` in turn): caught up with end offsets that no longer move."""
     deadline = time.monotonic() + timeout
-    while not sink.caught_up(targets):
-        assert time.monotonic() < deadline, f"sink did not catch up: {sink.committed} vs {targets}"
-        time.sleep(0.1)
+    targets = None
+    while True:
+        now = end_offsets(bootstrap, [x.name for x in archived()])
+        if now == targets:
+            return
+        targets = now
+        while not sink.caught_up(targets):
+            assert time.monotonic() < deadline, f"sink did not catch up: {sink.committed} vs {targets}"
+            time.sleep(0.1)
 
 
 def run_until_caught_up(sink: ClickHouseSink, bootstrap: str, timeout: float = 60) -> None:
