@@ -141,12 +141,14 @@ class Store:
         with self._lock:
             self.client.command(sql)
 
-    def newest_per_key(self, topic: Topic) -> list[dict]:
+    def newest_per_key(self, topic: Topic, where: str | None = None) -> list[dict]:
         """A compacted topic's state as archived: per key (the first field of its sort key) the record with the latest
-        event time (the later archived of equal ones), read back as the topic's records, oldest first."""
+        event time (the later archived of equal ones) among those `where` (an SQL condition) allows, read back as the
+        topic's records, oldest first."""
         key = topic.order_by[0]
         cols = columns(topic)
-        rows = self.query_rows(f"SELECT {select_fields(topic)} FROM `{topic.table}` FINAL ORDER BY `{key}`, "
+        condition = f" WHERE {where}" if where else ""
+        rows = self.query_rows(f"SELECT {select_fields(topic)} FROM `{topic.table}` FINAL{condition} ORDER BY `{key}`, "
                                f"event_time DESC, archived_at DESC, kafka_offset DESC LIMIT 1 BY `{key}`")
         records = []
         for row in rows:

@@ -56,8 +56,9 @@ class StackInfo:
         return info
 
 
-# what to seed of a compacted topic's archived records (e.g. `perpflow up` leaves out a book its replay contradicts)
-SeedFilter = Callable[[Topic, list[dict]], list[dict]]
+# which of a compacted topic's archived records to seed, read from the store (e.g. `perpflow up` seeds the risk book as
+# it stood before its replay's first bar, not a newer one the replay would contradict)
+SeedFilter = Callable[[Topic, Store], list[dict]]
 
 
 def seed_compacted(bootstrap: str, store: Store, keep: SeedFilter | None = None) -> dict[str, int]:
@@ -70,9 +71,7 @@ def seed_compacted(bootstrap: str, store: Store, keep: SeedFilter | None = None)
     for t in archived():
         if not t.compacted:
             continue
-        records = store.newest_per_key(t)
-        if keep is not None:
-            records = keep(t, records)
+        records = keep(t, store) if keep is not None else store.newest_per_key(t)
         for record in records:
             producer.produce(t.name, codec.encode(t.schema, record), str(record[t.order_by[0]]).encode(),
                              on_delivery=lambda err, _: errors.append(str(err)) if err else None)

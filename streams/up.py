@@ -261,19 +261,24 @@ def run_up(settings: Settings, opts: UpOptions, stack: Stack | None = None) -> U
 
 
 def book_a_replay_allows(start_ms: int | None):
-    """The archived risk book a file replay from `start_ms` (None: the files' first bar) continues: only one that has
-    seen nothing at or after it. Replaying history the book has lived through (the same window again, after training)
-    starts a fresh paper book instead, as the first run did: the old book's fills and marks would contradict the
-    replayed bars (the paper exchange skips bars it has applied). The archive keeps the old book's snapshots; the
-    trading state on `control` comes back all the same: an operator's HALT holds."""
+    """The archived risk book a file replay from `start_ms` (None: the files' first bar) continues: the newest snapshot
+    that has seen nothing at or after it. Replaying history the book has lived through (the same window again, after
+    training, or after this run was killed) continues the book as it stood before that history, as the first run
+    did: a newer book's fills and marks would contradict the replayed bars (the paper exchange skips bars it has
+    applied). The archive keeps the newer snapshots; the trading state on `control` comes back all the same: an
+    operator's HALT holds."""
 
-    def keep(t: Topic, records: list[dict]) -> list[dict]:
+    def keep(t: Topic, store) -> list[dict]:
         if t.name != "risk.book":
-            return records
-        kept = [r for r in records if start_ms is not None and r["newest_bar"] < start_ms]
-        if len(kept) < len(records):
-            log.warning("the replay starts before the newest bar of the archived risk book: the paper book starts "
-                        "afresh (pass --start after it to continue the book)")
+            return store.newest_per_key(t)
+        if start_ms is None:
+            kept = []
+        else:
+            kept = store.newest_per_key(t, where=f"toUnixTimestamp64Milli(newest_bar) < {int(start_ms)}")
+        if [r["event_id"] for r in kept] != [r["event_id"] for r in store.newest_per_key(t)]:
+            log.warning("the replay starts before the newest bar of the archived risk book: the paper book continues "
+                        "from %s (pass --start after the newest bar to continue the newest book)",
+                        "its last snapshot before the start" if kept else "nothing: it starts afresh")
         return kept
 
     return keep

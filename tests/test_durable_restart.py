@@ -115,16 +115,30 @@ def test_a_live_feed_resumes_after_the_newest_archived_binance_bar(store):
     assert store.newest_bars("binance") == {("BTCUSDT", "5m"): T0 + BAR, ("BTCUSDT", "1h"): T0}
 
 
-def test_a_replay_of_history_the_book_has_seen_starts_a_fresh_book_and_keeps_the_trading_state():
+def test_a_replay_of_history_the_book_has_seen_continues_the_book_as_it_stood_before_it(store):
+    """A replay that starts where the archived book has been continues the newest snapshot from before its start —
+    after a run over the same window was killed, the book the killed run continued, not the killed run's own (which
+    the replayed bars would contradict), nor a fresh one."""
     from schemas.catalog import topic
+    from schemas.tables import arrow_table, columns
     from streams.up import book_a_replay_allows
 
-    book = [{"newest_bar": T0 + BAR - 1}]  # the book has seen bar 0 (its close)
-    control = [{"entity": "trading"}]
-    assert book_a_replay_allows(T0 + BAR)(topic("risk.book"), book) == book  # starts after it: continued
-    assert book_a_replay_allows(T0)(topic("risk.book"), book) == []  # bar 0 again: the book would contradict it
-    assert book_a_replay_allows(None)(topic("risk.book"), book) == []  # from the files' first bar
-    assert book_a_replay_allows(T0)(topic("control"), control) == control
+    t = topic("risk.book")
+    fields = [c.name for c in columns(t)]
+
+    def snapshot(seq: int, newest_bar: int) -> dict:
+        return {"event_id": event_ids.risk_book("account", seq, 1_000 + seq), "event_time": 1_000 + seq,
+                "account": "account", "seq": seq, "trading_state": "RUNNING", "wallet_balance": 1_000.0 + seq,
+                "open_positions": 0, "newest_bar": newest_bar, "state": f'{{"seq": {seq}}}'}
+
+    before, during = snapshot(1, T0 + BAR - 1), snapshot(2, T0 + 5 * BAR - 1)  # bar 0 seen; then bar 4
+    store.insert_arrow(t.table, arrow_table(t, [tuple(r[f] for f in fields) for r in (before, during)], [0] * 2,
+                                            [0, 1]))
+    assert book_a_replay_allows(T0 + 5 * BAR)(t, store) == [during]  # starts after the newest: continued
+    assert book_a_replay_allows(T0 + 2 * BAR)(t, store) == [before]  # bars 2.. again: the book from before them
+    assert book_a_replay_allows(T0)(t, store) == []  # bar 0 again: every book would contradict it
+    assert book_a_replay_allows(None)(t, store) == []  # from the files' first bar
+    assert book_a_replay_allows(T0)(topic("control"), store) == store.newest_per_key(topic("control"))
 
 
 def kline(n: int, price: float) -> dict:
