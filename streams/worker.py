@@ -33,6 +33,8 @@ DECISION_SETTINGS = ("min_ev", "min_pwin", "risk_per_trade_usdt", "fee", "slippa
 
 
 def run_worker(settings: Settings, bootstrap: str) -> None:
+    # the agents' own clients (control, snapshots) reach the broker the worker was given, however it was found
+    settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
     app = create_app(bootstrap, datadir=str(settings.run_dir / f"faust{_suffix(settings.topic_prefix)}"),
                      prefix=settings.topic_prefix)
     agents = {module: importlib.import_module(module).register(app, settings)

@@ -75,7 +75,7 @@ class PredictAgent(BatchAgent):
         super().__init__(app)
         self.settings = settings
         self.policy = Policy(settings)
-        self.bootstrap = settings.kafka_bootstrap or app.conf.broker[0].netloc
+        self.bootstrap = settings.kafka_bootstrap  # run_worker sets the worker's own
         # side → its schedule, by valid_from: (valid_from, model id, predictor); live, one entry from 0
         self.models: dict[str, list[tuple[int, str, Predictor]]] = {}
         self.control: ControlReader | None = None

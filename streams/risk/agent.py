@@ -86,7 +86,7 @@ class RiskAgent(BatchAgent):
         self.paper_events: list[dict] = []
         self.fed = 0  # orders of the guard's current outputs already handed to the paper engine
         super().__init__(app)
-        self.bootstrap = settings.kafka_bootstrap or app.conf.broker[0].netloc
+        self.bootstrap = settings.kafka_bootstrap  # run_worker sets the worker's own
         self.limits = limits_from(settings)
         self.guard = RiskGuard(self.limits)
         self.table = app.Table(STATE_TABLE, partitions=SYMBOL_PARTITIONS, key_type=bytes, value_type=bytes,
