@@ -25,7 +25,8 @@ def _git(*args: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("--quick", action="store_true", help="bundled sample only, fewer repetitions (< 1 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="bundled sample only, shorter windows, fewer repetitions (each benchmark ≤ ~2 min)")
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"run only these: {', '.join(BENCHMARKS)}")
     args = parser.parse_args()
     unknown = set(args.names) - set(BENCHMARKS)

@@ -33,3 +33,23 @@ def replay_events(data, symbols: list[str] | None, start_ms: int | None, end_ms:
         events += [(KIND_MARK, src.mark_record(p, r)) for r in range(len(p.kline_rows))]
         events += [(KIND_FUNDING, src.funding_record(p, r)) for r in range(len(p.funding_rows))]
     return sort_events(events)
+
+
+SAMPLE_FIRST_MS, SAMPLE_END_MS = 1_702_080_000_000, 1_704_758_400_000  # the bundled sample: 2023-12-09 → 2024-01-09
+DAY_MS = 86_400_000
+
+
+def sample_plan(quick: bool):
+    """The split of the bundled sample the trained benchmarks use, as `make run` makes it (14+ days trained, 5 warm
+    the indicators up, 7 traded); `--quick` (in `make test`): the fewest days that still train, warm up and trade —
+    14, 5 and 2 — for a run that proves the benchmark works, not one whose figures say much."""
+    from streams.demo import plan
+
+    if quick:
+        return plan(str(BUNDLED), SYMBOLS, SAMPLE_FIRST_MS, SAMPLE_FIRST_MS + 21 * DAY_MS, trade_days=2)
+    return plan(str(BUNDLED), SYMBOLS, SAMPLE_FIRST_MS, SAMPLE_END_MS)
+
+
+def training_rounds(quick: bool) -> int:
+    """Boosting rounds for the benchmarks' models: enough for predictions that vary (and so for trades)."""
+    return 15 if quick else 60

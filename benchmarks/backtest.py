@@ -4,8 +4,8 @@ plain vectorized offline pass of the same decisions (the feature engine over the
 on the whole matrix at once, the policy over every prediction at once), as a ratio measured in this run.
 
 The home is built first (not timed), as `make run` builds it: the sample's older part archived, labeled, both sides
-trained and promoted, then the last 12 days archived. The backtest replays those 12 days (5 warm the indicators up);
-its decisions must equal the offline pass's (checked)."""
+trained and promoted, then the last 12 days archived (7 with --quick). The backtest replays them (5 warm the
+indicators up); its decisions must equal the offline pass's (checked)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ DAY_MS = 86_400_000
 TARGET_BARS_PER_S = 2_000
 
 
-def _build_home(settings, p) -> list[dict]:
+def _build_home(settings, p, rounds: int) -> list[dict]:
     """`make run`'s first steps (`streams.demo.train_and_promote`), then the traded part archived too (a backtest
     replays the archive): the promoted models' registry rows."""
     from connectors.clickhouse_store import Store
@@ -30,7 +30,7 @@ def _build_home(settings, p) -> list[dict]:
     from streams.up import UpOptions, run_up
     from training import registry
 
-    train_and_promote(settings, p, lambda _: None, max_rounds=60)
+    train_and_promote(settings, p, lambda _: None, max_rounds=rounds)
     run_up(settings, UpOptions("replay", p.data, p.symbols, p.train_end_ms, p.end_ms, None, True))
     store = Store(settings)
     try:
@@ -68,19 +68,18 @@ def offline_pass(settings, data: Path, symbols: list[str], start_ms: int, end_ms
 
 
 def run(quick: bool = False) -> bool:
-    from streams.demo import plan
     from streams.settings import Settings
     from training.backtest.orchestrate import BacktestOptions, run_backtest
 
     logging.basicConfig(level=logging.WARNING)
     data, symbols = _data.BUNDLED, _data.SYMBOLS  # a backtest needs models trained on the archive: the sample's month
-    p = plan(str(data), symbols, 1_702_080_000_000, 1_704_758_400_000)  # 2023-12-09 → 2024-01-09
-    start, end = p.train_end_ms, p.end_ms  # 12 days: 5 warm the indicators up, 7 are traded
+    p = _data.sample_plan(quick)
+    start, end = p.train_end_ms, p.end_ms  # 5 days warm the indicators up, the rest are traded
     with tempfile.TemporaryDirectory() as home:
         # loose thresholds: the sample's models have no edge, and a backtest that never trades measures less
         settings = Settings(home=Path(home), kafka_bootstrap="", clickhouse_url="", metrics_port=0,
                             worker_metrics_port=0, log_level="WARNING", symbols=symbols, min_pwin=0.3, min_ev=-1.0)
-        models = _build_home(settings, p)
+        models = _build_home(settings, p, _data.training_rounds(quick))
         result = run_backtest(settings, BacktestOptions(symbols, start, end, ",".join(m["id"] for m in models)),
                               say=lambda _: None)
         bars, offline_s, decisions = offline_pass(settings, data, symbols, start, end, models)

@@ -26,7 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from benchmarks import _data
 from schemas.codec import default_codec
 from streams.broker import EmbeddedBroker, client_config, end_offsets
-from streams.demo import plan, train_and_promote
+from streams.demo import train_and_promote
 from streams.settings import AGENTS, Settings
 from streams.up import UpOptions, run_up, wait_for_agents
 from streams.worker import WorkerProcess
@@ -36,6 +36,7 @@ PACED_HOURS = 12  # 432 bars: enough for a p99 that is not just the slowest one 
 # paced bars before those measured: the first ones meet a replay, sink and store still starting beside the worker
 # on the two cores (the first three bar times took 0.2-0.7 s), which a live feed running for hours does not
 PACED_LEAD_HOURS = 1
+QUICK_PACED_HOURS, QUICK_PACED_LEAD_HOURS = 2, 0.5  # --quick: proves the paced run works, its p99 says little
 TARGET_BARS_PER_S = 2000
 TARGET_P99_MS = 50
 HOPS = ("md.klines", "features", "signals", "risk.verdicts")  # the records of a bar at each broker hop
@@ -144,14 +145,16 @@ def run(quick: bool = False) -> bool:
     try:
         settings = Settings(home=home, kafka_bootstrap=broker.bootstrap, clickhouse_url="", metrics_port=0,
                             worker_metrics_port=0, log_level="WARNING", symbols=_data.SYMBOLS)
-        p = plan(str(data), _data.SYMBOLS, 1_702_080_000_000, 1_704_758_400_000)  # 2023-12-09 → 2024-01-09
+        p = _data.sample_plan(quick)
         say = (lambda line: None) if quick else (lambda line: print(f"  {line}", file=sys.stderr))
-        train_and_promote(settings, p, say, max_rounds=60)
+        train_and_promote(settings, p, say, max_rounds=_data.training_rounds(quick))
         # the broker outlives each run_up (it is external to them) and still holds the training part: only the bars
         # replayed from here on are measured (and the agents' state carries over, warm)
         before = {t: set(_timestamps(broker.bootstrap, t)) for t in ("md.klines",)}
-        paced_start = p.end_ms - PACED_HOURS * 3_600_000
-        lead_start = paced_start - PACED_LEAD_HOURS * 3_600_000
+        paced_hours, lead_hours = (QUICK_PACED_HOURS, QUICK_PACED_LEAD_HOURS) if quick else (PACED_HOURS,
+                                                                                             PACED_LEAD_HOURS)
+        paced_start = p.end_ms - int(paced_hours * 3_600_000)
+        lead_start = paced_start - int(lead_hours * 3_600_000)
         settings.run_worker = False  # this benchmark's own worker: its /metrics outlive the replays
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         worker = WorkerProcess(settings, broker.bootstrap, _data.SYMBOLS)
