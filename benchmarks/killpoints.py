@@ -28,9 +28,13 @@ PERPFLOW = str(Path(sys.executable).parent / "perpflow")
 SAMPLE = _data.ROOT / "data" / "binance-um-futures"
 SYMBOLS = "BTCUSDT,ETHUSDT,1000PEPEUSDT"
 TRAIN = ["--start", "2023-12-09", "--end", "2023-12-29"]
-TRADE = ["--start", "2023-12-29", "--end", "2024-01-12"]
+TRADE = ["--start", "2023-12-29", "--end", "2024-01-09"]  # to the sample's end: 11 days
 TRADE_QUICK = ["--start", "2023-12-29", "--end", "2024-01-02"]
 CHAIN = ("features", "predictions", "signals", "risk.verdicts", "orders", "user.events")
+# both runs paced (the same command): at full speed the replay drained before half of the twenty kills landed (9 of 20,
+# 11 of 20 at 15,000x: a kill waits for the chain's progress, read through `perpflow sql`, and a restarted worker needs
+# ~15 s to start while the replay goes on); 5,000x real time is ~50 bars/s of three symbols
+SPEED, SPEED_QUICK = "5000", "15000"
 ENTER = {"PERPFLOW_MIN_PWIN": "0.30", "PERPFLOW_MIN_EV": "-0.01"}  # the demo model's edges are thin: let it trade
 
 
@@ -49,13 +53,14 @@ def _cli(home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedPr
     return result
 
 
-def _up(window: list[str]) -> list[str]:
-    return ["up", "--source", "replay", "--data", str(SAMPLE), "--symbols", SYMBOLS, *window, "--speed", "max",
+def _up(window: list[str], speed: str) -> list[str]:
+    return ["up", "--source", "replay", "--data", str(SAMPLE), "--symbols", SYMBOLS, *window, "--speed", speed,
             "--until-drained"]
 
 
-def _child_pid(up_pid: int, marker: bytes) -> int | None:
-    """The child of one `perpflow up` whose command line holds `marker` (the worker, the replay process)."""
+def _children(up_pid: int) -> dict[int, bytes]:
+    """The children of one `perpflow up` (the worker, the replay process): pid → command line."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -64,9 +69,24 @@ def _child_pid(up_pid: int, marker: bytes) -> int | None:
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if parent == up_pid and marker in cmdline:
-            return int(entry.name)
-    return None
+        if parent == up_pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _child_pid(up_pid: int, marker: bytes) -> int | None:
+    """The child of one `perpflow up` whose command line holds `marker`."""
+    return next((pid for pid, cmdline in _children(up_pid).items() if marker in cmdline), None)
+
+
+def _wait_gone(pids, timeout: float = 120) -> None:
+    """Until the processes are gone: a killed up's replay process (forked, it shares the store's lock) outlives it
+    until it sees its parent gone, and a new up started meanwhile finds the store held."""
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the killed perpflow up's children {sorted(pids)} outlived it by {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def _tables(home: Path) -> dict[str, dict[str, str]]:
@@ -96,7 +116,7 @@ def _prepared_home(root: Path, quick: bool) -> Path:
     home = root / "trained"
     if quick:
         return home
-    _cli(home, *_up(TRAIN))
+    _cli(home, *_up(TRAIN, "max"))  # the training part: not compared
     _cli(home, "label", "--symbols", SYMBOLS, *TRAIN)
     trained = _cli(home, "train", "--symbols", SYMBOLS, *TRAIN, "--folds", "2", "--embargo-bars", "48",
                    "--max-rounds", "20", "--threads", "1")
@@ -122,7 +142,8 @@ def schedule(kills: int) -> list[str]:
 
 
 def _restart(start) -> subprocess.Popen:
-    """`perpflow up` again once the killed one's children have let its store go (they die with it, not at once)."""
+    """`perpflow up` again; started again while the store is still held (a safety net: the caller waits for the killed
+    one's children to be gone)."""
     for _ in range(30):
         proc = start()
         try:
@@ -136,12 +157,12 @@ def _restart(start) -> subprocess.Popen:
     raise RuntimeError("the store of the killed perpflow up stayed held for 2 minutes")
 
 
-def _killed_run(home: Path, window: list[str], kills: int, bars: int) -> tuple[dict[str, int], str]:
+def _killed_run(home: Path, window: list[str], speed: str, kills: int, bars: int) -> tuple[dict[str, int], str]:
     """The trading replay with SIGKILLs spread evenly over its `bars` (a kill waits until the chain has archived a
     share of them since the last: one before any progress is no kill point); a killed replay or `up` is started
     again with the same command, as an operator would. (kills made per target, the last up's stdout)."""
     def start() -> subprocess.Popen:
-        return subprocess.Popen([PERPFLOW, *_up(window)], env=_env(home), cwd=_data.ROOT, stdout=subprocess.PIPE,
+        return subprocess.Popen([PERPFLOW, *_up(window, speed)], env=_env(home), cwd=_data.ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     targets = schedule(kills)
@@ -163,12 +184,14 @@ def _killed_run(home: Path, window: list[str], kills: int, bars: int) -> tuple[d
                                                               else b"multiprocessing")
             if pid is None:
                 continue
+            children = _children(proc.pid)
             os.kill(pid, signal.SIGKILL)
             made[target] += 1
             i, last = i + 1, n
             if target != "worker":  # up is gone (or fails for its replay): run it again
                 proc.wait(120)
                 proc.communicate()
+                _wait_gone(children)
                 proc, last = _restart(start), None
         out, err = proc.communicate(timeout=1800)
     finally:
@@ -181,9 +204,9 @@ def _killed_run(home: Path, window: list[str], kills: int, bars: int) -> tuple[d
 
 
 def run(quick: bool = False) -> bool:
-    kills, window, days = (4, TRADE_QUICK, 4) if quick else (20, TRADE, 14)
+    kills, window, days, speed = (4, TRADE_QUICK, 4, SPEED_QUICK) if quick else (20, TRADE, 11, SPEED)
     print(f"kill points: {kills} SIGKILLs of the worker, the replay and up over a replay of {SYMBOLS} "
-          f"{' '.join(window)}{' (no model)' if quick else ', promoted model'}")
+          f"{' '.join(window)} at {speed}x real time{' (no model)' if quick else ', promoted model'}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.monotonic()
@@ -192,9 +215,9 @@ def run(quick: bool = False) -> bool:
             for copy in ("reference", "killed"):  # chDB links metadata/ into store/: keep the links
                 shutil.copytree(base, root / copy, symlinks=True)
         t1 = time.monotonic()
-        _cli(root / "reference", *_up(window))
+        _cli(root / "reference", *_up(window, speed))
         t2 = time.monotonic()
-        made, out = _killed_run(root / "killed", window, kills, days * 288 * len(SYMBOLS.split(",")))
+        made, out = _killed_run(root / "killed", window, speed, kills, days * 288 * len(SYMBOLS.split(",")))
         t3 = time.monotonic()
         want, got = _tables(root / "reference"), _tables(root / "killed")
     restarts = re.search(r"worker restarts: (\d+)", out)
