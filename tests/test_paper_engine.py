@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from connectors.binance.execution import client_ids
+from connectors.binance.rules import Bracket, bundled_brackets, isolated_liquidation_price
 from connectors.paper.engine import PaperConfig, PaperExchange, liquidation_price, maintenance
 
 T0 = 1_700_000_100_000 - 1_700_000_100_000 % 300_000
@@ -119,9 +120,28 @@ def test_funding_sign_for_long_and_short(side, rate, expected):
 
 def test_liquidation_price_matches_binances_isolated_formula():
     # 1 BTC at 50,000, 5x isolated: wallet 10,000; notional 50,000 → bracket MMR 0.5 %, cum 50
-    assert maintenance({"*": [[0, 50_000, 0.004, 0], [50_000, 250_000, 0.005, 50]]}, "X", 50_000) == (0.005, 50)
+    tiers = [Bracket(0, 50_000, 0.004, 0), Bracket(50_000, 250_000, 0.005, 50)]
+    assert maintenance({"BTCUSDT": tiers}, "BTCUSDT", 50_000) == (0.005, 50)
     assert liquidation_price(1, 1.0, 50_000, 10_000, 0.005, 50) == pytest.approx(39_950 / 0.995)  # 40,150.75
     assert liquidation_price(-1, 1.0, 50_000, 10_000, 0.005, 50) == pytest.approx(60_050 / 1.005)  # 59,751.24
+
+
+@pytest.mark.parametrize("symbol, entry, qty", [("ETHUSDT", 2_000.0, 30.0), ("1000PEPEUSDT", 0.001, 8_000_000.0),
+                                                ("BTCUSDT", 40_000.0, 0.5)])
+def test_the_paper_exchange_liquidates_on_the_tiers_the_policy_checks(symbol, entry, qty):
+    # one bracket table in the system: the policy's ≥ 2 ATR liquidation check and the paper exchange agree
+    ex = PaperExchange(PaperConfig(taker_fee=FEE, slippage_bps=0, leverage=5, initial_balance=1_000_000))
+    ex.bar(bar(0, entry, entry, entry, entry, symbol))
+    ex.order(order("same", T0 + 299_999, qty=qty, sl=entry * 0.5, tp=entry * 2, symbol=symbol))
+    ex.bar(bar(1, entry, entry, entry, entry, symbol))
+    policy_view = isolated_liquidation_price(1, qty, entry, 5, Bracket.for_notional(bundled_brackets()[symbol],
+                                                                                  qty * entry))
+    assert ex.liquidation_price(symbol) == pytest.approx(policy_view)
+
+
+def test_a_symbol_without_brackets_takes_the_most_conservative_tiers():
+    tiers = {"A": [Bracket(0, 1e9, 0.004, 0)], "B": [Bracket(0, 1e9, 0.01, 0)]}
+    assert maintenance(tiers, "UNKNOWNUSDT", 1_000) == (0.01, 0)
 
 
 def test_liquidation_before_a_far_stop_loses_the_isolated_margin():

@@ -24,12 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from connectors.binance.execution import client_ids
+from connectors.binance.rules import Bracket, bundled_brackets
 from connectors.binance.user_stream import PARSERS
 
-BRACKETS_FILE = Path(__file__).with_name("leverage_brackets.json")
 ASSET = "USDT"
 
 
@@ -41,18 +40,13 @@ class PaperConfig:
     initial_balance: float = 10_000.0
 
 
-def load_brackets(path: Path = BRACKETS_FILE) -> dict[str, list[list[float]]]:
-    data = json.loads(path.read_text())
-    return {**data["symbols"], "*": data["symbols"][data["default"]]}
-
-
-def maintenance(brackets: dict[str, list[list[float]]], symbol: str, notional: float) -> tuple[float, float]:
-    """(maintenance margin rate, maintenance amount `cum`) of the bracket holding this notional."""
-    tiers = brackets.get(symbol, brackets["*"])
-    for floor, cap, rate, cum in tiers:
-        if floor <= notional < cap:
-            return rate, cum
-    return tiers[-1][2], tiers[-1][3]
+def maintenance(brackets: dict[str, list[Bracket]], symbol: str, notional: float) -> tuple[float, float]:
+    """(maintenance margin rate, maintenance amount `cum`) of the bracket holding this notional: the same table the
+    policy and the risk guard check liquidation on. A symbol without brackets takes the most conservative known
+    (the highest first-tier rate): a paper position should never outlive the real one."""
+    tiers = brackets.get(symbol) or max(brackets.values(), key=lambda t: t[0].mmr)
+    bracket = Bracket.for_notional(tiers, notional)
+    return bracket.mmr, bracket.cum
 
 
 def liquidation_price(side: int, qty: float, entry: float, wallet: float, mmr: float, cum: float) -> float:
@@ -99,10 +93,10 @@ class PaperState:
 
 
 class PaperExchange:
-    def __init__(self, config: PaperConfig | None = None, brackets: dict | None = None,
+    def __init__(self, config: PaperConfig | None = None, brackets: dict[str, list[Bracket]] | None = None,
                  state: PaperState | None = None):
         self.config = config or PaperConfig()
-        self.brackets = brackets or load_brackets()
+        self.brackets = brackets or bundled_brackets()
         self.state = state or PaperState(balance=self.config.initial_balance)
         self._seen = set(self.state.seen)
 
@@ -111,7 +105,8 @@ class PaperExchange:
         return json.dumps(asdict(self.state), sort_keys=True)
 
     @classmethod
-    def loads(cls, text: str, config: PaperConfig | None = None, brackets: dict | None = None) -> PaperExchange:
+    def loads(cls, text: str, config: PaperConfig | None = None,
+              brackets: dict[str, list[Bracket]] | None = None) -> PaperExchange:
         raw = json.loads(text)
         raw["positions"] = {s: Position(**p) for s, p in raw["positions"].items()}
         return cls(config, brackets, PaperState(**raw))
