@@ -153,6 +153,8 @@ def up(
         raise typer.BadParameter(f"{data} is not a directory", param_hint="--data")
     settings = _settings()
     wanted = _symbols(symbols, settings)
+    if source is not Source.none:
+        _require_rules(settings, wanted)
     if live:
         _check_live(settings, mainnet)
     _stop_on_signals()
@@ -628,6 +630,60 @@ def backfill(
     out.print(table)
 
 
+rules_app = typer.Typer(help="Exchange rules (exchangeInfo filters, leverage brackets): bundled for BTCUSDT, ETHUSDT "
+                        "and 1000PEPEUSDT, any other symbol imported from Binance's own answers.",
+                        no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("import")
+def rules_import(files: list[Path] = typer.Argument(..., help="Files saved from GET /fapi/v1/exchangeInfo and GET "
+                                                     "/fapi/v1/leverageBracket, exactly as Binance returns them.")
+                 ) -> None:
+    """Import exchange rules into $PERPFLOW_HOME/rules/: they win over the bundled snapshots, symbol by symbol, for
+    the policy, the risk guard and the paper exchange (a running worker takes them at its next start)."""
+    from connectors.binance.rules import EXCHANGE_INFO, LEVERAGE_BRACKETS, import_rule_files, missing_rules
+
+    settings = _settings()
+    done = import_rule_files(settings.home_dir, files)
+    for kind, what in ((EXCHANGE_INFO, "exchangeInfo rules"), (LEVERAGE_BRACKETS, "leverage brackets")):
+        if kind in done:
+            out.print(f"{what}: {len(done[kind]):,} symbols imported ({', '.join(done[kind][:8])}"
+                      f"{', ...' if len(done[kind]) > 8 else ''})")
+    imported = sorted(set().union(*done.values()))
+    incomplete = missing_rules(settings.home_dir, imported)
+    if incomplete:
+        out.print(f"still not tradable (exchangeInfo rules or leverage brackets missing): {', '.join(incomplete[:8])}"
+                  f"{', ...' if len(incomplete) > 8 else ''}")
+
+
+@rules_app.command("list")
+def rules_list(symbols: str = typer.Option(None, help="Comma-separated symbols (default: every symbol known).")
+               ) -> None:
+    """Each symbol's rules as the policy sees them: status, tick, step, minimum quantity and notional, brackets."""
+    from connectors.binance.rules import exchange_rules, leverage_brackets, plain
+
+    settings = _settings()
+    rules, brackets = exchange_rules(settings.home_dir), leverage_brackets(settings.home_dir)
+    wanted = _symbols(symbols, settings) if symbols else sorted(rules.keys() | brackets.keys())
+    table = Table(title=f"exchange rules ({settings.home_dir / 'rules'} over the bundled snapshots)")
+    for col in ("symbol", "status", "tick", "step", "min qty", "min notional", "brackets", "first bracket"):
+        table.add_column(col, justify="left" if col in ("symbol", "status") else "right")
+    for symbol in wanted:
+        r, b = rules.get(symbol), brackets.get(symbol)
+        table.add_row(symbol, r.status if r else "no rules", *(plain(x) for x in (r.tick, r.step, r.min_qty,
+                                                                                   r.min_notional)) if r else ["–"] * 4,
+                      str(len(b)) if b else "none",
+                      f"< {b[0].cap:,.0f}: MMR {b[0].mmr:.2%}" if b else "–")
+    report.print(table)
+
+
+def _require_rules(settings: Settings, symbols: list[str]) -> None:
+    from connectors.binance.rules import require_rules
+
+    require_rules(settings.home_dir, symbols)
+
+
 trading_app = typer.Typer(help="Trading state: start (RUNNING), stop (REDUCE_ONLY), kill (flatten and HALT), status.",
                           no_args_is_help=True)
 app.add_typer(trading_app, name="trading")
@@ -763,6 +819,7 @@ def backtest(
     if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
         raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'}: archive market data first (`perpflow "
                             "up --source replay ... --until-drained`) and train a model")
+    _require_rules(settings, _symbols(symbols, settings))
     opts = BacktestOptions(_symbols(symbols, settings), start_ms, end_ms, model, source.value, fee, slippage_bps,
                            out_dir, keep_topics, walk_forward, parse_duration(retrain_every, "--retrain-every"),
                            parse_duration(train_window, "--train-window"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from connectors.binance.rules import bundled_brackets, bundled_rules
+from connectors.binance.rules import exchange_rules, leverage_brackets
 from schemas import event_ids
 from streams import metrics
 from streams.policy import ev
@@ -37,7 +37,8 @@ class Policy:
         self.sizing = ev.SizingRules(settings.risk_per_trade_usdt, settings.leverage_min, settings.leverage_max,
                                      settings.leverage_default, settings.leverage_ref_atr_pct)
         self.fee, self.slippage = settings.fee, settings.slippage
-        self.rules, self.brackets = bundled_rules(), bundled_brackets()
+        # the bundled snapshots overlaid by `perpflow rules import`: one table, as the risk agent's
+        self.rules, self.brackets = exchange_rules(settings.home_dir), leverage_brackets(settings.home_dir)
         for decision in (ev.LONG, ev.SHORT, ev.FLAT):
             metrics.SIGNALS.labels(decision)
         for side in ("long", "short"):
@@ -97,6 +98,9 @@ class Policy:
         rules, brackets = self.rules.get(p["symbol"]), self.brackets.get(p["symbol"])
         if rules is None or brackets is None:
             signal["flat_reason"] = "no_exchange_rules"
+            return
+        if not rules.trading:  # delisted, settling, not yet listed: no entries
+            signal["flat_reason"] = "symbol_not_trading"
             return
         row_cost = ev.CostModel(float(cost.k_tp[i]), float(cost.k_sl[i]), cost.fee, cost.slippage)
         sized = ev.size(ev.SIDE[decision], close, atr, lev, rules, brackets, row_cost, self.sizing)

@@ -29,6 +29,7 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from connectors.binance.rules import leverage_brackets
 from connectors.paper.engine import PaperConfig
 from schemas.catalog import SYMBOL_PARTITIONS
 from schemas.codec import DecodeError
@@ -79,7 +80,8 @@ class RiskAgent(BatchAgent):
             self.input_topics = (*self.input_topics, "md.klines", "md.funding")
             self.read_along = frozenset({"md.klines", "md.funding"})  # the features agent's inputs
         self.paper_config = paper_config(settings)
-        self.desk: PaperDesk | None = PaperDesk(self.paper_config) if self.paper else None
+        self.brackets = leverage_brackets(settings.home_dir)  # the policy's table: bundled, overlaid by imports
+        self.desk: PaperDesk | None = PaperDesk(self.paper_config, brackets=self.brackets) if self.paper else None
         self.waiting: dict[str, list[tuple[int, dict]]] = {}  # symbol → signals held until their time is decided
         self.order = EventTimeOrder()
         self.partition_of: dict[str, int] = {}
@@ -88,7 +90,7 @@ class RiskAgent(BatchAgent):
         super().__init__(app)
         self.bootstrap = settings.kafka_bootstrap  # run_worker sets the worker's own
         self.limits = limits_from(settings)
-        self.guard = RiskGuard(self.limits)
+        self.guard = RiskGuard(self.limits, brackets=self.brackets)
         self.table = app.Table(STATE_TABLE, partitions=SYMBOL_PARTITIONS, key_type=bytes, value_type=bytes,
                                on_recover=self._on_recovered)
         self.seq = 0
@@ -131,9 +133,9 @@ class RiskAgent(BatchAgent):
                 newest = snap
         if newest is not None and newest["seq"] > self.seq:
             self.seq = newest["seq"]
-            self.guard = RiskGuard(self.limits, Book.loads(newest["book"]))
+            self.guard = RiskGuard(self.limits, Book.loads(newest["book"]), self.brackets)
             if self.paper:
-                self.desk = PaperDesk(self.paper_config, newest.get("desk"))
+                self.desk = PaperDesk(self.paper_config, newest.get("desk"), self.brackets)
             self.waiting = {s: [(p, r) for p, r in held] for s, held in newest.get("waiting", {}).items()}
             self.order = EventTimeOrder(newest.get("order"))
             self.fed = 0

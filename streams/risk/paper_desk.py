@@ -17,6 +17,7 @@ import bisect
 import json
 from dataclasses import dataclass, field
 
+from connectors.binance.rules import Bracket
 from connectors.paper.engine import PaperConfig, PaperExchange
 
 INTERVAL = "5m"
@@ -53,9 +54,11 @@ class Held:
 
 
 class PaperDesk:
-    def __init__(self, config: PaperConfig, state: str | dict | None = None):
+    def __init__(self, config: PaperConfig, state: str | dict | None = None,
+                 brackets: dict[str, list[Bracket]] | None = None):
         raw = json.loads(state) if isinstance(state, str) else state
-        self.exchange = PaperExchange.loads(raw["exchange"], config) if raw else PaperExchange(config)
+        self.exchange = (PaperExchange.loads(raw["exchange"], config, brackets) if raw
+                         else PaperExchange(config, brackets))
         self.held: dict[str, Held] = {}
         for symbol, h in (raw["held"].items() if raw else ()):
             held = self.held[symbol] = Held(funding=h["funding"])
