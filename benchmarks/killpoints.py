@@ -181,7 +181,7 @@ def _killed_run(home: Path, window: list[str], speed: str, kills: int, bars: int
                 continue
             target = targets[i]
             pid = proc.pid if target == "up" else _child_pid(proc.pid, b"worker" if target == "worker"
-                                                              else b"multiprocessing")
+                                                              else b"spawn_main")  # not the resource tracker
             if pid is None:
                 continue
             children = _children(proc.pid)
