@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import tempfile
 import time
@@ -152,6 +153,10 @@ def run(quick: bool = False) -> bool:
     for n in range(runs):
         with tempfile.TemporaryDirectory(prefix="perpflow-rebalance-") as tmp:
             r = run_once(Path(tmp), cycles, seed=n, say=lambda line: None)
+            kept = None
+            if r.stalled or r.watchdog_stalls or sum(r.missing.values()):  # the workers' logs, to find out why
+                kept = Path(tempfile.gettempdir()) / f"perpflow-rebalance-seed-{n}"
+                shutil.copytree(tmp, kept, dirs_exist_ok=True)
         missing = sum(r.missing.values())
         stalls += r.stalled is not None
         lost += missing
@@ -160,11 +165,14 @@ def run(quick: bool = False) -> bool:
               f"{', '.join(f'{hop} {k}' for hop, k in r.missing.items())}, watchdog stalls {r.watchdog_stalls}, "
               f"records past a gap {r.past_gap:.0f}, refetches {r.refetches:.0f}, fetched before a seek "
               f"{r.fetched_before_seek:.0f}, "
-              f"{'STALLED: ' + r.stalled if r.stalled else 'drained'} ({r.seconds:.0f} s)")
+              f"{'STALLED: ' + r.stalled if r.stalled else 'drained'} ({r.seconds:.0f} s)"
+              f"{f'; worker logs kept in {kept}' if kept else ''}")
     print(f"  runs {runs}, rebalances {runs * 2 * cycles}, stalls {stalls}, watchdog stalls {found}, "
           f"bars missing {lost}")
     # The quick run (in `make test`) holds what must hold every time: no stall goes unseen (the drain's patience
     # outlasts the watchdog's bound, so a stall the watchdog misses fails here) and no bar is lost. A stall the
     # watchdog found and its restart healed is counted, and fails the full soak only, whose goal is none at all
-    # (open: a rebalance now and then leaves one partition unfetched, ~1 run in 10; see the watchdog's log line).
+    # (open: a rebalance now and then leaves one partition unfetched, ~1 run in 10; see the watchdog's log line; and
+    # once in ~25 runs verdicts went missing after a worker restart, likely signals held in the book of a worker
+    # whose partitions were handed over while the new owner kept its own book: the kept logs say).
     return stalls == 0 and lost == 0 and (quick or found == 0)
