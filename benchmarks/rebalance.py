@@ -123,7 +123,7 @@ def run_once(home: Path, cycles: int, seed: int = 0, say=print, full_speed: bool
             patience, up.STALL_SECONDS = up.STALL_SECONDS, STALL_SECONDS
             try:
                 wait_for_agents(bootstrap, worker)
-            except PerpflowError as exc:
+            except (PerpflowError, RuntimeError) as exc:  # a drain stall, or a worker restarted in a loop
                 result.stalled = str(exc)
             finally:
                 up.STALL_SECONDS = patience

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ACTOR = "watchdog"
 REASON = "chain_stalled"
 HELD = "(held)"  # a Stall's topic when an agent holds records back with nothing left to read
+REBALANCE = "(rebalance)"  # ... when the worker's consumer is in a rebalance that does not end
 
 
 def hold_probe(app: faust.App, agent: str, probe) -> None:
@@ -78,6 +79,9 @@ class Stall:
         if self.topic == HELD:
             return (f"{self.agent} holds {self.end:,} records it has not released for {self.seconds:.0f} s, its input "
                     f"handled to the end")
+        if self.topic == REBALANCE:
+            return (f"the consumer has been in a rebalance for {self.seconds:.0f} s (joined without an assignment, or "
+                    f"its recovery not done): nothing is handled")
         return (f"{self.agent} has handled nothing of {self.topic}[{self.partition}] for {self.seconds:.0f} s with "
                 f"{self.end - self.position:,} records waiting (offsets {self.position}..{self.end - 1})")
 
@@ -95,6 +99,7 @@ class Watchdog:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stalls: list[Stall] = []  # what the last look found; empty: healthy
         self.episode: set[tuple[str, TP]] = set()  # stalls already announced (HALT, risk event) and not cleared
+        self.rebalancing_since: float | None = None  # when the consumer's current rebalance began (as first seen)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
         self._admin: AdminClient | None = None
@@ -141,9 +146,10 @@ class Watchdog:
         assigned = self.assigned
         readers = self.app._perpflow_handled.readers if hasattr(self.app, "_perpflow_handled") else {}
         inputs = getattr(self.app, "_perpflow_inputs", {})
+        rebalance = self._rebalance_stall(now)
         if not assigned:
-            self._update([])
-            return []
+            self._update(rebalance)
+            return rebalance
         ends = end_offsets(self.bootstrap, sorted({tp.topic for tp in assigned}))
         committed: dict[tuple[str, int], int] | None = None
         clocks = self.clocks
@@ -170,9 +176,22 @@ class Watchdog:
                 elif now - clock.since >= self.bound:
                     stalls.append(Stall(agent, catalog_name(self.app, tp.topic), tp.partition, position, end,
                                         now - clock.since))
-        stalls += self._held_stalls(now, assigned, inputs)
+        stalls += self._held_stalls(now, assigned, inputs) + rebalance
         self._update(stalls)
         return stalls
+
+    def _rebalance_stall(self, now: float) -> list[Stall]:
+        """A rebalance that lasts the bound is a stall: seen in the rebalance soak (~1 run in 25), the last worker
+        re-joining the group every few seconds at the same generation and never assigned anything, while the input
+        waited — no partition is assigned, so the input clocks never see it. Faust's `rebalancing` is set when
+        partitions are revoked and cleared once the new assignment's recovery is done."""
+        if not self.app.rebalancing:
+            self.rebalancing_since = None
+            return []
+        if self.rebalancing_since is None:
+            self.rebalancing_since = now
+        seconds = now - self.rebalancing_since
+        return [Stall("consumer", REBALANCE, 0, 0, 0, seconds)] if seconds >= self.bound else []
 
     def _nudge(self, agent: str, tp: TP, position: int, end: int, seconds: float) -> None:
         """Half the bound without progress: seek the partition to the agent's position once, before calling it a
@@ -234,6 +253,10 @@ class Watchdog:
             if s.topic == HELD:
                 _, holding = self.app._perpflow_holders[s.agent]()
                 log.critical("watchdog: %s; /health fails, trading HALTED (%s)", s.describe(), holding)
+                continue
+            if s.topic == REBALANCE:
+                log.critical("watchdog: %s; /health fails, trading HALTED (generation %s)", s.describe(),
+                             self.app.consumer_generation_id)
                 continue
             tp = TP(self.prefix + s.topic, s.partition)
             contiguous = getattr(self.app, "_perpflow_inputs", {}).get(s.agent)

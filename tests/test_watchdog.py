@@ -153,3 +153,25 @@ def test_records_held_back_without_progress_are_a_stall_and_progress_clears_it()
     assert dog._held_stalls(BOUND + 0.2, frozenset(), {}) == []
     held["n"] = 0  # nothing held is never a stall, however long
     assert dog._held_stalls(10 * BOUND, frozenset(), {}) == []
+
+
+def test_a_rebalance_that_does_not_end_is_a_stall_and_its_end_clears_it():
+    """A consumer re-joining its group without ever being assigned (seen in the rebalance soak) has no partition, so
+    no input clock: the rebalance itself lasting the bound is the stall."""
+    from streams.app import create_app
+    from streams.watchdog import REBALANCE, Watchdog
+
+    app = create_app("127.0.0.1:1", app_id="watchdog-rebalance-test")
+    dog = Watchdog(app, "127.0.0.1:1", BOUND, "token")
+    dog._update = lambda stalls: None  # what the look finds, without a broker to announce it on
+    assert app.rebalancing is False and dog.look(0.0) == []
+    app.on_rebalance_start()
+    assert dog.look(1.0) == []  # the clock starts
+    assert dog.look(1.0 + BOUND - 0.1) == []
+    [stall] = dog.look(1.0 + BOUND + 0.1)
+    assert (stall.agent, stall.topic) == ("consumer", REBALANCE)
+    assert "in a rebalance for" in stall.describe()
+    app.rebalancing = False  # the assignment's recovery done (Faust's on_rebalance_end)
+    assert dog.look(2 * BOUND) == []
+    app.on_rebalance_start()  # the next rebalance has a clock of its own
+    assert dog.look(2 * BOUND + 1) == [] and dog.look(3 * BOUND) == []
