@@ -12,10 +12,12 @@ same backtest gives the same verdicts every time. The engine's events go to `use
 
 State: the guard's whole book (account, positions, trading state), the paper engine and the held signals are
 saved before every offset commit, in the `risk-state` table (changelog topic), under the key of the last partition
-handled with a sequence number; a restarted worker takes the newest snapshot of its table, then reads `control` to
-its end and applies the operator commands newer than the book's. The account is one book per worker: the embedded
-default runs one worker, which owns every partition (with several workers, each guards the symbols it owns and sees the
-account through their events; run the risk agent on one worker when account-wide limits must be exact).
+handled with a sequence number, and each signals partition's held signals under that partition's own key; a
+restarted worker takes the newest snapshot of its table and the held signals of the partitions it owns, then reads
+`control` to its end and applies the operator commands newer than the book's. The account is one book per
+worker: the embedded default runs one worker, which owns every partition (with several workers, each guards the
+symbols it owns and sees the account through their events; run the risk agent on one worker when account-wide limits
+must be exact).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from streams.watchdog import hold_probe
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "risk-state"
+BOOK_KEY, WAITING_KEY = b"book:", b"waiting:"  # the state table's keys: the book (+ partition), held signals of one
 ANSWERED_TAIL = 1000  # records read back on `signals` per partition after a rebalance (a bar time per symbol each)
 CONTROL_POLL_SECONDS = 0.5
 
@@ -83,6 +86,10 @@ class RiskAgent(BatchAgent):
         self.brackets = leverage_brackets(settings.home_dir)  # the policy's table: bundled, overlaid by imports
         self.desk: PaperDesk | None = PaperDesk(self.paper_config, brackets=self.brackets) if self.paper else None
         self.waiting: dict[str, list[tuple[int, dict]]] = {}  # symbol → signals held until their time is decided
+        # signals partitions whose held signals changed since the last save: each partition's are also saved under
+        # its own key, on its own changelog partition, so the worker a partition is handed to holds them (the book
+        # it keeps may be another worker's, whose `waiting` never had them: verdicts went missing in the soak)
+        self.waiting_changed: set[int] = set()
         self.order = EventTimeOrder()
         self.partition_of: dict[str, int] = {}
         self.paper_events: list[dict] = []
@@ -127,7 +134,9 @@ class RiskAgent(BatchAgent):
         """The newest book in the table (its snapshots carry a sequence number), or `copy`, from `risk.book`."""
         self.restore = False
         newest: dict | None = copy
-        for blob in self.table.data.values():
+        for key, blob in self.table.data.items():
+            if not key.startswith(BOOK_KEY):
+                continue
             snap = json.loads(blob)
             if newest is None or snap["seq"] > newest["seq"]:
                 newest = snap
@@ -141,11 +150,38 @@ class RiskAgent(BatchAgent):
             self.fed = 0
             log.info("risk: book restored (trading %s, %d positions)", self.guard.book.state,
                      len(self.guard.book.positions))
+        self._held_of_owned_partitions()
+
+    def _held_of_owned_partitions(self) -> None:
+        """The held signals of each signals partition this worker owns are the ones its partition's key holds (saved
+        by whoever owned it last, before committing past them); those of a partition handed away are its new
+        owner's to decide."""
+        name = kafka_name(self.app, "signals")
+        owned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == name}
+        if not owned:
+            return  # not assigned yet (a first start): nothing to tell apart
+        held: dict[str, list[tuple[int, dict]]] = {}
+        for symbol, entries in self.waiting.items():
+            kept = [(p, r) for p, r in entries if p in owned and WAITING_KEY + str(p).encode() not in self.table.data]
+            if kept:
+                held[symbol] = kept
+        for p in sorted(owned):
+            blob = self.table.data.get(WAITING_KEY + str(p).encode())
+            for record in json.loads(blob) if blob else ():
+                held.setdefault(record["symbol"], []).append((p, record))
+        for entries in held.values():
+            entries.sort(key=lambda e: e[1]["open_time"])
+        before = sum(len(e) for e in self.waiting.values())
+        self.waiting = held
+        after = sum(len(e) for e in held.values())
+        if before or after:
+            log.info("risk: held signals after the hand-over: %d (%d before)", after, before)
 
     async def _ready(self) -> None:
         if self.restore:
             copy = None
-            if not self.table.data and self.seq == 0:  # a broker that kept nothing (embedded `up` restarted)
+            if self.seq == 0 and not any(k.startswith(BOOK_KEY) for k in self.table.data):
+                # a broker that kept nothing (embedded `up` restarted)
                 copy = await asyncio.get_running_loop().run_in_executor(None, newest_snapshot, self.bootstrap,
                                                                         topic_prefix(self.app))
             self._restore(copy)
@@ -251,6 +287,7 @@ class RiskAgent(BatchAgent):
                 self.partition_of[symbol] = partition
                 if name == "signals":
                     self.waiting.setdefault(symbol, []).append((partition, record))
+                    self.waiting_changed.add(partition)
                     self.order.signal(symbol, record["open_time"])
                 elif name == "md.klines":
                     if record["interval"] == INTERVAL and _answered(record):
@@ -294,6 +331,7 @@ class RiskAgent(BatchAgent):
     def _verdict(self, symbol: str, now: int) -> int:
         """The symbol's oldest held signal gets its verdict, its orders go to the paper engine."""
         partition, signal = self.waiting[symbol].pop(0)
+        self.waiting_changed.add(partition)
         # the chain lagged the market data by more than the desk holds: those bars were applied without their
         # signals, and an entry now would fill bars later than its signal's
         passed = self.desk.passed(symbol, signal["open_time"]) if self.desk is not None else 0
@@ -376,7 +414,7 @@ class RiskAgent(BatchAgent):
         if self.dirty is None:
             return
         self.seq += 1
-        key = f"book:{self.dirty}".encode()
+        key = BOOK_KEY + str(self.dirty).encode()
         # the book's and the desk's JSON are put in as they are, not as strings escaped once more (the desk's held
         # bars make it the bulk of each save); a snapshot of an older version holds them as strings, read alike
         desk = self.desk.dumps() if self.desk is not None else "null"
@@ -384,6 +422,10 @@ class RiskAgent(BatchAgent):
                 f'"order": {json.dumps(self.order.to_state())}, "desk": {desk}')
         self.output.save(self.table, self.dirty, key, f'{{"seq": {self.seq}, {body}}}'.encode())
         self.dirty = None
+        for p in sorted(self.waiting_changed):
+            of_p = [r for held in self.waiting.values() for q, r in held if q == p]
+            self.output.save(self.table, p, WAITING_KEY + str(p).encode(), json.dumps(of_p).encode())
+        self.waiting_changed.clear()
         copy = self.book_copy.offer(self.seq, body, self.guard.book, time.monotonic())
         if copy is not None:  # acknowledged with the table write, before the inputs are committed
             self.send([("risk.book", None, ACCOUNT.encode(), copy)])
