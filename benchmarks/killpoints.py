@@ -80,8 +80,8 @@ def _child_pid(up_pid: int, marker: bytes) -> int | None:
 
 
 def _wait_gone(pids, timeout: float = 120) -> None:
-    """Until the processes are gone: a killed up's replay process (forked, it shares the store's lock) outlives it
-    until it sees its parent gone, and a new up started meanwhile finds the store held."""
+    """Until the processes are gone: a killed up's children (the replay process, multiprocessing's resource tracker)
+    outlive it for a moment, and a new up started meanwhile found the store held."""
     deadline = time.monotonic() + timeout
     while any(Path(f"/proc/{pid}").exists() for pid in pids):
         if time.monotonic() > deadline:

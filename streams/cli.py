@@ -671,10 +671,10 @@ def rules_list(symbols: str = typer.Option(None, help="Comma-separated symbols (
         table.add_column(col, justify="left" if col in ("symbol", "status") else "right")
     for symbol in wanted:
         r, b = rules.get(symbol), brackets.get(symbol)
-        table.add_row(symbol, r.status if r else "no rules", *(plain(x) for x in (r.tick, r.step, r.min_qty,
-                                                                                   r.min_notional)) if r else ["–"] * 4,
-                      str(len(b)) if b else "none",
-                      f"< {b[0].cap:,.0f}: MMR {b[0].mmr:.2%}" if b else "–")
+        filters = [r.status, *(plain(x) for x in (r.tick, r.step, r.min_qty, r.min_notional))] if r else \
+            ["no rules", *["–"] * 4]
+        tiers = [str(len(b)), f"< {b[0].cap:,.0f}: MMR {b[0].mmr:.2%}"] if b else ["none", "–"]
+        table.add_row(symbol, *filters, *tiers)
     report.print(table)
 
 

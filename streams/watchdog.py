@@ -181,9 +181,9 @@ class Watchdog:
         return stalls
 
     def _rebalance_stall(self, now: float) -> list[Stall]:
-        """A rebalance that lasts the bound is a stall: seen in the rebalance soak (~1 run in 25), the last worker
-        re-joining the group every few seconds at the same generation and never assigned anything, while the input
-        waited — no partition is assigned, so the input clocks never see it. Faust's `rebalancing` is set when
+        """A rebalance that lasts the bound is a stall: seen in the rebalance soak (seed 11, every run), the last
+        worker re-joining the group every 8 s at one generation and never assigned anything while the input waited —
+        no partition is assigned, so the input clocks never see it. Faust's `rebalancing` is set when
         partitions are revoked and cleared once the new assignment's recovery is done."""
         if not self.app.rebalancing:
             self.rebalancing_since = None

@@ -161,6 +161,8 @@ class RiskAgent(BatchAgent):
         if not owned:
             return  # not assigned yet (a first start): nothing to tell apart
         held: dict[str, list[tuple[int, dict]]] = {}
+        # a partition's own key wins; the book's `waiting` stands for a partition without one (a snapshot of an
+        # older version, or the archived copy `risk.book` gives an embedded `up` started again)
         for symbol, entries in self.waiting.items():
             kept = [(p, r) for p, r in entries if p in owned and WAITING_KEY + str(p).encode() not in self.table.data]
             if kept:
