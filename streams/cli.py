@@ -266,34 +266,9 @@ def sql(
 ) -> None:
     """Run a read-only query against the configured ClickHouse (through `perpflow up` when it holds the
     embedded store)."""
-    from connectors.clickhouse_store import Store
-    from streams.control import control_token
-    from streams.stack import StackInfo
+    from streams.store_client import query_text
 
-    settings = _settings()
-    info = StackInfo.load(settings) if settings.embedded_store else None
-    if info is not None:
-        req = urllib.request.Request(info.api_url + "/sql", method="POST",
-                                     data=json.dumps({"query": query, "format": format.value}).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {control_token(settings)}"})
-        try:
-            with urllib.request.urlopen(req, timeout=300) as r:
-                sys.stdout.write(r.read().decode())
-            return
-        except urllib.error.HTTPError as exc:
-            raise PerpflowError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
-        except OSError as exc:
-            raise PerpflowError(f"`perpflow up` (pid {info.pid}) holds the embedded store but its API at "
-                                f"{info.api_url} does not answer ({exc}); wait for it or stop it") from None
-    if settings.embedded_store and not (settings.home_dir / "clickhouse").exists():
-        raise PerpflowError(f"no store at {settings.home_dir / 'clickhouse'} yet: run `make run` "
-                            "(or `perpflow up ... --until-drained`) first")
-    store = Store(settings)
-    try:
-        sys.stdout.write(store.query_text(query, format.value))
-    finally:
-        store.close()
+    sys.stdout.write(query_text(_settings(), query, format.value))
 
 
 features_app = typer.Typer(help="Features of closed 5m bars: the registry in streams/features/registry.py.",

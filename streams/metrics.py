@@ -89,6 +89,8 @@ MODEL_INFO = Gauge("perpflow_model_info", "1 for the model each side predicts wi
 PREDICTION_P_TP = Histogram("perpflow_prediction_p_tp", "Predicted P(TP)", ["side"],
                             buckets=tuple(i / 10 for i in range(1, 10)))
 PREDICTIONS = Counter("perpflow_predictions", "predictions emitted", ["symbol"])
+MODEL_REFUSED = Counter("perpflow_model_refused_total", "Promotions a worker refused: artifact missing everywhere, "
+                        "failing its sha256, or of another feature schema (the side keeps its model)", ["side"])
 MODEL_AGE = Gauge("perpflow_model_age_seconds", "Seconds since the end of the training data of the model each side "
                   "predicts with (computed at each scrape)", ["side"])
 # live calibration of the promoted models (streams/calibration.py, in `perpflow up`, which owns the store): no series

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     """Bearer token of the HTTP routes that change state (trading start/stop/kill, promote, POST /sql) and the key
     of the HMAC every `control` record carries; empty = one is made per home in run/control-token (mode 0600), which
     only works on loopback: every process of a deployment needs the same token."""
+    store_api: str = ""
+    """Base URL of the control API of the `perpflow up` that holds an embedded store, for processes of another home
+    (a worker fetching a model artifact, `perpflow sql`); empty = this home's `perpflow up`. Unused with a
+    ClickHouse server."""
     control_url: str = ""
     """Base URL of the worker's control API for `perpflow trading ...`; empty = the local worker's."""
     topic_prefix: str = ""

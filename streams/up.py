@@ -291,7 +291,7 @@ def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] 
     walk-forward schedule of rows with `valid_from`) on its own `control` topic (`prefix`): its predict agent sees no
     other promotion."""
     from streams.control import control_token, publish
-    from training import registry
+    from training import artifact, registry
 
     token = control_token(stack.settings)
     for side in ("long", "short"):
@@ -300,6 +300,12 @@ def announce_promoted_models(stack: Stack, prefix: str = "", models: list[dict] 
             log.warning("no promoted model for the %s side: the worker will not predict (see `perpflow models`)", side)
             continue
         for row in rows:
+            if models is None:  # promoted before the store kept artifacts: put it there for workers of other homes
+                try:
+                    artifact.keep(stack.store, artifact.locate(row["artifact_path"], row["sha256"],
+                                                               stack.settings.home_dir / "models"), row["sha256"])
+                except PerpflowError as exc:
+                    log.error("promoted model %s: %s", row["id"], exc)
             entity = f"model:{side}" if row.get("valid_from") is None else f"model:{side}@{row['valid_from']}"
             publish(stack.bootstrap, entity, "model_promoted", registry.control_value(row, None),
                     row["actor"], row["promoted_at"] or row["created_at"], token=token, prefix=prefix)

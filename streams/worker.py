@@ -94,6 +94,7 @@ class WorkerProcess:
                     # the same control token (else the child reads run/control-token of the same home)
                     **({"PERPFLOW_CONTROL_TOKEN": settings.control_token.get_secret_value()}
                        if settings.control_token.get_secret_value() else {}),
+                    **({"PERPFLOW_STORE_API": settings.store_api} if settings.store_api else {}),
                     # thresholds and costs as this process has them (a backtest's --fee and --slippage-bps included)
                     **{f"PERPFLOW_{k.upper()}": str(getattr(settings, k)) for k in DECISION_SETTINGS}}
         self.restarts = 0
@@ -156,14 +157,20 @@ class WorkerProcess:
 
     def metric(self, name: str, **labels: str) -> float | None:
         """Sum of the worker's samples of `name` with these labels (from its /metrics); None until it answers."""
-        try:
-            info = json.loads(_info_path(self.log_path.parent, self.process.pid).read_text())
-            with urllib.request.urlopen(info["metrics_url"], timeout=5) as response:
-                text = response.read().decode()
-        except (OSError, ValueError, KeyError):
+        text = self.get("/metrics")
+        if text is None:
             return None
         return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                    if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+    def get(self, path: str) -> str | None:
+        """The worker's answer to GET `path` of its API (/metrics, /status, ...); None until it answers."""
+        try:
+            info = json.loads(_info_path(self.log_path.parent, self.process.pid).read_text())
+            with urllib.request.urlopen(info["api_url"] + path, timeout=5) as response:
+                return response.read().decode()
+        except (OSError, ValueError, KeyError):
+            return None
 
     def stop(self, grace: float = 15.0) -> None:
         if self.process.poll() is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -300,3 +301,93 @@ def test_live_calibration_takes_each_outcome_from_the_labels_rules(chain):
             assert calibration.realized == realized
     finally:
         store.close()
+
+
+def test_a_worker_with_an_empty_home_fetches_the_model_from_the_store_and_refuses_a_tampered_one(chain, broker,
+                                                                                                   tmp_path):
+    """A deployed worker: its own empty home, the store held by another process (here an API serving the module's
+    store, as `perpflow up` does). The promoted models reach it through the store; a promotion whose artifact in the
+    store does not hash to what the record says is refused, and the side keeps predicting with the model it had."""
+    import hashlib
+    import time
+
+    import pyarrow as pa
+
+    from connectors.clickhouse_store import Store
+    from schemas.codec import default_codec
+    from streams.broker import ensure_topics
+    from streams.control import publish
+    from streams.control_api import ControlApi
+    from streams.settings import Settings
+    from streams.worker import WorkerProcess
+    from tests.conftest import read_topic
+    from tests.test_sink import produce
+    from training import registry
+
+    home, _, _, _ = chain
+    token = "deployment-token-" + "x" * 24
+    fields = [f["name"] for f in default_codec().schema("features")["fields"]]
+    times = {"event_time", "open_time", "close_time"}
+    store = Store(Settings(home=home, clickhouse_url=""))
+    api = ControlApi("127.0.0.1", 0, store=store, token=token).start()
+    worker_home = tmp_path / "worker-home"
+    settings = Settings(home=worker_home, kafka_bootstrap=broker.bootstrap, clickhouse_url="", worker_metrics_port=0,
+                        symbols=["BTCUSDT"], store_api=api.url, control_token=token)
+    worker = None
+    try:
+        rows = {side: registry.promoted(store, side) for side in ("long", "short")}
+        select = ", ".join(f"toUnixTimestamp64Milli({f})" if f in times else f for f in fields)
+        records = [dict(zip(fields, r, strict=True)) for r in store.query_rows(
+            f"SELECT {select} FROM features FINAL WHERE symbol = 'BTCUSDT' AND ready ORDER BY open_time LIMIT 20")]
+        assert len(records) == 20
+        # a tampered copy of the long model in the store, under a hash its bytes do not have
+        real = Path(rows["long"]["artifact_path"])
+        claimed = hashlib.sha256(b"a model that is not this one").hexdigest()
+        body = (real / "model.json").read_bytes().replace(b"learning_rate", b"learning_rat3", 1)
+        store.insert_arrow("model_artifacts", pa.table({
+            "sha256": [claimed, claimed], "file": ["model.json", "oof.npz"],
+            "body": pa.array([body, (real / "oof.npz").read_bytes()], type=pa.binary()),
+            "size": pa.array([len(body), 0], type=pa.uint64()),
+            "stored_at": pa.array([int(time.time() * 1000)] * 2, type=pa.timestamp("ms", tz="UTC"))}))
+        ensure_topics(broker.bootstrap)
+        for side, row in rows.items():  # as the trainer's home wrote them: paths that do not exist in this home
+            value = {**registry.control_value(row, None), "artifact_path": "/elsewhere/models/" + row["sha256"]}
+            publish(broker.bootstrap, f"model:{side}", "model_promoted", value, "test", row["promoted_at"], token=token)
+        codec = default_codec()
+        produce(broker.bootstrap, [("features", "BTCUSDT", codec.encode("features", r)) for r in records[:10]])
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        assert not (worker_home / "models").exists()
+        worker = WorkerProcess(settings, broker.bootstrap)
+        deadline = time.monotonic() + 120
+        while len(read_topic(broker.bootstrap, "predictions")) < 10:
+            assert time.monotonic() < deadline, "no predictions from the models in the store"
+            worker.check()
+            time.sleep(0.5)
+        for row in rows.values():  # cached in the worker's own home, byte for byte
+            assert (worker_home / "models" / row["sha256"] / "model.json").read_bytes() == \
+                   (Path(row["artifact_path"]) / "model.json").read_bytes()
+        tampered = {**registry.control_value(rows["long"], rows["long"]), "model_id": "long-tampered",
+                    "sha256": claimed, "artifact_path": "/elsewhere/models/" + claimed}
+        publish(broker.bootstrap, "model:long", "model_promoted", tampered, "test", rows["long"]["promoted_at"] + 1,
+                token=token)
+        while not worker.metric("perpflow_model_refused_total", side="long"):
+            assert time.monotonic() < deadline, "the tampered promotion was neither loaded nor refused"
+            time.sleep(0.5)
+        status = json.loads(worker.get("/status"))
+        assert status["models"] == {side: row["id"] for side, row in rows.items()}
+        assert "long-tampered" in status["models_refused"]["long"] and "tampered" in status["models_refused"]["long"]
+        assert worker.metric("perpflow_model_info", side="long", model_id="long-tampered") in (None, 0)
+        assert not (worker_home / "models" / claimed).exists()
+        produce(broker.bootstrap, [("features", "BTCUSDT", codec.encode("features", r)) for r in records[10:]])
+        while len(read_topic(broker.bootstrap, "predictions")) < 20:
+            assert time.monotonic() < deadline, "no predictions after the refusal"
+            time.sleep(0.5)
+        assert worker.restarts == 0
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.stop()
+        store.close()
+    got = sorted(read_topic(broker.bootstrap, "predictions"), key=lambda p: p["open_time"])
+    assert [p["model_id_long"] for p in got] == [rows["long"]["id"]] * 20  # none from the tampered artifact
+    assert {p["model_id_short"] for p in got} == {rows["short"]["id"]}

@@ -42,6 +42,7 @@ def train_models(store: Store, models_dir: Path, sides: list[str], symbols: list
                     "label_spec": json.loads(spec.to_json()), "label_spec_id": spec_id, "symbols": symbols,
                     "train_start": start_ms, "train_end": end_ms, "config": cfg.__dict__}
         path, sha = artifact.save(models, models_dir, manifest)
+        artifact.keep(store, path, sha)  # beside its registry row: how it reaches a worker of another home
         row = {"id": registry.model_id(side, created, sha), "side": side, "created_at": created,
                "schema_version": SCHEMA_VERSION, "label_spec_id": spec_id, "label_spec": spec.to_json(),
                "train_start": start_ms, "train_end": end_ms, "symbols": symbols,

@@ -24,7 +24,7 @@ from connectors.clickhouse_store import Store
 from streams.errors import PerpflowError
 from streams.features.registry import SCHEMA_VERSION
 from training import tables
-from training.artifact import load_oof
+from training.artifact import keep, load_oof
 from training.metrics import brier, log_loss
 
 TRAINED, PROMOTED, ARCHIVED = "trained", "promoted", "archived"
@@ -115,6 +115,7 @@ def promote(store: Store, model: str, actor: str, reason: str = "", force: bool 
     """Check the gates, archive the side's previous model, promote this one, then `publish` the change."""
     row = get(store, model)
     load_oof(Path(row["artifact_path"]), row["sha256"])  # corrupt or missing artifacts: refused, even forced
+    keep(store, Path(row["artifact_path"]), row["sha256"])  # in the store, where every worker can fetch it
     incumbent = promoted(store, row["side"])
     result = Promotion(row, incumbent if incumbent and incumbent["id"] != row["id"] else None, forced=force)
     result.gates.append(Gate("feature schema version", row["schema_version"] == SCHEMA_VERSION,

@@ -1,4 +1,5 @@
-"""The ClickHouse tables of the training room: `label_specs`, `labels`, `models` and `backtest_runs`.
+"""The ClickHouse tables of the training room: `label_specs`, `labels`, `models`, `model_artifacts` and
+`backtest_runs`.
 
 They are not topics (nothing streams them), so their DDL lives here rather than being derived from an Avro
 schema. All are ReplacingMergeTrees versioned by a time column: writing a row again with the same key replaces it
@@ -28,6 +29,10 @@ ORDER BY (spec_id, side, symbol, open_time)""",
   status LowCardinality(String), promoted_at Nullable(DateTime64(3, 'UTC')), actor String, reason String,
   updated_at DateTime64(3, 'UTC')
 ) ENGINE = ReplacingMergeTree(updated_at) ORDER BY id""",
+    # the artifacts' files, content-addressed (training.artifact): how a model reaches a worker of another home
+    "model_artifacts": """CREATE TABLE IF NOT EXISTS model_artifacts (
+  sha256 String, file LowCardinality(String), body String, size UInt64, stored_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(stored_at) ORDER BY (sha256, file)""",
     # one row per backtest run; parameters and metrics are the run's JSON documents (metrics.json as written)
     "backtest_runs": """CREATE TABLE IF NOT EXISTS backtest_runs (
   run_id String, created_at DateTime64(3, 'UTC'), parameters String, model_ids Array(String), symbols Array(String),

@@ -10,8 +10,13 @@ store, one process per data path), so it reads the promotions from the compacted
 `model:<side>`, kind `model_promoted`, the value naming the model id, its artifact path and sha256
 (`training.registry.control_value`) — and loads the artifact from disk, hash-checked (`training.artifact`). When
 the recorded path does not exist here (another machine, a moved home), $PERPFLOW_HOME/models/<sha256> is tried: the
-artifacts are content-addressed. `perpflow up` announces the registry's promoted models on `control` at start (the
-embedded broker keeps nothing between runs); `perpflow models promote` announces new ones.
+artifacts are content-addressed; when that is missing too (a deployed worker starts with an empty home), the artifact
+is fetched from the store's `model_artifacts` (`streams.store_client`: the ClickHouse server, or the `perpflow up`
+holding the embedded store), hash-checked before it is cached there. An artifact that is missing or fails its hashes
+is refused: the side keeps the model it had, the refusal is logged, counted (perpflow_model_refused_total) and shown
+in the worker's GET /status. Loading and fetching run off the event loop. `perpflow up` announces the registry's
+promoted models on `control` at start (the embedded broker keeps nothing between runs); `perpflow models promote`
+announces new ones.
 
 The model's age, `perpflow_model_age_seconds{side}`, is the time since the end of its training data (`train_end` in
 the promotion record), computed at each scrape so it grows between promotions; a side without a model, or promoted
@@ -46,7 +51,8 @@ from streams.control import ControlReader, control_token
 from streams.features.registry import SCHEMA_VERSION
 from streams.policy.signals import Policy
 from streams.settings import Settings
-from training.artifact import Predictor, locate
+from streams.store_client import query_text
+from training.artifact import Predictor, fetch, locate
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +86,47 @@ class PredictAgent(BatchAgent):
         self.models: dict[str, list[tuple[int, str, Predictor]]] = {}
         self.control: ControlReader | None = None
         self.status = ""
+        self.refused: dict[str, str] = {}  # side → the promotion last refused and why (cleared by a model loading)
         for side in SIDES:
             metrics.MODEL_INFO.labels(side, "none").set(0)  # exported before a model loads; 1 marks the one in use
             metrics.PREDICTION_P_TP.labels(side)
+            metrics.MODEL_REFUSED.labels(side)
         app.timer(CONTROL_POLL_SECONDS)(self.poll_control)
 
-    def _apply(self, promotions: dict[tuple[str, int], dict]) -> None:
+    def _load(self, promotions: dict[tuple[str, int], dict]) -> list[tuple[str, int, dict, Predictor | None, str]]:
+        """The promotions that change a side's schedule, each with its predictor or why it was refused. Blocking (disk,
+        the store): run off the event loop."""
+        loaded = []
         for (side, valid_from), value in sorted(promotions.items()):
-            schedule = self.models.get(side, [])
-            current = next((e for e in schedule if e[0] == valid_from), None)
+            current = next((e for e in self.models.get(side, []) if e[0] == valid_from), None)
             if side not in SIDES or (current is not None and current[1] == value["model_id"]):
                 continue
             if value.get("schema_version") != SCHEMA_VERSION:
-                log.error("model %s was trained on feature schema %s, this code computes %s: not loaded",
-                          value["model_id"], value.get("schema_version"), SCHEMA_VERSION)
+                loaded.append((side, valid_from, value, None, f"trained on feature schema {value.get('schema_version')}"
+                               f", this code computes {SCHEMA_VERSION}"))
                 continue
-            path = locate(value["artifact_path"], value["sha256"], self.settings.home_dir / "models")
+            models_dir = self.settings.home_dir / "models"
             try:
-                predictor = Predictor.load(path, value["sha256"])
-            except Exception as exc:  # a missing or corrupt artifact: keep serving the previous model
-                log.error("cannot load model %s for the %s side from %s: %s", value["model_id"], side, path, exc)
+                path = locate(value["artifact_path"], value["sha256"], models_dir)
+                if not (path / "model.json").is_file():
+                    path = fetch(lambda q: query_text(self.settings, q, "tsv", open_embedded=False), value["sha256"],
+                                 models_dir)
+                    log.info("model %s fetched from the store into %s", value["model_id"], path)
+                loaded.append((side, valid_from, value, Predictor.load(path, value["sha256"]), ""))
+            except Exception as exc:  # missing, unreachable or failing its hashes: keep serving the previous model
+                loaded.append((side, valid_from, value, None, str(exc)))
+        return loaded
+
+    def _install(self, loaded: list[tuple[str, int, dict, Predictor | None, str]]) -> None:
+        for side, valid_from, value, predictor, refusal in loaded:
+            schedule = self.models.get(side, [])
+            if predictor is None:
+                log.error("model %s for the %s side not loaded: %s", value["model_id"], side, refusal)
+                metrics.MODEL_REFUSED.labels(side).inc()
+                self.refused[side] = f"{value['model_id']}: {refusal}"
                 continue
+            self.refused.pop(side, None)
+            current = next((e for e in schedule if e[0] == valid_from), None)
             newest = schedule[-1] if schedule else None
             self.models[side] = sorted([e for e in schedule if e[0] != valid_from] +
                                        [(valid_from, value["model_id"], predictor)], key=lambda e: e[0])
@@ -118,18 +144,28 @@ class PredictAgent(BatchAgent):
             (log.warning if missing else log.info)("predict: %s", status)
             self.status = status
 
+    async def _take(self, promotions: dict[tuple[str, int], dict]) -> list:
+        return await asyncio.get_running_loop().run_in_executor(None, self._load, promotions)
+
+    def describe(self) -> dict:
+        """What GET /status shows: each side's newest model, and the promotions refused since."""
+        return {"models": {side: schedule[-1][1] for side, schedule in self.models.items() if schedule},
+                "models_status": self.status, "models_refused": dict(self.refused)}
+
     async def poll_control(self) -> None:
         if self.control is not None:
             found = promotions(self.control.poll())
             if found:
+                loaded = await self._take(found)
                 async with self.lock:
-                    self._apply(found)
+                    self._install(loaded)
 
     async def handle(self, inputs: list[tuple[str, int, bytes, dict]]) -> list[tuple[str, int | None, bytes, dict]]:
         if self.control is None:
             self.control = ControlReader(self.bootstrap, "perpflow-predict-control", control_token(self.settings),
                                          topic_prefix(self.app))
-            self._apply(promotions(await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)))
+            caught_up = await asyncio.get_running_loop().run_in_executor(None, self.control.catch_up)
+            self._install(await self._take(promotions(caught_up)))
         out: list[dict] = []
         chosen: list[tuple[dict, dict, dict]] = []  # (features record, its prediction, the models) to predict
         for _, _, _, r in inputs:

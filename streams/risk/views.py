@@ -34,7 +34,7 @@ def routes(agent: Any, bootstrap: str, token: str, models: Any = None) -> dict:
 
     def status(path: str, body: dict | None) -> tuple[int, object]:
         snap = dict(agent.snapshot)
-        snap["models"] = {side: model_id for side, (model_id, _) in (models.models.items() if models else [])}
+        snap.update(models.describe() if models else {})
         snap["lag"] = _lag(bootstrap, topic_prefix(agent.app))
         return 200, snap
 
