@@ -29,7 +29,8 @@ def run(quick: bool = False) -> bool:
         broker.stop()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERPFLOW_")}
     with tempfile.TemporaryDirectory() as home:
-        env.update(PERPFLOW_HOME=home, PERPFLOW_METRICS_PORT="0", PERPFLOW_LOG_LEVEL="WARNING")
+        env.update(PERPFLOW_HOME=home, PERPFLOW_METRICS_PORT="0", PERPFLOW_WORKER_METRICS_PORT="0",
+                   PERPFLOW_LOG_LEVEL="WARNING")
         results += [fault_matrix.run_killed(n, name, f, PERPFLOW, env) for n, (name, f) in enumerate(kills)]
     print(fault_matrix.table(results))
     print(f"faults: {fault_matrix.summary(results)} ({time.monotonic() - t0:.0f} s)")
