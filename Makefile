@@ -28,9 +28,11 @@ run: $(STAMP)
 	$(BIN)/perpflow demo --data data/binance-um-futures --symbols BTCUSDT,ETHUSDT,1000PEPEUSDT
 
 # The deployment checks run real tools, installed here when missing: promtool and Prometheus (Debian's
-# prometheus package) and docker-compose v1 (Debian's; `config` needs no engine). kubectl (for kustomize)
+# prometheus package), Alertmanager and amtool (prometheus-alertmanager) and docker-compose v1 (Debian's;
+# `config` needs no engine). kubectl (for kustomize)
 # comes with the machine image.
-DEB_TOOLS := promtool:prometheus prometheus:prometheus docker-compose:docker-compose
+DEB_TOOLS := promtool:prometheus prometheus:prometheus docker-compose:docker-compose \
+	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 tools:

@@ -36,6 +36,7 @@ from streams.delivery import DeliveryReports
 log = logging.getLogger(__name__)
 
 GROUP = "perpflow-sink"
+RISK_EVENTS = "risk.events"  # the live topic's: a backtest's (prefixed) risk events alert no one
 
 # ClickHouse error codes that name the inserted data, not the server's state: CANNOT_PARSE_* (6, 27, 38, 41, 72),
 # TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, INCORRECT_DATA, TOO_LARGE_STRING_SIZE,
@@ -111,6 +112,7 @@ class ClickHouseSink:
         self.stop_event = threading.Event()
         self._pending_rows = 0
         self._batch_started = time.monotonic()
+        self._risk_event_last: dict[tuple[str, str, str], float] = {}
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -175,6 +177,8 @@ class ClickHouseSink:
             except DecodeError as exc:
                 self._dead_letter(msg, exc)
                 continue
+            if name == RISK_EVENTS:
+                self._note_risk_event(record)
             for col in batch.nested:
                 record[col] = to_json_if_nested(record[col])
             batch.rows.append(batch.values(record))
@@ -185,6 +189,15 @@ class ClickHouseSink:
         for name, (n, nbytes) in counts.items():
             metrics.MESSAGES_CONSUMED.labels(self.group, name).inc(n)
             metrics.BYTES_CONSUMED.labels(self.group, name).inc(nbytes)
+
+    def _note_risk_event(self, record: dict) -> None:
+        """perpflow_risk_event_last_seconds: every process's risk events pass through here (the guard's, the
+        watchdog's, the connectors'), so the alerts on them need no exporter of their own."""
+        key = (record["kind"], record["severity"], record["symbol"])
+        t = record["event_time"] / 1000
+        if t > self._risk_event_last.get(key, 0.0):
+            self._risk_event_last[key] = t
+            metrics.RISK_EVENT_LAST.labels(*key).set(t)
 
     def _dead_letter(self, msg, exc: DecodeError) -> None:
         self._send_dead_letter(dead_letter(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),

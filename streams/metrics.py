@@ -23,6 +23,9 @@ PRODUCE_FAILURES = Counter("perpflow_produce_failures", "Records a producer outs
                            "(after librdkafka's retries and its own resends)", ["topic", "reason"])
 
 SINK_ROWS = Counter("perpflow_sink_rows", "Rows inserted into ClickHouse", ["table"])
+RISK_EVENT_LAST = Gauge("perpflow_risk_event_last_seconds", "Event time of the newest record on the live risk.events "
+                        "topic per kind, severity and symbol, as the sink archives it (what the alerts fire on)",
+                        ["kind", "severity", "symbol"])
 SINK_BATCHES = Counter("perpflow_sink_batches", "Insert batches committed (insert + offset commit)")
 SINK_INSERT_SECONDS = Histogram(
     "perpflow_sink_insert_seconds", "Time of one ClickHouse insert", ["table"],

@@ -4,6 +4,7 @@ and ClickHouse through chDB (each test gets its own PERPFLOW_HOME, so its own st
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,12 @@ def store(home):
     s.ensure_tables(archived())
     yield s
     s.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ there is no paper connector (the worker's risk agent is the paper exchange)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,17 +19,11 @@ from connectors.binance.execution import client_ids
 from connectors.binance.user_stream import PARSERS
 from schemas.codec import default_codec
 from streams.broker import producer_config
-from tests.conftest import PERPFLOW, ROOT, cli_env, read_topic, run_cli
+from tests.conftest import PERPFLOW, ROOT, cli_env, free_port, read_topic, run_cli
 from tests.fake_binance import API_KEY, API_SECRET, FakeBinance
 
 NOW = 1_704_240_000_000  # 2024-01-03 00:00 UTC
 BAR = 300_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> str:

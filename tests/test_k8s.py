@@ -69,7 +69,8 @@ def test_the_validator_rejects_a_broken_object(rendered):
 def test_every_container_has_probes_resources_and_metrics_scraped(rendered):
     _, docs = rendered
     workloads = [*by_kind(docs, "Deployment").values(), *by_kind(docs, "StatefulSet").values()]
-    assert {w["metadata"]["name"] for w in workloads} == {"perpflow-sink", "perpflow-worker", *CONNECTORS}
+    assert {w["metadata"]["name"] for w in workloads} == {"perpflow-sink", "perpflow-worker", *CONNECTORS,
+                                                          "perpflow-alertmanager"}
     for w in workloads:
         pod = w["spec"]["template"]
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
@@ -79,7 +80,26 @@ def test_every_container_has_probes_resources_and_metrics_scraped(rendered):
             assert {"livenessProbe", "readinessProbe"} <= set(c), c["name"]
             assert {"requests", "limits"} <= set(c["resources"]), c["name"]
             assert "metrics" in {p["name"] for p in c["ports"]}
-            assert {"configMapRef": {"name": "perpflow-config"}} in c["envFrom"]
+            if w["metadata"]["name"] != "perpflow-alertmanager":  # not perpflow's image: no perpflow settings
+                assert {"configMapRef": {"name": "perpflow-config"}} in c["envFrom"]
+
+
+def test_alertmanager_renders_the_shipped_config_with_the_secrets_of_a_secret(rendered):
+    """The same files compose mounts (deploy/alertmanager, as the generated ConfigMap), rendered at start by
+    render.sh with the receivers' secrets from the Secret, which the repository ships empty."""
+    _, docs = rendered
+    am = by_kind(docs, "Deployment")["perpflow-alertmanager"]
+    pod = am["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["/bin/sh", "/etc/alertmanager/render.sh"] and "--cluster.listen-address=" in c["args"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+    config = by_kind(docs, "ConfigMap")[mounts["/etc/alertmanager"]["configMap"]["name"]]
+    assert set(config["data"]) == {"alertmanager.yml.tmpl", "perpflow.tmpl", "render.sh"}
+    secrets_dir = env_of(c)["SECRETS_DIR"]
+    secret = by_kind(docs, "Secret")[mounts[secrets_dir]["secret"]["secretName"]]["stringData"]
+    assert secret == {"webhook_url": "", "telegram_bot_token": "", "telegram_chat_id": ""}
+    assert am["spec"]["replicas"] == 1  # no gossip between instances: two would notify twice
 
 
 CONNECTORS = {"perpflow-market": ["connector", "market"]}

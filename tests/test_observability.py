@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from grafana.boards import TOPIC_HEALTH
 from grafana.model import PromQuery
 from streams.metrics import DECISION_CHAIN_METRICS
-from tests.conftest import PERPFLOW, ROOT, SAMPLE, cli_env
+from tests.conftest import PERPFLOW, ROOT, SAMPLE, cli_env, free_port
 from tests.promql import dashboard_exprs, metric_names, rule_exprs
 
 PROMETHEUS = shutil.which("prometheus")
@@ -40,12 +39,6 @@ ONLY_WITH_LABELLED_PREDICTIONS = {"perpflow_model_calibration_error", "perpflow_
 SCRAPE_S = 1
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
             "summary": ("_sum", "_count", "_created"), "gauge": ("",)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> str:
