@@ -419,6 +419,64 @@ def train(
         report.print(_fold_table(row["id"], models.fold_metrics, models.metrics))
 
 
+@app.command()
+def retrain(
+    symbols: str = typer.Option(None, help="Comma-separated symbols pooled into one model per side "
+                                "(default: PERPFLOW_SYMBOLS)."),
+    train_days: int = typer.Option(60, min=7, help="Days of training data before the newest unseen window."),
+    holdout_days: int = typer.Option(7, min=1, help="The newest days: never trained on, the candidates and the "
+                                     "incumbents scored on them."),
+    folds: int = typer.Option(5, min=2, max=20, help="Walk-forward folds."),
+    embargo_bars: int = typer.Option(288, min=0, help="Bars dropped before each test block on top of the purge."),
+    max_rounds: int = typer.Option(400, min=10, help="Boosting rounds at most (early stopping picks fewer)."),
+    threads: int = typer.Option(2, min=1, max=64, help="LightGBM threads."),
+    every: str = typer.Option(None, help="Run again after this long (e.g. 1d, 12h), for ever: the deployment's "
+                              "schedule as a service. Default: once."),
+) -> None:
+    """Labels → walk-forward training → scoring on the newest unseen window → promotion only through the gates, for
+    both sides; each side's outcome (promoted, or kept with the gate that refused) is printed and, with a broker,
+    published on `control` (entity retrain:<side>, kind retrain_outcome), where the dashboards and the archive see
+    it."""
+    import getpass
+
+    from streams.control import control_token, promotion_publisher, publish
+    from training.labels import LabelSpec
+    from training.retrain import retrain as run_retrain
+    from training.train import TrainConfig
+
+    try:
+        period_ms = parse_duration(every, "--every") if every else None
+    except PerpflowError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--every") from None
+    settings = _settings()
+    wanted = _symbols(symbols, settings)
+    cfg = TrainConfig(folds=folds, embargo_bars=embargo_bars, max_rounds=max_rounds, threads=threads)
+    token = control_token(settings) if settings.kafka_bootstrap else ""
+    while True:
+        store = _own_store(settings, "perpflow retrain")
+        try:
+            w, outcomes = run_retrain(store, settings.home_dir / "models", wanted, train_days, holdout_days,
+                                      LabelSpec(), cfg, f"retrain ({getpass.getuser()})",
+                                      promotion_publisher(settings.kafka_bootstrap, token),
+                                      say=lambda line: print(line, file=sys.stderr))
+        except PerpflowError as exc:
+            if period_ms is None:
+                raise
+            out.print(f"[red]retrain failed[/]: {exc}; trying again in {every}")
+            outcomes = []
+        finally:
+            store.close()
+        for o in outcomes:
+            report.print(f"{o.side}: {o.candidate} " + ("[green]promoted[/]" if o.promoted else
+                                                        f"[yellow]not promoted[/], the incumbent kept: {o.refused_by}"))
+            if settings.kafka_bootstrap:
+                publish(settings.kafka_bootstrap, f"retrain:{o.side}", "retrain_outcome",
+                        {**o.to_json(), "window": w.to_json()}, "retrain", int(time.time() * 1000), token=token)
+        if period_ms is None:
+            return
+        time.sleep(period_ms / 1000)
+
+
 def _fold_table(title: str, folds: list[dict], total: dict) -> Table:
     table = Table(title=f"{title}: P(TP) out of sample (walk-forward)")
     for col in ("fold", "test from", "rows", "TP rate", "AUC", "log loss", "base", "Brier", "base", "ECE"):

@@ -51,7 +51,7 @@ def test_objects_validate_against_the_kubernetes_schemas(rendered):
     custom = [d for d in docs if d["apiVersion"].split("/")[0] in OPERATOR_GROUPS]
     core = [d for d in docs if d not in custom]
     assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
-            "Namespace"} <= {d["kind"] for d in core}
+            "Namespace", "CronJob"} <= {d["kind"] for d in core}
     for doc in core:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     assert {d["kind"] for d in custom} == {"Kafka", "KafkaNodePool", "KafkaTopic", "ClickHouseInstallation",
@@ -82,6 +82,16 @@ def test_every_container_has_probes_resources_and_metrics_scraped(rendered):
             assert "metrics" in {p["name"] for p in c["ports"]}
             if w["metadata"]["name"] != "perpflow-alertmanager":  # not perpflow's image: no perpflow settings
                 assert {"configMapRef": {"name": "perpflow-config"}} in c["envFrom"]
+
+
+def test_the_trainer_retrains_daily_one_at_a_time_with_the_deployments_settings(rendered):
+    _, docs = rendered
+    job = by_kind(docs, "CronJob")["perpflow-trainer"]
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    (c,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert c["args"][0] == "retrain" and "--every" not in c["args"]  # the CronJob is the schedule
+    assert {"configMapRef": {"name": "perpflow-config"}} in c["envFrom"]
+    assert {e["name"] for e in c["env"]} >= {"PERPFLOW_CLICKHOUSE_URL", "PERPFLOW_CONTROL_TOKEN"}
 
 
 def test_alertmanager_renders_the_shipped_config_with_the_secrets_of_a_secret(rendered):

@@ -244,6 +244,58 @@ def test_unknown_model_says_where_to_look(trained):
     assert result.returncode == 1 and "perpflow models list" in result.stderr
 
 
+def test_retrain_promotes_only_through_the_gates_and_says_which(trained, broker):
+    """Runs after the promotion tests (the long side has an incumbent, the short side may not). Whatever the gates
+    decide on this sample, each side's outcome is printed, published on `control`, and is what the registry holds;
+    the candidates never trained on the newest unseen window they were scored on."""
+    from training.labels import LabelSpec
+
+    home, _ = trained
+    before = sql(home, "SELECT id, side FROM models FINAL WHERE status = 'promoted'")
+    before = dict(zip(before.side, before.id, strict=True))
+    result = run_cli(home, "retrain", "--symbols", SYMBOLS, "--train-days", "21", "--holdout-days", "5",
+                     "--folds", "2", "--embargo-bars", "48", "--max-rounds", "20", "--threads", "1",
+                     PERPFLOW_KAFKA_BOOTSTRAP=broker.bootstrap)
+    assert result.returncode == 0, result.stderr
+    records = control_records(broker.bootstrap, 10)
+    outcomes = {key: json.loads(r["value"]) for key, r in records if r["kind"] == "retrain_outcome"}
+    assert set(outcomes) == {"retrain:long", "retrain:short"}
+    promoted_records = [json.loads(r["value"])["model_id"] for key, r in records if r["kind"] == "model_promoted"]
+    status = sql(home, "SELECT id, side, status, toUnixTimestamp64Milli(train_end) AS train_end FROM models FINAL")
+    by_id = status.set_index("id")
+    for side in ("long", "short"):
+        o = outcomes[f"retrain:{side}"]
+        gates = {g["name"]: g for g in o["gates"]}
+        assert "not worse on the newest unseen window" in gates and "feature schema version" in gates
+        if o["promoted"]:
+            assert all(g["ok"] for g in gates.values()) and o["refused_by"] == ""
+            assert f"{side}: {o['candidate']} promoted" in result.stdout
+            assert by_id.status[o["candidate"]] == "promoted" and o["candidate"] in promoted_records
+        else:
+            assert o["refused_by"] and f"{side}: {o['candidate']} not promoted" in result.stdout
+            assert o["refused_by"].split(":")[0] in result.stdout
+            assert by_id.status[o["candidate"]] == "trained" and o["candidate"] not in promoted_records
+            if side in before:
+                assert by_id.status[before[side]] == "promoted"  # the incumbent kept
+        w = o["window"]
+        assert by_id.train_end[o["candidate"]] == w["train_end"]
+        assert w["train_end"] + (LabelSpec().horizon + 1) * 300_000 == w["holdout_start"] < w["end"]
+        assert o["holdout"]["candidate"]["rows"] > 1000
+        if side in before:
+            assert o["holdout"]["incumbent"]["id"] == before[side]
+
+
+def test_the_holdout_gate_compares_with_the_incumbent_or_the_base_rate():
+    from training.retrain import holdout_gate
+
+    m = {"rows": 5000, "log_loss": 0.60, "log_loss_base": 0.62, "brier": 0.20, "brier_base": 0.21}
+    assert holdout_gate(m, None).ok and "base rate" in holdout_gate(m, None).detail
+    assert not holdout_gate({**m, "brier": 0.22}, None).ok
+    assert holdout_gate(m, {"log_loss": 0.60, "brier": 0.20}).ok  # equal is no worse
+    refused = holdout_gate(m, {"log_loss": 0.59, "brier": 0.25})
+    assert not refused.ok and "incumbent" in refused.detail
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["label", "--start", "2024-01-02", "--end", "2024-01-01"], "--end must be after --start"),
     (["label", "--start", "2024-01-01", "--end", "2024-01-02", "--horizon", "0"], "horizon"),
@@ -251,6 +303,8 @@ def test_unknown_model_says_where_to_look(trained):
     (["train", "--start", "2024-01-01", "--end", "2024-01-02", "--folds", "1"], "--folds"),
     (["train", "--start", "2024-01-01", "--end", "2024-01-02", "--side", "up"], "--side"),
     (["models", "promote", "x", "--force"], "--reason"),
+    (["retrain", "--holdout-days", "0"], "--holdout-days"),
+    (["retrain", "--every", "soon"], "--every"),
 ])
 def test_wrong_arguments_get_one_line(tmp_path, args, fragment):
     result = run_cli(tmp_path / "h", *args)

@@ -110,9 +110,19 @@ def common_window(candidate: dict, incumbent: dict) -> Gate:
                 f"{len(ia):,} common rows: log loss {ll_a:.5f} vs {ll_b:.5f}, Brier {br_a:.5f} vs {br_b:.5f}")
 
 
+class Refused(PerpflowError):
+    """A promotion the gates refused; `gates` are all of them, passed and failed."""
+
+    def __init__(self, message: str, gates: list[Gate]):
+        super().__init__(message)
+        self.gates = gates
+
+
 def promote(store: Store, model: str, actor: str, reason: str = "", force: bool = False,
-            publish: Callable[[dict, dict | None], dict | None] | None = None) -> Promotion:
-    """Check the gates, archive the side's previous model, promote this one, then `publish` the change."""
+            publish: Callable[[dict, dict | None], dict | None] | None = None,
+            extra_gates: list[Gate] | None = None) -> Promotion:
+    """Check the gates (`extra_gates`: the caller's own, e.g. retraining's newest unseen window), archive the side's
+    previous model, promote this one, then `publish` the change."""
     row = get(store, model)
     load_oof(Path(row["artifact_path"]), row["sha256"])  # corrupt or missing artifacts: refused, even forced
     keep(store, Path(row["artifact_path"]), row["sha256"])  # in the store, where every worker can fetch it
@@ -122,10 +132,11 @@ def promote(store: Store, model: str, actor: str, reason: str = "", force: bool 
                              f"model {row['schema_version']}, running code {SCHEMA_VERSION}"))
     if result.incumbent is not None:
         result.gates.append(common_window(row, result.incumbent))
+    result.gates += extra_gates or []
     failed = [g for g in result.gates if not g.ok]
     if failed and not force:
-        raise PerpflowError(f"{model} not promoted: " + "; ".join(f"{g.name}: {g.detail}" for g in failed)
-                            + ". `--force --reason TEXT` overrides and records why")
+        raise Refused(f"{model} not promoted: " + "; ".join(f"{g.name}: {g.detail}" for g in failed)
+                      + ". `--force --reason TEXT` overrides and records why", result.gates)
     now = _now_ms()
     if result.incumbent is not None:
         write(store, {**result.incumbent, "status": ARCHIVED})
