@@ -120,6 +120,27 @@ def test_evaluate_scores_a_model_and_flags_an_overlapping_window(trained):
     assert 3 * 7 * 288 - 3 * 48 < rows < 3 * 7 * 288
 
 
+def test_a_home_without_the_artifact_fetches_it_from_the_store(trained):
+    """A command of a fresh home (the Kubernetes CronJob's, every run) finds a registered model's artifact in the
+    store's model_artifacts, hash-checked, and caches it where the home keeps its models."""
+    import shutil
+
+    home, _ = trained
+    row = sql(home, "SELECT id, artifact_path FROM models FINAL WHERE side = 'short' ORDER BY created_at LIMIT 1")
+    path = Path(row.artifact_path[0])
+    moved = path.with_name(path.name + ".moved")
+    path.rename(moved)
+    try:
+        result = run_cli(home, "models", "evaluate", row.id[0], "--start", "2024-01-02", "--end", "2024-01-09")
+        assert result.returncode == 0, result.stderr
+        assert "AUC" in result.stdout
+        assert [(path / f).read_bytes() for f in ("model.json", "oof.npz")] == \
+               [(moved / f).read_bytes() for f in ("model.json", "oof.npz")]
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        moved.rename(path)
+
+
 def _variant(home: Path, model: str, *, schema_version: int | None = None, worse: bool = False) -> str:
     """Register a copy of `model` (a new content-addressed artifact): another schema version, or out-of-fold
     predictions made worse."""

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from connectors.clickhouse_store import Store
 from streams.errors import PerpflowError
+from streams.settings import settings
 from training import tables
 from training.labels import OUTCOMES, TP
 from training.metrics import Calibrator
@@ -87,6 +88,18 @@ def locate(artifact_path: str, sha256: str, models_dir: Path) -> Path:
     content-addressed place `models_dir/<sha256>`."""
     path = Path(artifact_path)
     return path if path.exists() else models_dir / sha256
+
+
+def resolve(store: Store, row: dict, models_dir: Path | None = None) -> Path:
+    """Where a registry row's artifact is here — its recorded path, or `models_dir/<sha256>` (default: this home's
+    models) — fetched into `models_dir` from the store's `model_artifacts` when it is in neither (a trainer or a
+    command with a fresh home, e.g. each run of the Kubernetes CronJob)."""
+    models_dir = models_dir or settings().home_dir / "models"
+    path = locate(row["artifact_path"], row["sha256"], models_dir)
+    if (path / MODEL).is_file():
+        return path
+    tables.ensure(store, "model_artifacts")
+    return fetch(lambda q: store.query_text(q, "tsv"), row["sha256"], models_dir)
 
 
 def manifest(path: Path, sha256: str) -> dict:

@@ -3,20 +3,18 @@ TP rate the model saw out of fold (known before the window), and how its regress
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from connectors.clickhouse_store import Store
 from streams.errors import PerpflowError
 from training import dataset
-from training.artifact import Predictor
+from training.artifact import Predictor, resolve
 from training.labels import TP
 from training.metrics import binary_metrics, log_loss
 
 
 def evaluate(store: Store, row: dict, start_ms: int, end_ms: int) -> dict:
-    predictor = Predictor.load(Path(row["artifact_path"]), row["sha256"])
+    predictor = Predictor.load(resolve(store, row), row["sha256"])
     if predictor.features != list(dataset.MODEL_FEATURES):
         raise PerpflowError(f"{row['id']} was trained on other features than the running code's; retrain it")
     ds = dataset.load(store, row["side"], row["label_spec_id"], list(row["symbols"]), start_ms, end_ms)

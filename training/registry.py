@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +23,7 @@ from connectors.clickhouse_store import Store
 from streams.errors import PerpflowError
 from streams.features.registry import SCHEMA_VERSION
 from training import tables
-from training.artifact import keep, load_oof
+from training.artifact import keep, load_oof, resolve
 from training.metrics import brier, log_loss
 
 TRAINED, PROMOTED, ARCHIVED = "trained", "promoted", "archived"
@@ -89,14 +88,14 @@ class Promotion:
     control: dict | None = None  # the record published on `control`, if a broker took it
 
 
-def common_window(candidate: dict, incumbent: dict) -> Gate:
+def common_window(store: Store, candidate: dict, incumbent: dict) -> Gate:
     """Log loss and Brier of P(TP) of both models on the rows both predicted out of fold."""
     if candidate["label_spec_id"] != incumbent["label_spec_id"]:
         return Gate("not worse than the incumbent", False,
                     f"label specs differ ({candidate['label_spec_id']} vs {incumbent['label_spec_id']}): "
                     "the probabilities are of different events")
-    a = load_oof(Path(candidate["artifact_path"]), candidate["sha256"])
-    b = load_oof(Path(incumbent["artifact_path"]), incumbent["sha256"])
+    a = load_oof(resolve(store, candidate), candidate["sha256"])
+    b = load_oof(resolve(store, incumbent), incumbent["sha256"])
     key_a = np.char.add(a["symbol"].astype(str), a["open_time"].astype(str))
     key_b = np.char.add(b["symbol"].astype(str), b["open_time"].astype(str))
     _, ia, ib = np.intersect1d(key_a, key_b, return_indices=True)
@@ -124,14 +123,15 @@ def promote(store: Store, model: str, actor: str, reason: str = "", force: bool 
     """Check the gates (`extra_gates`: the caller's own, e.g. retraining's newest unseen window), archive the side's
     previous model, promote this one, then `publish` the change."""
     row = get(store, model)
-    load_oof(Path(row["artifact_path"]), row["sha256"])  # corrupt or missing artifacts: refused, even forced
-    keep(store, Path(row["artifact_path"]), row["sha256"])  # in the store, where every worker can fetch it
+    path = resolve(store, row)
+    load_oof(path, row["sha256"])  # corrupt or missing artifacts: refused, even forced
+    keep(store, path, row["sha256"])  # in the store, where every worker can fetch it
     incumbent = promoted(store, row["side"])
     result = Promotion(row, incumbent if incumbent and incumbent["id"] != row["id"] else None, forced=force)
     result.gates.append(Gate("feature schema version", row["schema_version"] == SCHEMA_VERSION,
                              f"model {row['schema_version']}, running code {SCHEMA_VERSION}"))
     if result.incumbent is not None:
-        result.gates.append(common_window(row, result.incumbent))
+        result.gates.append(common_window(store, row, result.incumbent))
     result.gates += extra_gates or []
     failed = [g for g in result.gates if not g.ok]
     if failed and not force:
