@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test lint bench clean tools
+.PHONY: run test check lint bench clean tools
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "perpflow needs Python 3.11 ($(PYTHON) not found); set PYTHON=/path/to/python3.11"; exit 1; }
@@ -46,6 +46,14 @@ tools:
 test: $(STAMP_TEST) tools
 	$(BIN)/ruff check streams schemas connectors training tests benchmarks grafana deploy
 	$(BIN)/python -m pytest
+
+# For iterating: lint, then the tests that start no broker, store or process (the math, codecs, the guard and the
+# paper engine, labels and training, the deployment files), in well under a minute. `make test` runs everything.
+UNIT_TESTS := codec docs event_order history_files input_offsets labels model_age paper_engine policy_ev \
+	replay_back_pressure risk_guard training indicators calibration k8s compose prometheus
+check: $(STAMP_TEST) tools
+	$(BIN)/ruff check streams schemas connectors training tests benchmarks grafana deploy
+	$(BIN)/python -m pytest -q $(UNIT_TESTS:%=tests/test_%.py)
 
 bench: $(STAMP_TEST)
 	$(BIN)/python -m benchmarks
